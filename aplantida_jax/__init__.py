@@ -1,0 +1,1 @@
+"""aplantida_jax: catalog → shards → teachers → distilled student → TF.js, in JAX/Flax."""

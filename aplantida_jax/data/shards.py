@@ -1,0 +1,58 @@
+"""On-disk record format of `<workdir>/dataset/splits/*.array_record-*`.
+
+One ArrayRecord record = msgpack map with the JPEG bytes and its metadata:
+  jpeg (bytes), label (int), species (str), regions (list[str]; image country,
+  else species regions), country (str|None), license (SPDX), author, url, sha256
+  (hex of the JPEG bytes as stored).
+msgpack is deterministic for the same map, so identical inputs give
+byte-identical shards. Files are written under a temporary name and renamed.
+"""
+import glob
+import os
+
+import msgpack
+from array_record.python import array_record_module
+
+FIELDS = ("jpeg", "label", "species", "regions", "country", "license", "author", "url", "sha256")
+WRITER_OPTIONS = "group_size:1"  # random access for Grain
+
+
+def encode(record: dict) -> bytes:
+  missing = [f for f in FIELDS if f not in record]
+  if missing:
+    raise ValueError(f"shard record lacks fields {missing}")
+  return msgpack.packb({f: record[f] for f in FIELDS}, use_bin_type=True)
+
+
+def decode(data: bytes) -> dict:
+  return msgpack.unpackb(data, raw=False)
+
+
+def shard_paths(dataset_dir: str, split: str) -> list:
+  """Sorted shard files of one split; raises a clear error if there are none."""
+  paths = sorted(glob.glob(os.path.join(dataset_dir, "splits", f"{split}.array_record-*")))
+  if not paths:
+    raise FileNotFoundError(
+        f"No shards for split {split!r} under {dataset_dir}/splits/. "
+        "Run the export stage first (configs/export.py).")
+  return paths
+
+
+def write_shard(path: str, encoded_records) -> None:
+  """Writes one shard atomically (temp file + rename)."""
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
+  for data in encoded_records:
+    writer.write(data)
+  writer.close()
+  os.replace(tmp, path)
+
+
+def read_shard(path: str):
+  """Yields decoded records of one shard in order."""
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    for i in range(reader.num_records()):
+      yield decode(reader.read([i])[0])
+  finally:
+    reader.close()

@@ -1,0 +1,44 @@
+"""Content hashes of files, folders and configs: what "unchanged" means for a stage.
+
+Timestamps lie after a copy or a checkout; content hashes do not. Files whose
+content carries wall-clock time (TensorBoard event files) are left out of
+folder hashes so that a re-run with identical results hashes identically.
+"""
+import hashlib
+import json
+import os
+import re
+
+# Files that record when something ran, not what it produced.
+VOLATILE = re.compile(r"(events\.out\.tfevents\..*|.*\.lock|.*\.tmp|metrics\.jsonl|_CHECKPOINT_METADATA)$")
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(CHUNK), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_hashes(folder: str, skip=VOLATILE) -> dict:
+  """{relative path: sha256} of every non-volatile file under `folder`, sorted."""
+  out = {}
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      if skip is not None and skip.match(name):
+        continue
+      path = os.path.join(root, name)
+      out[os.path.relpath(path, folder)] = sha256_file(path)
+  return out
+
+
+def folder_hash(folder: str) -> str:
+  """One sha256 over a folder's non-volatile files (names and contents)."""
+  return sha256_json(file_hashes(folder))

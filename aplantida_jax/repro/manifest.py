@@ -1,0 +1,111 @@
+"""`<workdir>/manifest.json`: what ran, with what, and what it produced.
+
+Versions, JAX backend and devices, git commit and dirty flag, every stage's
+resolved config and seed, output hashes, pretrained-weight provenance and wall
+time per stage. Secrets never get in: every string is passed through `redact`.
+"""
+import glob
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata
+
+from aplantida_jax.repro import hashing
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
+            "tensorflow", "tensorflowjs", "tf-keras", "numpy", "pillow", "pymongo", "torch")
+# scheme://user:password@host → scheme://***@host ; ?password=x / &authSource... keeps the rest.
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:password|pass|pwd|secret|token|apikey|api_key)=)[^&\s]*")
+
+
+def redact(value: str) -> str:
+  """Removes credentials from URIs inside any string."""
+  value = _CREDENTIALS.sub(r"\g<scheme>***@", value)
+  return _SECRET_PARAMS.sub(r"\1***", value)
+
+
+def redacted(obj):
+  """`obj` (nested dicts/lists of JSON values) with every string redacted."""
+  if isinstance(obj, dict):
+    return {k: redacted(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [redacted(v) for v in obj]
+  if isinstance(obj, str):
+    return redact(obj)
+  return obj
+
+
+def load(workdir: str) -> dict:
+  path = os.path.join(workdir, "manifest.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      data = json.load(f)
+    data.setdefault("stages", {})
+    return data
+  return {"stages": {}}
+
+
+def save(workdir: str, manifest: dict) -> None:
+  """Atomic write: a killed run never leaves a half-written manifest."""
+  path = os.path.join(workdir, "manifest.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(redacted(manifest), f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def _versions() -> dict:
+  out = {"python": sys.version.split()[0]}
+  for name in PACKAGES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _git(root: str) -> dict:
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+  commit = git("rev-parse", "HEAD")
+  return {"commit": commit or None, "dirty": bool(git("status", "--porcelain")) if commit else None}
+
+
+def _jax_devices() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "process_count": jax.process_count()}
+
+
+def _outputs(workdir: str) -> dict:
+  """Hashes of the artefacts people ship or audit."""
+  out = {}
+  dataset_manifest = os.path.join(workdir, "dataset", "manifest.json")
+  if os.path.exists(dataset_manifest):
+    out["dataset_manifest_sha256"] = hashing.sha256_file(dataset_manifest)
+  for name in ("tfjs",):
+    folder = os.path.join(workdir, name)
+    if os.path.isdir(folder):
+      out[f"{name}_files"] = hashing.file_hashes(folder)
+  provenance = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "**", "provenance.json"), recursive=True)):
+    with open(path) as f:
+      provenance[os.path.relpath(path, workdir)] = json.load(f)
+  if provenance:
+    out["pretrained_provenance"] = provenance
+  return out
+
+
+def finalize(workdir: str, manifest: dict) -> None:
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  manifest.update({
+      "platform": platform.platform(), "versions": _versions(), "jax": _jax_devices(),
+      "git": _git(root), "outputs": _outputs(workdir),
+      "seeds": {k: v.get("seed") for k, v in manifest["stages"].items()},
+      "total_wall_s": round(sum(v.get("wall_s", 0) for v in manifest["stages"].values()), 1),
+  })
+  save(workdir, manifest)

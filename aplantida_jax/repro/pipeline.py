@@ -1,0 +1,170 @@
+"""Runs the pipeline's stages in order, skipping those whose inputs did not change.
+
+`./run.sh` calls this. Each stage runs as its own `python -m aplantida_jax.main`
+process (clean memory, Grain workers spawn from a real __main__). A stage is
+skipped when its fingerprint — the hash of its resolved config and of its
+upstream stages' output hashes — equals the one recorded when it last
+completed and its output folder still hashes the same. Everything is recorded
+in `<workdir>/manifest.json` (see repro/manifest.py).
+
+  python -m aplantida_jax.repro.pipeline [--workdir runs/demo] [--configs DIR]
+      [--from STAGE] [--only STAGE] [--force]
+"""
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+from aplantida_jax.repro import hashing
+from aplantida_jax.repro import manifest as manifest_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  config: str        # file in the configs folder
+  output: str        # folder under the workdir that the stage writes
+  deps: tuple = ()   # upstream stage names whose outputs this stage reads
+  serves_demo: bool = False  # the demo CDN must be up while it runs
+
+
+STAGES = (
+    Stage("audit", "audit.py", "audit", serves_demo=True),
+    Stage("export", "export.py", "dataset", serves_demo=True),
+    Stage("teacher_global", "teacher_global.py", "teacher_global", ("export",)),
+    Stage("teacher_regional", "teacher_regional.py", "teacher_regional", ("export", "teacher_global")),
+    Stage("soft_labels", "soft_labels.py", "soft_labels", ("export", "teacher_global", "teacher_regional")),
+    Stage("distill", "student_distill.py", "student/distill", ("export", "soft_labels")),
+    Stage("finetune", "student_finetune.py", "student/finetune", ("export", "distill")),
+    Stage("evaluate", "evaluate.py", "eval", ("export", "finetune")),
+    Stage("export_tfjs", "export_tfjs.py", "tfjs", ("export", "finetune", "evaluate")),
+    Stage("license_check", "license_check.py", "license", (
+        "export", "teacher_global", "teacher_regional", "soft_labels", "export_tfjs")),
+)
+
+
+def available_stages(configs_dir):
+  """The stages whose config file exists, in order (later issues add the rest)."""
+  return [s for s in STAGES if os.path.exists(os.path.join(configs_dir, s.config))]
+
+
+def load_config(path, arg):
+  """Imports a config file and calls get_config(arg), as config_flags does."""
+  spec = importlib.util.spec_from_file_location(f"_cfg_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _run_stage(stage, config_arg, workdir, log_path):
+  """Runs one stage in a subprocess, teeing its output to a log; returns its summary."""
+  cmd = [sys.executable, "-m", "aplantida_jax.main", f"--config={config_arg}", f"--workdir={workdir}"]
+  print(f"[pipeline] {stage.name}: {' '.join(cmd[1:])}", flush=True)
+  summary = {}
+  with open(log_path, "w") as log, subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, bufsize=1) as proc:
+    for line in proc.stdout:
+      sys.stdout.write(line)
+      log.write(line)
+      if line.startswith("{") and '"stage"' in line:
+        with contextlib.suppress(json.JSONDecodeError):
+          summary = json.loads(line)
+  if proc.returncode != 0:
+    raise RuntimeError(f"stage {stage.name} failed (exit {proc.returncode}); log: {log_path}")
+  return summary
+
+
+@contextlib.contextmanager
+def _demo_cdn(needed, demo_dir, port):
+  if not needed:
+    yield
+    return
+  from aplantida_jax.data import demo_data  # pylint: disable=g-import-not-at-top
+  with demo_data.serve_directory(demo_dir, port):
+    yield
+
+
+def _ensure_demo_data(demo_dir, port):
+  if os.path.exists(os.path.join(demo_dir, "catalog.jsonl")):
+    return
+  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", demo_dir,
+                  "--base-url", f"http://127.0.0.1:{port}"], check=True, cwd=ROOT)
+
+
+def select(stages, start=None, only=None):
+  names = [s.name for s in stages]
+  for flag, value in (("--from", start), ("--only", only)):
+    if value is not None and value not in names:
+      raise SystemExit(f"{flag} {value!r}: unknown stage; stages are {names}")
+  if only:
+    return [s for s in stages if s.name == only]
+  if start:
+    return stages[names.index(start):]
+  return list(stages)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default="runs/demo")
+  parser.add_argument("--configs", default=None,
+                      help="folder of your own stage configs (same file names as configs/); "
+                           "default: the built-in configs with their :demo variant on the demo data")
+  parser.add_argument("--from", dest="start", default=None, help="run from this stage on")
+  parser.add_argument("--only", default=None, help="run only this stage")
+  parser.add_argument("--force", action="store_true", help="re-run stages even when unchanged")
+  args = parser.parse_args(argv)
+
+  from configs import common  # pylint: disable=g-import-not-at-top
+  demo = args.configs is None
+  configs_dir = os.path.join(ROOT, "configs") if demo else os.path.abspath(args.configs)
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+  demo_dir = os.path.join(ROOT, common.DEMO_DATA_DIR)
+  if demo:
+    _ensure_demo_data(demo_dir, common.DEMO_PORT)
+
+  stages = available_stages(configs_dir)
+  manifest = manifest_lib.load(workdir)
+  rows = []
+  for stage in select(stages, args.start, args.only):
+    path = os.path.join(configs_dir, stage.config)
+    arg = "demo" if demo else None
+    config = load_config(path, arg)
+    record = manifest["stages"].get(stage.name, {})
+    deps = {d: manifest["stages"].get(d, {}).get("output_hash") for d in stage.deps}
+    fingerprint = hashing.sha256_json({"config": manifest_lib.redacted(config.to_dict()), "deps": deps})
+    out_dir = os.path.join(workdir, stage.output)
+    unchanged = (record.get("status") == "done" and record.get("fingerprint") == fingerprint
+                 and os.path.isdir(out_dir) and hashing.folder_hash(out_dir) == record.get("output_hash"))
+    if unchanged and not args.force:
+      rows.append((stage.name, "skipped", 0.0, record.get("metric", "")))
+      continue
+    start = time.time()
+    with _demo_cdn(demo and stage.serves_demo, demo_dir, common.DEMO_PORT):
+      summary = _run_stage(stage, path + (":demo" if demo else ""), workdir,
+                           os.path.join(workdir, "logs", f"{stage.name}.log"))
+    wall = time.time() - start
+    manifest["stages"][stage.name] = {
+        "status": "done", "fingerprint": fingerprint, "config": manifest_lib.redacted(config.to_dict()),
+        "seed": config.get("seed"), "output_hash": hashing.folder_hash(out_dir), "wall_s": round(wall, 1),
+        "metric": summary.get("metric", ""),
+    }
+    manifest_lib.save(workdir, manifest)  # after every stage: a crash keeps what completed
+    rows.append((stage.name, "ran", wall, summary.get("metric", "")))
+
+  manifest_lib.finalize(workdir, manifest)
+  print("\nstage               status    time      key metric")
+  for name, status, wall, metric in rows:
+    print(f"{name:<19} {status:<9} {wall:7.1f}s  {metric}")
+  print(f"manifest: {os.path.join(workdir, 'manifest.json')}")
+
+
+if __name__ == "__main__":
+  main()
