@@ -8,24 +8,20 @@ import glob
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 from importlib import metadata
 
+from aplantida_jax.data import sources
 from aplantida_jax.repro import hashing
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
             "tensorflow", "tensorflowjs", "tf-keras", "numpy", "pillow", "pymongo", "torch")
-# scheme://user:password@host → scheme://***@host ; ?password=x / &authSource... keeps the rest.
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:password|pass|pwd|secret|token|apikey|api_key)=)[^&\s]*")
 
 
 def redact(value: str) -> str:
-  """Removes credentials from URIs inside any string."""
-  value = _CREDENTIALS.sub(r"\g<scheme>***@", value)
-  return _SECRET_PARAMS.sub(r"\1***", value)
+  """Removes credentials from a string that holds a URI; other strings pass unchanged."""
+  return sources.redact_uri(value) if "://" in value else value
 
 
 def redacted(obj):

@@ -92,8 +92,12 @@ def _demo_cdn(needed, demo_dir, port):
 
 
 def _ensure_demo_data(demo_dir, port):
-  if os.path.exists(os.path.join(demo_dir, "catalog.jsonl")):
-    return
+  """Draws the demo catalog unless it exists and points at the port the CDN will use."""
+  catalog = os.path.join(demo_dir, "catalog.jsonl")
+  if os.path.exists(catalog):
+    with open(catalog) as f:
+      if f"http://127.0.0.1:{port}/" in f.readline():
+        return
   subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", demo_dir,
                   "--base-url", f"http://127.0.0.1:{port}"], check=True, cwd=ROOT)
 

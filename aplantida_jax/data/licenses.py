@@ -1,0 +1,195 @@
+"""License strings → SPDX ids, and the policies that decide which images we may use.
+
+Catalogs write licenses every which way ("CC BY-SA 4.0", "cc-by-nc", creative
+commons URLs, "Public Domain", ""). Decisions must not depend on spelling, so
+everything is first normalised to one SPDX id, then judged by a named policy:
+
+  commercial  (default, shippable) CC0-1.0, public domain, CC-BY-*, CC-BY-SA-*.
+  research    (not shippable)      also NC, ND and unknown; for experiments only.
+
+Conventions (documented in README):
+  * Public domain (marks, "PD", ".../publicdomain/mark/1.0/") has no SPDX id; we
+    use `LicenseRef-PublicDomain` (SPDX's syntax for unlisted licenses).
+  * "All rights reserved" / "(c)" / "copyright" → `LicenseRef-All-Rights-Reserved`.
+  * A CC license without version ("cc-by-nc", iNaturalist codes) is read as 4.0,
+    the current version; jurisdiction ports (".../by/3.0/es/") map to the
+    unported id, which has the same terms. The raw string is kept on the record.
+  * Anything empty or unrecognised → "unknown".
+"""
+import dataclasses
+import re
+from typing import Optional
+
+UNKNOWN = "unknown"
+PUBLIC_DOMAIN = "LicenseRef-PublicDomain"
+ALL_RIGHTS_RESERVED = "LicenseRef-All-Rights-Reserved"
+CC0 = "CC0-1.0"
+
+_CC_VERSIONS = ("1.0", "2.0", "2.5", "3.0", "4.0")
+_CC_DEFAULT_VERSION = "4.0"
+# Non-CC ids we recognise (lower-cased spelling variants → SPDX id); weights use these.
+_OTHER_SPELLINGS = {
+    "mit license": "MIT", "apache 2.0": "Apache-2.0", "apache2": "Apache-2.0",
+    "apache license 2.0": "Apache-2.0", "apache license, version 2.0": "Apache-2.0",
+    "apache software license": "Apache-2.0", "bsd 2-clause": "BSD-2-Clause",
+    "bsd 3-clause": "BSD-3-Clause", "bsd license": "BSD-3-Clause",
+    "gfdl": "GFDL-1.3-or-later", "gfdl-1.2": "GFDL-1.2-or-later", "gfdl-1.3": "GFDL-1.3-or-later",
+    "public domain": PUBLIC_DOMAIN, "publicdomain": PUBLIC_DOMAIN, "pd": PUBLIC_DOMAIN,
+    "pdm": PUBLIC_DOMAIN, "pdm-1.0": PUBLIC_DOMAIN, "cc-pdm-1.0": PUBLIC_DOMAIN, "cc pdm": PUBLIC_DOMAIN,
+    "no known copyright restrictions": PUBLIC_DOMAIN,
+    "all rights reserved": ALL_RIGHTS_RESERVED, "all-rights-reserved": ALL_RIGHTS_RESERVED,
+    "arr": ALL_RIGHTS_RESERVED, "proprietary": ALL_RIGHTS_RESERVED,
+}
+# Ids we emit map to themselves, so normalize() is idempotent.
+_KNOWN = {**{v.lower(): v for v in _OTHER_SPELLINGS.values()},
+          **{v.lower(): v for v in ("MIT", "Apache-2.0", "PDDL-1.0", CC0)},
+          **_OTHER_SPELLINGS}
+_RESERVED_PREFIXES = ("all rights reserved", "copyright", "(c)", "©")
+_UNKNOWN_WORDS = ("unknown", "none", "n/a", "na", "null", "not specified", "unspecified", "-", "?")
+_CC_URL = re.compile(r"creativecommons\.org/(licenses|publicdomain)/([a-z\-+]+)(?:/(\d(?:\.\d)?))?")
+
+
+def normalize(raw) -> str:
+  """Free-form license text (or None) → SPDX id, `LicenseRef-*`, or "unknown"."""
+  if raw is None:
+    return UNKNOWN
+  text = " ".join(str(raw).strip().lower().split())
+  text = re.sub(r"\bcc[ _-]?(?:0|zero)\b", "cc0", text)
+  if not text or text in _UNKNOWN_WORDS:
+    return UNKNOWN
+  if text in _KNOWN:
+    return _KNOWN[text]
+  if "creativecommons.org" in text:
+    return _from_cc_url(text)
+  if text.startswith("public domain"):
+    return PUBLIC_DOMAIN
+  if text.startswith(_RESERVED_PREFIXES):
+    return ALL_RIGHTS_RESERVED
+  return _from_cc_text(text)
+
+
+def unrecognised(raw) -> bool:
+  """True when `raw` says something we cannot read (it normalises to unknown but is not "unknown")."""
+  text = " ".join(str(raw or "").strip().lower().split())
+  return bool(text) and text not in _UNKNOWN_WORDS and normalize(raw) == UNKNOWN
+
+
+def _cc_id(terms, version: Optional[str]) -> str:
+  """{'by','nc','sa','nd'} + version → 'CC-BY-NC-SA-4.0'; "unknown" for impossible sets."""
+  if "by" not in terms or ("sa" in terms and "nd" in terms):
+    return UNKNOWN
+  version = version if version in _CC_VERSIONS else _CC_DEFAULT_VERSION
+  parts = ["CC", "BY"] + [t.upper() for t in ("nc", "sa", "nd") if t in terms]
+  return "-".join(parts + [version])
+
+
+def _from_cc_url(text: str) -> str:
+  match = _CC_URL.search(text)
+  if not match:
+    return UNKNOWN
+  kind, code, version = match.groups()
+  if kind == "publicdomain":
+    return CC0 if code == "zero" else PUBLIC_DOMAIN if code == "mark" else UNKNOWN
+  version = version + ".0" if version and "." not in version else version
+  return _cc_id(set(code.split("-")), version)
+
+
+def _from_cc_text(text: str) -> str:
+  """'CC BY-SA 4.0', 'cc-by-nc', 'CC-BY-NC-SA-3.0', 'cc0', 'Attribution 4.0 International' → id."""
+  tokens = re.findall(r"cc0|zero|\d\.\d|\d|[a-z]+", text)
+  if "cc0" in tokens or ("cc" in tokens and "zero" in tokens):
+    return CC0
+  words = {"attribution": "by", "noncommercial": "nc", "sharealike": "sa", "noderivatives": "nd",
+           "noderivs": "nd", "non commercial": "nc", "share alike": "sa", "no derivatives": "nd",
+           "no derivs": "nd"}
+  pairs = [" ".join(tokens[i:i + 2]) for i in range(len(tokens))]
+  terms = {t for t in tokens if t in ("by", "nc", "sa", "nd")}
+  terms |= {words[w] for w in tokens + pairs if w in words}
+  bare_clauses = all(t in ("by", "nc", "sa", "nd") or t[0].isdigit() for t in tokens)  # "by-sa 4.0"
+  is_cc = bare_clauses or "cc" in tokens or "creative" in tokens or "attribution" in tokens
+  if not is_cc or not terms:
+    return UNKNOWN
+  versions = [t if "." in t else t + ".0" for t in tokens if t[0].isdigit()]
+  return _cc_id(terms, versions[0] if versions else None)
+
+
+def _clauses(spdx: str) -> set:
+  """CC clauses of an id ('CC-BY-NC-SA-4.0' → {'BY','NC','SA'}); empty for non-CC ids."""
+  if not spdx.startswith("CC-BY"):
+    return set()
+  return set(spdx.split("-")[1:-1])
+
+
+def requires_attribution(spdx: str) -> bool:
+  """Whether using the image obliges us to credit its author (all but CC0/public domain)."""
+  return spdx not in (CC0, PUBLIC_DOMAIN, "PDDL-1.0")
+
+
+# Reasons are stable category strings: the audit report groups rejections by them.
+REASON_UNKNOWN = "unknown license: no usable license recorded"
+REASON_RESERVED = "all rights reserved: no license grant"
+REASON_NC = "non-commercial (NC) clause forbids commercial use"
+REASON_ND = "no-derivatives (ND) clause forbids derived works"
+REASON_NOT_LISTED = "license not on the policy's allow-list"
+
+
+def _commercial_problem(spdx: str) -> Optional[str]:
+  """Why `spdx` is not commercial-safe, or None when it is."""
+  if spdx in (CC0, PUBLIC_DOMAIN):
+    return None
+  clauses = _clauses(spdx)
+  if "NC" in clauses:
+    return REASON_NC
+  if "ND" in clauses:
+    return REASON_ND
+  if clauses:  # BY or BY-SA
+    return None
+  if spdx == UNKNOWN:
+    return REASON_UNKNOWN
+  if spdx == ALL_RIGHTS_RESERVED:
+    return REASON_RESERVED
+  return REASON_NOT_LISTED
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A named image-license policy. `shippable` is False for models trained under it."""
+  name: str
+  shippable: bool
+  research_reasons: tuple = ()  # problems this policy tolerates (research use only)
+
+  def check(self, spdx: str) -> tuple:
+    """→ (allowed, reason). Reason says why it was rejected, or on what terms it is in."""
+    problem = _commercial_problem(spdx)
+    if problem is None:
+      return True, "allowed"
+    if problem in self.research_reasons:
+      return True, f"research use only: {problem}"
+    return False, problem
+
+
+POLICIES = {
+    "commercial": Policy("commercial", shippable=True),
+    "research": Policy("research", shippable=False,
+                       research_reasons=(REASON_NC, REASON_ND, REASON_UNKNOWN)),
+}
+
+
+def get_policy(name: str) -> Policy:
+  """The policy called `name` (config `licenses.policy`); a ValueError lists the choices."""
+  if name not in POLICIES:
+    raise ValueError(f"Unknown license policy {name!r} in licenses.policy; "
+                     f"choose one of {sorted(POLICIES)}.")
+  return POLICIES[name]
+
+
+WEIGHT_LICENSES = ("Apache-2.0", "MIT", CC0)  # plus any BSD-*
+
+
+def weights_license_allowed(license_text) -> bool:
+  """Whether model weights under this license may ship (Apache-2.0, MIT, BSD-*, CC0-1.0).
+
+  Accepts free-form text too ("Apache Software License"): it is normalised first.
+  """
+  spdx = normalize(license_text)
+  return spdx in WEIGHT_LICENSES or spdx.startswith("BSD-")
