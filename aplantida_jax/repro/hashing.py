@@ -42,3 +42,8 @@ def file_hashes(folder: str, skip=VOLATILE) -> dict:
 def folder_hash(folder: str) -> str:
   """One sha256 over a folder's non-volatile files (names and contents)."""
   return sha256_json(file_hashes(folder))
+
+
+def output_hash(path: str) -> str:
+  """sha256 of a stage's output: a single file's content or a folder's files."""
+  return sha256_file(path) if os.path.isfile(path) else folder_hash(path)

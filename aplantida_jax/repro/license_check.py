@@ -100,9 +100,11 @@ def read_weight_sources(stage_config: dict) -> list:
   """Where a stage's weights came from, as the train loop decides it.
 
   The loop (train/loop.py) starts from `init_from_stage` when set, else from the
-  import folder `model.init_from`, else from scratch; a distillation stage also
-  learns from the soft labels it reads (`distill.soft_labels_dir`, default soft_labels).
-  → list of ("stage", name) | ("import", path) | ("soft_labels", folder).
+  import folder `model.init_from`, else from scratch. A distillation stage also
+  learns from its teachers: through the soft labels it reads
+  (`distill.soft_labels_dir`), or, with `distill.mode="online"`, directly from
+  the stage folders `distill.teachers.<name>.dir`.
+  → list of ("stage" | "import" | "soft_labels" | "teacher", folder).
   """
   sources = []
   if stage_config.get("init_from_stage"):
@@ -110,8 +112,11 @@ def read_weight_sources(stage_config: dict) -> list:
   elif stage_config["model"].get("init_from"):
     sources.append(("import", stage_config["model"]["init_from"]))
   if stage_config.get("stage") == "distill":
-    folder = (stage_config.get("distill") or {}).get("soft_labels_dir") or SOFT_LABELS_DIR
-    sources.append(("soft_labels", folder))
+    distill = stage_config.get("distill") or {}
+    if distill.get("mode") == "online":
+      sources += [("teacher", t["dir"]) for t in (distill.get("teachers") or {}).values() if t.get("dir")]
+    else:
+      sources.append(("soft_labels", distill.get("soft_labels_dir") or SOFT_LABELS_DIR))
   return sources
 
 
@@ -245,7 +250,8 @@ class StageJudge:
 
   def _judge_sources(self, name, sources, visiting) -> dict:
     described, problems = [], []
-    judges = {"stage": self._stage, "import": self._import, "soft_labels": self._soft_labels}
+    judges = {"stage": self._stage, "import": self._import, "soft_labels": self._soft_labels,
+              "teacher": functools.partial(self._stage, relation="learns online from teacher")}
     for kind, ref in sources:
       text, problem = judges[kind](ref, visiting)
       described.append(text)
@@ -257,14 +263,14 @@ class StageJudge:
                      fix="; ".join(dict.fromkeys(f for _, f in problems)))
     return verdict
 
-  def _stage(self, ref, visiting):
-    parent = self.stage(ref, visiting)
+  def _stage(self, ref, visiting, relation="starts from stage"):
+    parent, text = self.stage(ref, visiting), f"{relation.split()[-1]} {ref}"
     if parent["status"] == PASS:
-      return f"stage {ref}", None
+      return text, None
     if parent["status"] == ABSENT:
-      return f"stage {ref}", (f"starts from stage {ref}, which is not in the workdir",
-                              f"run stage {ref} first, or set init_from_stage to a stage that exists")
-    return f"stage {ref}", (f"starts from stage {ref}, which fails: {parent['problem']}", parent["fix"])
+      return text, (f"{relation} {ref}, which is not in the workdir",
+                    f"run stage {ref} first, or point the config at a stage that exists")
+    return text, (f"{relation} {ref}, which fails: {parent['problem']}", parent["fix"])
 
   def _import(self, ref, _):
     path = ref if os.path.isabs(ref) else next(

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class Stage:
   name: str
   config: str        # file in the configs folder
-  output: str        # folder under the workdir that the stage writes
+  output: str        # folder (or single file) under the workdir that the stage writes
   deps: tuple = ()   # upstream stage names whose outputs this stage reads
   serves_demo: bool = False  # the demo CDN must be up while it runs
 
@@ -45,8 +45,9 @@ STAGES = (
     Stage("finetune", "student_finetune.py", "student/finetune", ("export", "distill")),
     Stage("evaluate", "evaluate.py", "eval", ("export", "finetune")),
     Stage("export_tfjs", "export_tfjs.py", "tfjs", ("export", "finetune", "evaluate")),
-    Stage("license_check", "license_check.py", "license", (
-        "export", "teacher_global", "teacher_regional", "soft_labels", "export_tfjs")),
+    Stage("license_check", "license_check.py", "license_report.json", (
+        "export", "teacher_global", "teacher_regional", "soft_labels", "distill", "finetune",
+        "export_tfjs")),
 )
 
 
@@ -146,7 +147,7 @@ def main(argv=None):
     fingerprint = hashing.sha256_json({"config": manifest_lib.redacted(config.to_dict()), "deps": deps})
     out_dir = os.path.join(workdir, stage.output)
     unchanged = (record.get("status") == "done" and record.get("fingerprint") == fingerprint
-                 and os.path.isdir(out_dir) and hashing.folder_hash(out_dir) == record.get("output_hash"))
+                 and os.path.exists(out_dir) and hashing.output_hash(out_dir) == record.get("output_hash"))
     if unchanged and not args.force:
       rows.append((stage.name, "skipped", 0.0, record.get("metric", "")))
       continue
@@ -157,7 +158,7 @@ def main(argv=None):
     wall = time.time() - start
     manifest["stages"][stage.name] = {
         "status": "done", "fingerprint": fingerprint, "config": manifest_lib.redacted(config.to_dict()),
-        "seed": config.get("seed"), "output_hash": hashing.folder_hash(out_dir), "wall_s": round(wall, 1),
+        "seed": config.get("seed"), "output_hash": hashing.output_hash(out_dir), "wall_s": round(wall, 1),
         "metric": summary.get("metric", ""),
     }
     manifest_lib.save(workdir, manifest)  # after every stage: a crash keeps what completed
