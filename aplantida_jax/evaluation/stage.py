@@ -1,0 +1,156 @@
+"""Stage "evaluate": score one checkpoint, calibrate it on val, report on test.
+
+Reads <workdir>/<checkpoint_dir>/ and <workdir>/dataset/; writes only
+<workdir>/eval/: report.json, report.md, calibration.json (T and the "unsure"
+threshold, which the TF.js export bakes in) and the PNGs the report links.
+Val is used only to fit T and the threshold; test only to report them.
+"""
+import json
+import os
+
+from absl import logging
+
+from aplantida_jax.data import shards
+from aplantida_jax.evaluation import calibration
+from aplantida_jax.evaluation import metrics
+from aplantida_jax.evaluation import plots
+from aplantida_jax.evaluation import report
+from aplantida_jax.train import inference
+from aplantida_jax.train import loop
+
+
+def _checkpoint_dir(config, workdir):
+  """(stage dir, note): the configured stage, else the first trained fallback, with a note saying so.
+
+  A stage counts as trained when it holds the train loop's config.json.
+  """
+  wanted = config.eval.checkpoint_dir
+
+  def trained(stage):
+    return os.path.exists(os.path.join(workdir, stage, loop.CONFIG_FILE))
+
+  if trained(wanted):
+    return wanted, ""
+  for fallback in config.eval.fallback_checkpoint_dirs:
+    if trained(fallback):
+      note = f"{wanted}/ holds no trained stage in the workdir, so {fallback}/ was evaluated instead."
+      logging.warning("evaluate: %s", note)
+      return fallback, note
+  tried = ", ".join(f"{d}/" for d in [wanted, *config.eval.fallback_checkpoint_dirs])
+  raise FileNotFoundError(
+      f"No trained stage ({tried} with {loop.CONFIG_FILE}) under {workdir}. Train it first, or point "
+      "--config.eval.checkpoint_dir at a trained stage folder (e.g. teacher_global).")
+
+
+def _has_split(dataset_dir, split):
+  try:
+    return bool(shards.shard_paths(dataset_dir, split))
+  except FileNotFoundError:
+    return False
+
+
+def _write_plots(eval_dir, config, split, test, temperature, threshold, before, after, confusions):
+  """The report's PNGs; returns their file names."""
+  n_bins = config.eval.n_bins
+  raw = metrics.confidence_and_correct(test["logits"], test["labels"])
+  confidence, correct = metrics.confidence_and_correct(test["logits"] / temperature, test["labels"])
+  top1_targets = {"global": config.criteria.top1, "spain": config.criteria.spain_top1,
+                  "europe": config.criteria.europe_top1}
+  paths = [
+      plots.reliability_diagram(metrics.reliability_bins(*raw, n_bins),
+                                metrics.reliability_bins(confidence, correct, n_bins),
+                                before["ece"], after["ece"], temperature,
+                                os.path.join(eval_dir, "reliability.png"), split),
+      plots.region_accuracy_bars(before["regions"], top1_targets, os.path.join(eval_dir, "regions.png"), split),
+      plots.confidence_histogram(confidence, correct, threshold, os.path.join(eval_dir, "confidence.png"), split),
+      plots.top_confusions_chart(confusions, os.path.join(eval_dir, "confusions.png"), split),
+  ]
+  return [os.path.basename(path) for path in paths]
+
+
+def write_evaluation(config, workdir, names, val, test, provenance, teacher=None):
+  """Calibrates on `val`, scores `test` (and `teacher` on it), writes <workdir>/eval/; returns the report.
+
+  `val`, `test`, `teacher` are predict_split dicts (logits, labels, regions,
+  sha256); `provenance` = {"checkpoint": {...}, "splits": {...}} for the report.
+  """
+  e = config.eval
+  eval_dir = os.path.join(workdir, "eval")
+  os.makedirs(eval_dir, exist_ok=True)
+  report_split = provenance["splits"]["report"]
+  fit = calibration.fit_temperature(val["logits"], val["labels"], e.t_min, e.t_max)
+  temperature = fit["temperature"]
+  threshold = calibration.abstain_threshold(val["logits"], val["labels"], e.target_precision, temperature,
+                                            e.min_accepted)
+
+  def summarise(logits, data, what):
+    return metrics.summary(logits, data["labels"], data["regions"], config.regions.to_dict(),
+                           e.n_bins, len(names), what)
+
+  test_before = summarise(test["logits"], test, report_split)
+  test_after = summarise(test["logits"] / temperature, test, report_split)
+  result = {
+      **provenance,
+      "calibration": {
+          "temperature": temperature, "fit": fit, "threshold": threshold,
+          "report_split": calibration.selective_metrics(test["logits"], test["labels"],
+                                                        threshold["threshold"], temperature)},
+      "val": {"uncalibrated": summarise(val["logits"], val, "val"),
+              "calibrated": summarise(val["logits"] / temperature, val, "val")},
+      "test": {"uncalibrated": test_before, "calibrated": test_after},
+      "per_class": metrics.per_class_table(test["logits"], test["labels"], names),
+      "top_confusions": metrics.top_confusions(test["logits"], test["labels"], e.top_confusions, names),
+      "teacher_agreement": None,
+  }
+  if teacher is not None:
+    if list(teacher["sha256"]) != list(test["sha256"]):
+      raise ValueError(f"The teacher {e.teacher_dir}/ and the evaluated checkpoint predicted different images "
+                       f"on {report_split}; both must read the same dataset/ shards.")
+    result["teacher_agreement"] = {"teacher_dir": e.teacher_dir,
+                                   **metrics.teacher_agreement(test["logits"], teacher["logits"])}
+  result["criteria"] = report.criteria_table(test_after, config.criteria, workdir)
+  result["criteria_passed"] = all(r["passed"] for r in result["criteria"] if r["passed"] is not None)
+  result["plots"] = _write_plots(eval_dir, config, report_split, test, temperature, threshold["threshold"],
+                                 test_before, test_after, result["top_confusions"])
+  result["config"] = config.to_dict()
+  report.write(result, eval_dir)
+  report.write_atomic(os.path.join(eval_dir, "calibration.json"), json.dumps({
+      "temperature": temperature, "threshold": threshold["threshold"],
+      "target_precision": threshold["target_precision"], "threshold_reachable": threshold["reachable"],
+      "coverage_val": threshold["coverage"], "checkpoint": result["checkpoint"],
+      "num_classes": len(names)}, indent=2))
+  return result
+
+
+def run(config, workdir):
+  e = config.eval
+  dataset_dir = os.path.join(workdir, "dataset")
+  names = [c["species"] for c in sorted(loop.load_classes(dataset_dir), key=lambda c: c["index"])]
+  checkpoint, checkpoint_note = _checkpoint_dir(config, workdir)
+
+  def predict(stage, split):
+    logging.info("evaluate: predicting %s/ on split %s", stage, split)
+    return inference.predict_split(os.path.join(workdir, stage), dataset_dir, split,
+                                   batch_size=e.batch_size, which=e.which)
+
+  val = predict(checkpoint, "val")
+  report_split, split_note = "test", ""
+  test = predict(checkpoint, "test") if _has_split(dataset_dir, "test") else None
+  if test is None or len(test["labels"]) == 0:
+    report_split, test = "val", val
+    split_note = ("The dataset has no test split, so val is both the calibration and the report split: "
+                  "the numbers after calibration are optimistic.")
+    logging.warning("evaluate: %s", split_note)
+  provenance = {"checkpoint": {"stage_dir": checkpoint, "which": e.which, "note": checkpoint_note},
+                "splits": {"fit": "val", "report": report_split, "note": split_note}}
+  teacher = predict(e.teacher_dir, report_split) if e.teacher_dir else None
+  result = write_evaluation(config, workdir, names, val, test, provenance, teacher)
+
+  before, after = result["test"]["uncalibrated"], result["test"]["calibrated"]
+  cal = result["calibration"]
+  return {"metric": (f"{report_split} top1 {before['top1']:.3f} top5 {before['top5']:.3f} "
+                     f"ECE {before['ece']:.3f}->{after['ece']:.3f} T {cal['temperature']:.2f} "
+                     f"threshold {cal['threshold']['threshold']:.3f} "
+                     f"coverage {cal['report_split']['coverage']:.2f}"),
+          "report": os.path.join(workdir, "eval", "report.json"),
+          "criteria_passed": result["criteria_passed"]}
