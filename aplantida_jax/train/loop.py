@@ -1,0 +1,243 @@
+"""The one training loop: teachers, fine-tuning and (via a Task) distillation.
+
+`train_and_evaluate(config, workdir, task=...)` owns the pipeline, sharding,
+checkpoints, metrics and evaluation; a `steps.Task` says what is minimised
+and which extra per-record fields the batches carry. Rerunning the same
+command resumes from the latest checkpoint, Grain iterator included, so a
+killed run continues with exactly the batches it would have seen.
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from clu import metric_writers
+
+from aplantida_jax import models
+from aplantida_jax.models import pretrained
+from aplantida_jax.train import checkpointing
+from aplantida_jax.train import input_pipeline
+from aplantida_jax.train import sharding
+from aplantida_jax.train import state as state_lib
+from aplantida_jax.train import steps
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def write_json(path, obj):
+  """Atomic JSON write (temp file + rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def load_classes(dataset_dir):
+  path = os.path.join(dataset_dir, "classes.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing; run the export stage first (configs/export.py).")
+  with open(path) as f:
+    return json.load(f)
+
+
+def resolve_config(config, num_classes):
+  """The config as trained: num_classes from the dataset, init_from only if it exists.
+
+  config.json must say what really happened: the license checker judges a
+  stage by the weights it started from.
+  """
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  if resolved.model.num_classes and resolved.model.num_classes != num_classes:
+    raise ValueError(f"config.model.num_classes={resolved.model.num_classes} but the dataset has "
+                     f"{num_classes} classes; set it to 0 (= from dataset/classes.json).")
+  resolved.model.num_classes = num_classes
+  if resolved.model.init_from and not os.path.isdir(resolved.model.init_from):
+    logging.warning("config.model.init_from=%s does not exist: training %s FROM SCRATCH. "
+                    "Import weights with tools/import_pretrained.py --out %s to start from "
+                    "ImageNet.", resolved.model.init_from, resolved.model.name, resolved.model.init_from)
+    resolved.model.init_from = ""
+  return resolved
+
+
+def create_model(config):
+  """The Flax module named by a resolved config."""
+  return models.get_model(config.model.name, config.model.num_classes, dtype=config.model.dtype,
+                          **config.model.kwargs.to_dict())
+
+
+def initial_variables(config, model, workdir, rng):
+  """Random init, then overwritten by the previous stage's best or imported weights."""
+  size = config.input.image_size
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3), jnp.float32))
+  if config.init_from_stage:
+    source = os.path.join(workdir, config.init_from_stage)
+    loaded = checkpointing.load_variables(source, "best")
+  elif config.model.init_from:  # resolve_config kept it only if it exists
+    source = config.model.init_from
+    loaded, provenance = pretrained.load_pretrained(source)
+    logging.info("pretrained weights: %s", json.dumps(provenance))
+  else:
+    return variables
+  merged, skipped = pretrained.merge_pretrained(variables, loaded)
+  logging.info("initialised from %s; kept fresh: %s", source, skipped or "nothing")
+  return merged
+
+
+class MetricsLog:
+  """clu writers (TensorBoard + log) plus <stage>/metrics.jsonl, one row per write."""
+
+  def __init__(self, stage_dir, tensorboard, start_step):
+    self.is_main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(
+        stage_dir if tensorboard else None, just_logging=not self.is_main, asynchronous=False)
+    self.path = os.path.join(stage_dir, METRICS_FILE)
+    if self.is_main and os.path.exists(self.path):
+      self._drop_rows_after(start_step)
+
+  def _drop_rows_after(self, step):
+    """A resumed run redoes the steps after its checkpoint: forget their old rows."""
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(rows)
+    os.replace(tmp, self.path)
+
+  def write(self, step, scalars):
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self.writer.write_scalars(step, scalars)
+    if self.is_main:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+
+  def close(self):
+    self.writer.close()
+
+
+def evaluate(eval_step, state, config, dataset_dir, mesh, split=None):
+  """loss, top1, top5 and count over one full pass of `split` (default eval_split)."""
+  totals = None
+  for batch in input_pipeline.eval_batches(
+      config.input, dataset_dir, split or config.eval_split,
+      sharding.process_batch_size(config.eval_batch_size, mesh)):
+    sums = eval_step(state, sharding.global_batch(
+        mesh, {k: batch[k] for k in ("image", "label", "mask")}))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"loss": totals["loss"] / count, "top1": totals["top1"] / count,
+          "top5": totals["top5"] / count, "count": totals["count"]}
+
+
+def _check_batch_config(config, mesh):
+  accum = config.optimizer.grad_accum_steps
+  if config.batch_size % accum:
+    raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of "
+                     f"config.optimizer.grad_accum_steps={accum}.")
+  return sharding.process_batch_size(config.batch_size // accum, mesh)
+
+
+def train_and_evaluate(config, workdir, *, task=None) -> dict:
+  """Trains config.output_dir under workdir (resuming if it has checkpoints); returns a summary."""
+  sharding.maybe_initialize_distributed(config.mesh)
+  stage_dir = os.path.join(workdir, config.output_dir)
+  dataset_dir = os.path.join(workdir, config.dataset_dir)
+  os.makedirs(stage_dir, exist_ok=True)
+  config = resolve_config(config, len(load_classes(dataset_dir)))
+  if jax.process_index() == 0:
+    write_json(os.path.join(stage_dir, CONFIG_FILE), config.to_dict())
+  task = task or steps.classification_task(config.optimizer.label_smoothing)
+  mesh = sharding.create_mesh()
+  accum = config.optimizer.grad_accum_steps
+  micro_batch = _check_batch_config(config, mesh)
+
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  model = create_model(config)
+  variables = initial_variables(config, model, workdir, init_rng)
+  state = state_lib.create_train_state(model, variables, config.optimizer, config.batch_size,
+                                       config.num_train_steps)
+  replicated = sharding.replicated(mesh)
+  state = jax.device_put(state, replicated)
+  train_rng, aux = jax.device_put((train_rng, task.aux), replicated)
+
+  loader = input_pipeline.train_loader(
+      config, dataset_dir, micro_batch,
+      num_samples=config.num_train_steps * config.batch_size, join_fn=task.join_fn)
+  checkpoints = checkpointing.StageCheckpoints(stage_dir, config.checkpoint)
+  state, train_iter = checkpoints.restore_latest(state, iter(loader))
+  start_step = int(state.step) // accum
+  if start_step:
+    logging.info("resumed %s at step %d", stage_dir, start_step)
+
+  train_step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(steps.eval_step, out_shardings=replicated)
+  log = MetricsLog(stage_dir, config.tensorboard, start_step)
+  try:
+    eval_metrics = _train(config, state, train_iter, train_step, eval_step, train_rng, aux,
+                          checkpoints, log, mesh, dataset_dir, start_step)
+  finally:  # also on errors: never leave a half-written async checkpoint behind
+    checkpoints.close()
+    log.close()
+  best = checkpoints.best_top1
+  return {"metric": f"{config.eval_split} top-1 {eval_metrics['top1']:.3f} "
+                    f"top-5 {eval_metrics['top5']:.3f} (best top-1 {best:.3f})",
+          "steps": config.num_train_steps, "final": eval_metrics, "best_top1": best,
+          "stage_dir": stage_dir}
+
+
+def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, checkpoints, log,
+           mesh, dataset_dir, start_step):
+  """Steps start_step+1..num_train_steps with logging, eval and checkpoints; final eval metrics."""
+  accum = config.optimizer.grad_accum_steps
+  _, schedule = state_lib.create_optimizer(config.optimizer, config.batch_size,
+                                           config.num_train_steps)
+  eval_metrics = None
+  window, window_steps, timer = None, 0, None
+  for step in range(start_step + 1, config.num_train_steps + 1):
+    for _ in range(accum):
+      batch = sharding.global_batch(mesh, next(train_iter))
+      state, metrics = train_step(state, batch, train_rng, aux)
+      window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+    window_steps += 1
+    if timer is None:  # throughput and ETA exclude compilation
+      jax.block_until_ready(state)
+      timer, timed_steps = time.time(), 0
+    else:
+      timed_steps += 1
+    last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or last:
+      means = {k: float(v) / (window_steps * accum) for k, v in jax.device_get(window).items()}
+      elapsed = max(time.time() - timer, 1e-9)
+      images_per_s = timed_steps * config.batch_size / elapsed
+      eta = (time.strftime("%H:%M:%S", time.gmtime((config.num_train_steps - step) * elapsed
+                                                   / timed_steps)) if timed_steps else "?")
+      logging.info("step %d/%d  loss %.4f  top1 %.3f  %.1f images/s  ETA %s", step,
+                   config.num_train_steps, means["loss"], means.get("top1", float("nan")),
+                   images_per_s, eta)
+      log.write(step, {**{f"train_{k}": v for k, v in means.items()},
+                       "learning_rate": schedule(step - 1), "images_per_s": images_per_s})
+      window, window_steps, timer, timed_steps = None, 0, time.time(), 0
+    if step % config.eval_every_steps == 0 or last:
+      eval_metrics = evaluate(eval_step, state, config, dataset_dir, mesh)
+      logging.info("eval step %d: %s", step, eval_metrics)
+      log.write(step, {f"{config.eval_split}_{k}": v for k, v in eval_metrics.items()})
+      checkpoints.maybe_save_best(step, state, eval_metrics["top1"])
+    if step % config.checkpoint.every_steps == 0 or last:
+      checkpoints.save(step, state, train_iter)
+    if step % config.eval_every_steps == 0 or step % config.checkpoint.every_steps == 0:
+      timer, timed_steps = time.time(), 0  # keep eval and saving out of images/s
+  if eval_metrics is None:  # nothing left to train: the run was already complete
+    eval_metrics = evaluate(eval_step, state, config, dataset_dir, mesh)
+  return eval_metrics
+
+
+def run(config, workdir) -> dict:
+  """Stage entry for "train" (teachers) and "finetune": hard-label classification."""
+  return train_and_evaluate(config, workdir)

@@ -1,0 +1,89 @@
+"""Train state and the optax optimiser built from config.optimizer.
+
+One small struct instead of flax.training's TrainState: it also carries batch
+statistics and optional EMA params, and stays stable across Flax versions.
+"""
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array              # train_step calls (micro-batches)
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Optional[Any]    # None when config.optimizer.ema_decay == 0
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+  accum_steps: int = flax.struct.field(pytree_node=False, default=1)
+
+  def apply_gradients(self, grads, batch_stats):
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    step = self.step + 1
+    ema_params = self.ema_params
+    if ema_params is not None:
+      # Average only when MultiSteps really updated the params (every accum_steps calls).
+      decay = jnp.where(step % self.accum_steps == 0, self.ema_decay, 1.0)
+      ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+    return self.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                        ema_params=ema_params)
+
+  def eval_variables(self):
+    """Variables for evaluation: EMA params when kept, else the live ones."""
+    params = self.params if self.ema_params is None else self.ema_params
+    return {"params": params, "batch_stats": self.batch_stats}
+
+
+def learning_rate_schedule(opt_config, batch_size, num_train_steps):
+  """Linear warmup to the (batch-scaled) peak, then cosine decay, per optimizer update."""
+  peak = opt_config.learning_rate
+  if opt_config.scale_learning_rate:
+    peak *= batch_size / 256
+  warmup = min(opt_config.warmup_steps, max(num_train_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(num_train_steps, warmup + 1),
+      end_value=peak * opt_config.end_learning_rate_factor)
+
+
+def decay_mask(params):
+  """Weight decay on kernels only; biases and batch-norm scales/offsets are 1-D."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(opt_config, batch_size, num_train_steps):
+  """sgd-momentum or adamw with warmup+cosine, masked decay, clipping, accumulation."""
+  schedule = learning_rate_schedule(opt_config, batch_size, num_train_steps)
+  if opt_config.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, decay_mask),
+                     optax.sgd(schedule, momentum=opt_config.momentum,
+                               nesterov=opt_config.nesterov))
+  elif opt_config.name == "adamw":
+    tx = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
+                     weight_decay=opt_config.weight_decay, mask=decay_mask)
+  else:
+    raise ValueError(f"Unknown config.optimizer.name={opt_config.name!r}; use 'sgd' or 'adamw'.")
+  if opt_config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
+  if opt_config.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=opt_config.grad_accum_steps).gradient_transformation()
+  return tx, schedule
+
+
+def create_train_state(model, variables, opt_config, batch_size, num_train_steps):
+  """TrainState around initial `variables` ({"params", optional "batch_stats"})."""
+  tx, _ = create_optimizer(opt_config, batch_size, num_train_steps)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if opt_config.ema_decay > 0 else None,
+      apply_fn=model.apply, tx=tx, ema_decay=opt_config.ema_decay,
+      accum_steps=opt_config.grad_accum_steps)

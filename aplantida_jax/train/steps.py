@@ -1,0 +1,91 @@
+"""Pure train/eval steps and the `Task` that says what a stage optimises.
+
+The loop jit-compiles these once; data parallelism comes from the shardings
+of their inputs (batch split over the "data" mesh axis, state replicated), so
+the same functions run on one CPU, N GPUs and several hosts.
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aplantida_jax.train import input_pipeline
+
+
+def normalize_images(images):
+  """uint8 RGB → float32 normalised with ImageNet mean/std (the model input contract)."""
+  mean = jnp.array(input_pipeline.IMAGENET_MEAN, jnp.float32) * 255
+  std = jnp.array(input_pipeline.IMAGENET_STD, jnp.float32) * 255
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def forward(apply_fn, variables, images, rng, train=True):
+  """Logits (float32) and the updated batch stats of one forward pass."""
+  if not train:
+    return apply_fn(variables, normalize_images(images), train=False).astype(jnp.float32), None
+  logits, updates = apply_fn(variables, normalize_images(images), train=True,
+                             rngs={"dropout": rng}, mutable=["batch_stats"])
+  return logits.astype(jnp.float32), updates.get("batch_stats", variables.get("batch_stats", {}))
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+  """Per-example softmax cross-entropy against (smoothed) one-hot labels."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits, labels, k):
+  """1.0 where the label is among the k highest logits."""
+  k = min(k, logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a stage optimises; pipeline, loop, sharding and checkpoints are shared.
+
+  loss_fn(apply_fn, variables, batch, rng, aux) -> (loss, (batch_stats, metrics))
+    with a scalar loss to minimise, the updated batch stats and scalar metrics.
+  join_fn: picklable (record_index, record) -> {name: np.ndarray}, extra batch
+    fields per record (e.g. soft labels); runs in the Grain workers.
+  aux: pytree handed to loss_fn every step, replicated (e.g. online teachers).
+  """
+  loss_fn: Callable
+  join_fn: Optional[Callable] = None
+  aux: Any = None
+
+
+def classification_task(label_smoothing: float) -> Task:
+  """Hard-label training: cross-entropy with label smoothing (teachers, fine-tune)."""
+  def loss_fn(apply_fn, variables, batch, rng, aux):
+    del aux
+    logits, batch_stats = forward(apply_fn, variables, batch["image"], rng)
+    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+    return loss, (batch_stats, {"top1": topk_correct(logits, batch["label"], 1).mean()})
+  return Task(loss_fn=loss_fn)
+
+
+def train_step(state, batch, rng, aux, *, loss_fn):
+  """One optimizer call on one (micro-)batch; the dropout rng follows state.step."""
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def objective(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    return loss_fn(state.apply_fn, variables, batch, step_rng, aux)
+
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+      state.params)
+  return state.apply_gradients(grads, batch_stats), {"loss": loss, **metrics}
+
+
+def eval_step(state, batch):
+  """Masked sums of loss, top-1 and top-5 hits and the count over one batch."""
+  logits, _ = forward(state.apply_fn, state.eval_variables(), batch["image"], None, train=False)
+  mask = batch["mask"]
+  return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+          "top5": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
+          "count": jnp.sum(mask)}
