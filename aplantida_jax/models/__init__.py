@@ -37,8 +37,8 @@ DEFAULT_RESOLUTION = {
 
 def _check_name(name):
   if name not in _BUILDERS:
-    raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}"
-                     " (config.model.name).")
+    raise ValueError(f"Unknown model {name!r} (config.model.name); choose "
+                     f"one of {', '.join(MODELS)}.")
 
 
 def get_model(name: str, num_classes: int, **kwargs):
