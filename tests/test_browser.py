@@ -1,0 +1,110 @@
+"""The PWA in real Chromium: classify a photo, agree with JAX, work offline, time the wasm backend.
+
+Debian's chromium driven by Python Playwright (CI installs it with apt).
+Served on 127.0.0.1 with and without cross-origin isolation (COOP/COEP),
+which decides whether the wasm backend may use threads.
+"""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aplantida_jax.data import shards
+from aplantida_jax.export import pwa_server
+from aplantida_jax.train import input_pipeline
+from tests import tfjs_fixture
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install chromium)"),
+    pytest.mark.skipif(not os.path.isdir(pwa_server.VENDOR_DIR), reason="node_modules missing (npm ci)"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return tfjs_fixture.tiny_export(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def photo(workdir, tmp_path_factory):
+  """(png path, JAX top-1): the val photo whose top-1 wins by the widest margin.
+
+  The photo is 64 px, so the page's centre crop (0.875) is exactly the 56 px
+  input and nothing is resized: browser and JAX see the same pixels, and the
+  widest margin keeps the FP16 comparison meaningful rather than a coin toss.
+  """
+  source = input_pipeline.RecordSource(shards.shard_paths(os.path.join(workdir, "dataset"), "val"))
+  photos = [np.asarray(Image.open(io.BytesIO(shards.decode(source[i]["data"])["jpeg"])).convert("RGB"))
+            for i in range(len(source))]
+  offset = (tfjs_fixture.PHOTO_SIZE - tfjs_fixture.IMAGE_SIZE) // 2
+  crops = np.stack([p[offset:offset + tfjs_fixture.IMAGE_SIZE, offset:offset + tfjs_fixture.IMAGE_SIZE]
+                    for p in photos]).astype(np.float32)
+  probs = tfjs_fixture.jax_probabilities(workdir, crops)
+  top2 = np.sort(probs, -1)[:, -2:]
+  best = int(np.argmax(top2[:, 1] - top2[:, 0]))
+  path = tmp_path_factory.mktemp("photo") / "plant.png"
+  Image.fromarray(photos[best]).save(path)
+  return str(path), int(probs[best].argmax())
+
+
+@pytest.fixture(scope="module")
+def browser():
+  playwright_api = pytest.importorskip("playwright.sync_api")
+  with playwright_api.sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    yield browser
+    browser.close()
+
+
+def _classify(page, png):
+  page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+  page.set_input_files("#photo", png)
+  page.wait_for_selector("body[data-state=classified]", timeout=60_000)
+  items = page.query_selector_all("#results li")
+  return [(int(li.get_attribute("data-index")), float(li.get_attribute("data-probability"))) for li in items]
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["coop_coep", "no_isolation"])
+def test_pwa_classifies_online_then_offline(workdir, photo, browser, isolate, capsys):
+  png, jax_top1 = photo
+  server = pwa_server.make_server(os.path.join(workdir, "tfjs"), port=0, isolate=isolate)
+  pwa_server.serve_in_thread(server)
+  url = f"http://127.0.0.1:{server.server_address[1]}/"
+  context = browser.new_context()
+  page = context.new_page()
+  errors = []
+  page.on("pageerror", lambda e: errors.append(str(e)))
+  try:
+    page.goto(url)
+    top = _classify(page, png)
+    assert len(top) == min(5, tfjs_fixture.NUM_CLASSES)
+    assert top[0][0] == jax_top1
+    probabilities = [p for _, p in top]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-4
+    unsure = page.get_attribute("#verdict", "data-unsure") == "true"
+    assert unsure == (top[0][1] < tfjs_fixture.THRESHOLD)
+    info = page.evaluate("aplantida.info()")
+    assert info["backend"] == "wasm" and info["crossOriginIsolated"] == isolate
+    bench = page.evaluate("aplantida.benchmark(20)")
+    page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+    page.wait_for_function("navigator.serviceWorker.controller !== null", timeout=30_000)
+
+    server.shutdown()  # second visit: nothing answers on the network any more
+    server.server_close()
+    context.set_offline(True)
+    page.reload()
+    offline_top = _classify(page, png)
+    assert offline_top[0][0] == jax_top1
+    assert not errors, errors
+    with capsys.disabled():
+      print(f"\n[browser] wasm median latency over {bench['runs']} runs: {bench['median_ms']:.2f} ms "
+            f"(threads {bench['threads']}, cross-origin isolated {bench['crossOriginIsolated']})")
+  finally:
+    context.close()
+    server.server_close()
