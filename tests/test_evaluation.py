@@ -218,21 +218,15 @@ def test_class_count_and_teacher_shape_mismatches_are_clear_errors():
 
 # --- report --------------------------------------------------------------------------------------
 
-def test_criteria_table_fills_rows_from_later_stages_when_present(tmp_path):
+def test_criteria_table_judges_what_evaluation_measures():
   criteria = evaluate.get_config().criteria
   measured = {"top1": 0.8, "top5": 0.89, "ece": 0.12, "num_classes": 10,
               "regions": {"spain": {"n": 5, "top1": 0.9}, "europe": {"n": 0, "top1": None}}}
-  rows = {r["criterion"]: r for r in report.criteria_table(measured, criteria, str(tmp_path))}
+  rows = {r["criterion"]: r for r in report.criteria_table(measured, criteria)}
   assert [rows[name]["passed"] for name in ("global top-1", "global top-5", "Spain top-1", "Europe top-1",
                                             "ECE (after temperature scaling)")] == [True, False, True, None, False]
   assert rows["model size (MB)"]["passed"] is None and "export_tfjs" in rows["model size (MB)"]["note"]
-  (tmp_path / "tfjs").mkdir()
-  (tmp_path / "tfjs" / "model.json").write_text("{}")
-  (tmp_path / "tfjs" / "group1-shard1of1.bin").write_bytes(b"\0" * 2_000_000)
-  (tmp_path / "license_report.json").write_text(json.dumps({"passed": False}))
-  rows = {r["criterion"]: r for r in report.criteria_table(measured, criteria, str(tmp_path))}
-  assert rows["model size (MB)"]["value"] == pytest.approx(2.000002) and rows["model size (MB)"]["passed"]
-  assert rows["licence check passes"]["passed"] is False
+  assert rows["licence check passes"]["passed"] is None
 
 
 # --- plots ----------------------------------------------------------------------------------------

@@ -30,22 +30,7 @@ def _at_least(criterion, target, value, note=""):
               note or ("" if value is not None else "no images of this region in the report split"))
 
 
-def _folder_megabytes(folder):
-  total = sum(os.path.getsize(os.path.join(root, name))
-              for root, _, names in os.walk(folder) for name in names)
-  return total / 1e6
-
-
-def _license_passed(workdir):
-  path = os.path.join(workdir, "license_report.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    passed = json.load(f).get("passed")
-  return passed if isinstance(passed, bool) else None
-
-
-def criteria_table(report_metrics, criteria, workdir):
+def criteria_table(report_metrics, criteria):
   """Rows {criterion, target, value, passed, note}; passed is None when not measurable here."""
   regions = report_metrics["regions"]
   rows = [
@@ -58,22 +43,15 @@ def criteria_table(report_metrics, criteria, workdir):
       _row("ECE (after temperature scaling)", f"< {criteria.ece}", report_metrics["ece"],
            bool(report_metrics["ece"] < criteria.ece)),
   ]
-  tfjs_dir = os.path.join(workdir, "tfjs")
-  if os.path.exists(os.path.join(tfjs_dir, "model.json")):
-    size = _folder_megabytes(tfjs_dir)
-    rows.append(_row("model size (MB)", f"<= {criteria.size_mb}", size, bool(size <= criteria.size_mb),
-                     "size of tfjs/ from the last export_tfjs run in this workdir"))
-  else:
-    rows.append(_row("model size (MB)", f"<= {criteria.size_mb}", None, None,
-                     "measured by the export_tfjs stage; filled here when tfjs/ exists"))
+  # Measured by later stages (data flows one way): the run manifest fills these in.
+  rows.append(_row("model size (MB)", f"<= {criteria.size_mb}", None, None,
+                   "measured by the export_tfjs stage; see manifest.json success_criteria"))
   rows.append(_row("inference time GPU / CPU (s)", f"< {criteria.latency_gpu_s} / < {criteria.latency_cpu_s}",
-                   None, None, "measured by tools/bench.py"))
-  license_passed = _license_passed(workdir)
-  rows.append(_row("licence check passes", "true", license_passed, license_passed,
-                   "from the last license_check run (license_report.json)" if license_passed is not None else
-                   "measured by the license_check stage; filled here when license_report.json exists"))
+                   None, None, "measured by tools/bench.py infer and bench.py browser"))
+  rows.append(_row("licence check passes", "true", None, None,
+                   "measured by the license_check stage; see manifest.json success_criteria"))
   rows.append(_row("fixed seeds give identical results; manifest complete", "true", None, None,
-                   "checked by the pipeline manifest (manifest.json)"))
+                   "checked by the pipeline manifest (manifest.json) and tests/test_pipeline.py"))
   return rows
 
 

@@ -108,7 +108,7 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
                        f"on {report_split}; both must read the same dataset/ shards.")
     result["teacher_agreement"] = {"teacher_dir": e.teacher_dir,
                                    **metrics.teacher_agreement(test["logits"], teacher["logits"])}
-  result["criteria"] = report.criteria_table(test_after, config.criteria, workdir)
+  result["criteria"] = report.criteria_table(test_after, config.criteria)
   result["criteria_passed"] = all(r["passed"] for r in result["criteria"] if r["passed"] is not None)
   result["plots"] = _write_plots(eval_dir, config, report_split, test, temperature, threshold["threshold"],
                                  test_before, test_after, result["top_confusions"])

@@ -96,11 +96,40 @@ def _outputs(workdir: str) -> dict:
   return out
 
 
+def _read_json(workdir, *parts):
+  path = os.path.join(workdir, *parts)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def success_criteria(workdir: str):
+  """The user's acceptance table: eval/report.json's rows, completed by later stages' outputs."""
+  report = _read_json(workdir, "eval", "report.json")
+  if report is None:
+    return None
+  export_report = _read_json(workdir, "tfjs", "export_report.json")
+  license_report = _read_json(workdir, "license_report.json")
+  rows = []
+  for row in report.get("criteria", []):
+    row = dict(row)
+    if row["criterion"].startswith("model size") and export_report:
+      size = export_report["size"]["tfjs_mb"]
+      limit = float(row["target"].split()[-1])
+      row.update(value=size, passed=size <= limit, note="tfjs/export_report.json")
+    elif row["criterion"].startswith("licence check") and license_report:
+      row.update(value=license_report.get("passed"), passed=license_report.get("passed"),
+                 note="license_report.json")
+    rows.append(row)
+  return rows
+
+
 def finalize(workdir: str, manifest: dict) -> None:
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   manifest.update({
       "platform": platform.platform(), "versions": _versions(), "jax": _jax_devices(),
-      "git": _git(root), "outputs": _outputs(workdir),
+      "git": _git(root), "outputs": _outputs(workdir), "success_criteria": success_criteria(workdir),
       "seeds": {k: v.get("seed") for k, v in manifest["stages"].items()},
       "total_wall_s": round(sum(v.get("wall_s", 0) for v in manifest["stages"].values()), 1),
   })
