@@ -14,6 +14,7 @@ from importlib import metadata
 
 from aplantida_jax.data import sources
 from aplantida_jax.repro import hashing
+from aplantida_jax.train import checkpointing
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
             "tensorflow", "tensorflowjs", "tf-keras", "numpy", "pillow", "pymongo", "torch")
@@ -83,10 +84,15 @@ def _outputs(workdir: str) -> dict:
   dataset_manifest = os.path.join(workdir, "dataset", "manifest.json")
   if os.path.exists(dataset_manifest):
     out["dataset_manifest_sha256"] = hashing.sha256_file(dataset_manifest)
-  for name in ("tfjs",):
-    folder = os.path.join(workdir, name)
-    if os.path.isdir(folder):
-      out[f"{name}_files"] = hashing.file_hashes(folder)
+  tfjs = os.path.join(workdir, "tfjs")
+  if os.path.isdir(tfjs):
+    out["tfjs_files"] = hashing.file_hashes(tfjs)
+  params = {}
+  for best in sorted(glob.glob(os.path.join(workdir, "**", "best"), recursive=True)):
+    stage_dir = os.path.dirname(best)
+    params[os.path.relpath(stage_dir, workdir)] = hashing.tree_sha256(checkpointing.load_variables(stage_dir))
+  if params:
+    out["best_params_sha256"] = params
   provenance = {}
   for path in sorted(glob.glob(os.path.join(workdir, "**", "provenance.json"), recursive=True)):
     with open(path) as f:

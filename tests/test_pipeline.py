@@ -1,0 +1,113 @@
+"""The whole pipeline on a tiny catalog: every stage runs, a re-run skips, seeds decide everything.
+
+Three runs of `python -m aplantida_jax.repro.pipeline --configs DIR`: seed 0 twice
+(identical shards, parameters and TF.js weights; the second pass over the first
+workdir skips every stage) and seed 1 once (different ones). The configs are the
+real stage configs' `:demo` variants, shrunk further; the catalog is drawn demo
+data served from 127.0.0.1, so the export goes through the real download path.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aplantida_jax.data import demo_data
+from aplantida_jax.repro import pipeline
+from tests.helpers import ROOT, cli_env
+
+# Per stage: config module, then lines that shrink its :demo variant further.
+SHRINK = {
+    "audit": ["c.catalog.path = CATALOG"],
+    "export": ["c.catalog.path = CATALOG", "c.export.image_size = 40", "c.export.min_per_class = 4"],
+    "teacher_global": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
+                       "c.input.image_size = 32", "c.batch_size = 8"],
+    "teacher_regional": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
+                         "c.input.image_size = 32", "c.batch_size = 8"],
+    "student_distill": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
+                        "c.input.image_size = 32", "c.batch_size = 8"],
+    "student_finetune": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
+                         "c.input.image_size = 32", "c.batch_size = 8"],
+}
+
+
+def write_configs(folder, seed, catalog):
+  """One wrapper per stage config: the built-in :demo variant, this seed, tiny sizes."""
+  os.makedirs(folder, exist_ok=True)
+  for stage in pipeline.STAGES:
+    module = stage.config[:-3]
+    lines = [f"c.seed = {seed}", *SHRINK.get(module, [])]
+    body = "\n".join(f"  {line}" for line in lines)
+    with open(os.path.join(folder, stage.config), "w") as f:
+      f.write(f"from configs import {module} as base\nCATALOG = {catalog!r}\n\n\n"
+              f"def get_config(arg=None):\n  c = base.get_config('demo')\n{body}\n  return c\n")
+
+
+def run_pipeline(configs, workdir, env):
+  proc = subprocess.run([sys.executable, "-m", "aplantida_jax.repro.pipeline", "--configs", str(configs),
+                         "--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(os.path.join(workdir, "manifest.json")) as f:
+    return proc.stdout, json.load(f)
+
+
+def outputs(manifest):
+  """What must be identical across runs with one seed: shards, best params, TF.js weights."""
+  shards = manifest["stages"]["export"]["output_hash"]
+  tfjs_weights = {k: v for k, v in manifest["outputs"]["tfjs_files"].items() if k.endswith(".bin")}
+  return shards, manifest["outputs"]["best_params_sha256"], tfjs_weights
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("pipeline")
+  demo_data.make_demo_data(str(base / "catalog"), "http://127.0.0.1:1", seed=0, num_species=4,
+                           images_per_species=(14, 14), image_size=64)
+  env = cli_env(JAX_COMPILATION_CACHE_DIR=str(base / "xla_cache"))
+  results = {}
+  with demo_data.serve_directory(str(base / "catalog"), 0) as server:
+    catalog = str(base / "served.jsonl")
+    with open(base / "catalog" / "catalog.jsonl") as src, open(catalog, "w") as dst:
+      dst.write(src.read().replace("http://127.0.0.1:1/", f"{server.url.rstrip('/')}/"))
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+      write_configs(base / f"configs{seed}", seed, catalog)
+      results[name] = run_pipeline(base / f"configs{seed}", base / name, env)
+    results["a_again"] = run_pipeline(base / "configs0", base / "a", env)
+  return results
+
+
+def test_every_stage_runs_and_the_run_is_recorded(runs):
+  stdout, manifest = runs["a"]
+  assert sorted(s.name for s in pipeline.STAGES) == sorted(manifest["stages"])
+  for name, record in manifest["stages"].items():
+    assert record["status"] == "done" and record["metric"], name
+    assert record["config"]["seed"] == 0
+  assert manifest["jax"]["backend"] == "cpu" and manifest["versions"]["jax"]
+  assert manifest["git"]["commit"] is None or len(manifest["git"]["commit"]) == 40
+  assert set(manifest["outputs"]["best_params_sha256"]) == {
+      "teacher_global", "teacher_regional", "student/distill", "student/finetune"}
+  criteria = {row["criterion"]: row for row in manifest["success_criteria"]}
+  assert criteria["licence check passes"]["passed"] is True
+  assert criteria["model size (MB)"]["value"] > 0
+  assert "license_check" in stdout and "ran" in stdout
+
+
+def test_rerun_skips_every_stage(runs):
+  stdout, _ = runs["a_again"]
+  table = stdout[stdout.index("stage               status"):]
+  for stage in pipeline.STAGES:
+    row = next(line for line in table.splitlines() if line.startswith(stage.name + " "))
+    assert row.split()[1] == "skipped", row
+
+
+def test_same_seed_gives_identical_outputs(runs):
+  assert outputs(runs["a"][1]) == outputs(runs["b"][1])
+
+
+def test_other_seed_gives_different_outputs(runs):
+  (shards_a, params_a, tfjs_a), (shards_c, params_c, tfjs_c) = outputs(runs["a"][1]), outputs(runs["c"][1])
+  assert shards_a != shards_c
+  assert all(params_a[stage] != params_c[stage] for stage in params_a)
+  assert tfjs_a != tfjs_c
