@@ -1,0 +1,135 @@
+"""Stage "distill": the student learns from the teacher ensemble with the shared train loop.
+
+Only the `steps.Task` differs from teacher training; pipeline, sharding, orbax
+checkpoints (resume included), metrics and evaluation are train/loop.py's.
+
+  distill.mode = "precomputed"  targets are soft_labels/ rows joined to each
+                                record in the Grain workers (sha256-checked)
+  distill.mode = "online"       the teachers run inside the jitted step on the
+                                student's own augmented crop ("consistent
+                                teaching", Beyer et al. 2022); costs a teacher
+                                forward pass per teacher per step
+Both minimise losses.kd_loss against a top-k + remaining-mass target.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+
+from aplantida_jax.distill import losses
+from aplantida_jax.distill import soft_labels
+from aplantida_jax.train import checkpointing
+from aplantida_jax.train import input_pipeline
+from aplantida_jax.train import loop as train_loop
+from aplantida_jax.train import steps
+
+MODES = ("precomputed", "online")
+
+
+def kd_objective(distill_config, label_smoothing):
+  """(logits, batch, target) → (mean loss, metrics) of the KD loss."""
+  def objective(logits, labels, target):
+    probs, classes, rest = target
+    loss, kl, ce = losses.kd_loss(logits, labels, probs, classes, rest,
+                                  alpha=distill_config.alpha,
+                                  temperature=distill_config.temperature,
+                                  label_smoothing=label_smoothing)
+    return loss.mean(), {
+        "top1": steps.topk_correct(logits, labels, 1).mean(), "kl": kl.mean(), "ce": ce.mean(),
+        "teacher_agree": jnp.mean(jnp.argmax(logits, -1) == classes[:, 0])}
+  return objective
+
+
+def precomputed_task(config, join_fn) -> steps.Task:
+  """KD against soft_labels/ rows joined to each record (see soft_labels.SoftLabelJoin)."""
+  objective = kd_objective(config.distill, config.optimizer.label_smoothing)
+
+  def loss_fn(apply_fn, variables, batch, rng, aux):
+    del aux
+    logits, batch_stats = steps.forward(apply_fn, variables, batch["image"], rng)
+    target = (batch["teacher_probs"], batch["teacher_classes"], batch["teacher_rest"])
+    loss, metrics = objective(logits, batch["label"], target)
+    return loss, (batch_stats, metrics)
+  return steps.Task(loss_fn=loss_fn, join_fn=join_fn)
+
+
+def online_task(config, teachers) -> steps.Task:
+  """KD against the teachers run on the student's augmented crop inside the step."""
+  d = config.distill
+  objective = kd_objective(d, config.optimizer.label_smoothing)
+
+  def loss_fn(apply_fn, variables, batch, rng, aux):
+    images = batch["image"]
+    probs = []
+    for teacher, teacher_vars in zip(teachers, aux):
+      size = teacher.image_size
+      crop = images if images.shape[1] == size else jax.image.resize(
+          images.astype(jnp.float32), images.shape[:1] + (size, size, 3), "bilinear")
+      probs.append(soft_labels.teacher_probs(teacher, teacher_vars, crop, d.temperature))
+    mixed = jax.lax.stop_gradient(soft_labels.mix(probs, batch["teacher_weights"]))
+    logits, batch_stats = steps.forward(apply_fn, variables, images, rng)
+    loss, metrics = objective(logits, batch["label"], losses.sparse_target(mixed, d.top_k))
+    return loss, (batch_stats, metrics)
+  return steps.Task(loss_fn=loss_fn, join_fn=soft_labels.TeacherWeights.of(teachers),
+                    aux=[t.variables for t in teachers])
+
+
+def build_task(config, workdir) -> steps.Task:
+  d = config.distill
+  dataset_dir = os.path.join(workdir, config.dataset_dir)
+  if d.mode == "precomputed":
+    join_fn, meta = soft_labels.open_split(os.path.join(workdir, d.soft_labels_dir), dataset_dir,
+                                           config.train_split)
+    if meta["temperature"] != d.temperature:
+      raise ValueError(f"config.distill.temperature={d.temperature} but the soft labels were "
+                       f"made at T={meta['temperature']}: set distill.temperature to it or "
+                       "re-run soft_labels with --config.temperature.")
+    return precomputed_task(config, join_fn)
+  if d.mode == "online":
+    num_classes = len(train_loop.load_classes(dataset_dir))
+    return online_task(config, soft_labels.load_teachers(d, workdir, num_classes))
+  raise ValueError(f"Unknown config.distill.mode={d.mode!r}; choose one of {MODES}.")
+
+
+def teacher_agreement(config, workdir, stage_dir) -> dict:
+  """Best student vs the soft labels of the eval split: top-1/top-5 agreement and KL."""
+  soft_dir = os.path.join(workdir, config.distill.soft_labels_dir)
+  dataset_dir = os.path.join(workdir, config.dataset_dir)
+  try:
+    join_fn, meta = soft_labels.open_split(soft_dir, dataset_dir, config.eval_split)
+  except (FileNotFoundError, ValueError) as e:  # monitoring only: say why it is skipped
+    return {"skipped": str(e)}
+  model = train_loop.create_model(train_loop.resolve_config(
+      config, len(train_loop.load_classes(dataset_dir))))
+  variables = jax.device_put(checkpointing.load_variables(stage_dir, "best"))
+
+  @jax.jit
+  def sums(batch):
+    logits, _ = steps.forward(model.apply, variables, batch["image"], None, train=False)
+    classes, mask = batch["teacher_classes"], batch["mask"]
+    kl = losses.sparse_kl(logits, batch["teacher_probs"], classes, batch["teacher_rest"],
+                          meta["temperature"])
+    return {"top1_agree": jnp.sum((jnp.argmax(logits, -1) == classes[:, 0]) * mask),
+            "top5_agree": jnp.sum(steps.topk_correct(logits, classes[:, 0], 5) * mask),
+            "kl": jnp.sum(jnp.where(mask > 0, kl, 0.0)), "count": jnp.sum(mask)}
+
+  totals = None
+  for batch in input_pipeline.eval_batches(config.input, dataset_dir, config.eval_split,
+                                           config.eval_batch_size, join_fn=join_fn,
+                                           shard_by_process=False):
+    out = jax.device_get(sums({k: v for k, v in batch.items() if k != "index"}))
+    totals = out if totals is None else {k: totals[k] + out[k] for k in out}
+  count = max(float(totals["count"]), 1.0)
+  return {k: float(v) / count for k, v in totals.items() if k != "count"}
+
+
+def run(config, workdir) -> dict:
+  """Stage entry for "distill": trains config.output_dir (default student/distill)."""
+  summary = train_loop.train_and_evaluate(config, workdir, task=build_task(config, workdir))
+  if jax.process_index() == 0:
+    agreement = teacher_agreement(config, workdir, summary["stage_dir"])
+    summary["teacher_agreement"] = agreement
+    if "top1_agree" in agreement:
+      summary["metric"] += (f"; {config.eval_split} teacher agreement top-1 "
+                            f"{agreement['top1_agree']:.3f}, KL {agreement['kl']:.3f}")
+  return summary
