@@ -15,6 +15,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import serialization
 
+# orbax 0.12.8 slices replicated arrays per replica under `jax.sharding.set_mesh`,
+# a context manager only from jax 0.7 on; with jax 0.6.2 (our pin) a multi-device
+# save crashes there. Replica 0 writes each replicated array instead.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
 BEST_METRIC = "top1"
 
 
@@ -86,7 +92,11 @@ def load_variables(stage_dir, which="best"):
   if step is None:
     raise FileNotFoundError(f"No {which} checkpoint under {directory}; train the stage first "
                             f"(or resume it: rerun its command).")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  # Restore onto this process's first device, whatever topology saved it (e.g. 8 GPUs).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step).state)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
   manager.close()
   params = state.get("ema_params") or state["params"]
   return {"params": params, "batch_stats": state.get("batch_stats") or {}}
