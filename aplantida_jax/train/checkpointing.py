@@ -92,11 +92,10 @@ def load_variables(stage_dir, which="best"):
   if step is None:
     raise FileNotFoundError(f"No {which} checkpoint under {directory}; train the stage first "
                             f"(or resume it: rerun its command).")
-  # Restore onto this process's first device, whatever topology saved it (e.g. 8 GPUs).
+  # A checkpoint saved on other devices (8 GPUs, 2 hosts) restores onto this process's first one.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        manager.item_metadata(step).state)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fallback_sharding=device))).state
   manager.close()
   params = state.get("ema_params") or state["params"]
   return {"params": params, "batch_stats": state.get("batch_stats") or {}}
