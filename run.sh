@@ -47,6 +47,9 @@ setup_node
 export PATH="$VENV/bin:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+# Compiled XLA programs are kept here: a rerun, a resumed stage or a second test that builds the
+# same program skips minutes of compilation on a small CPU. Safe to delete at any time.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/xla}
 
 cmd=${1:-demo}
 case "$cmd" in

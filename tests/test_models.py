@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aplantida_jax import models
+from aplantida_jax.models import blocks
 from aplantida_jax.models import heads
 
 # Tiny variants: the same code paths at a fraction of the compute.
@@ -185,3 +186,38 @@ def test_jax2tf_without_xla_gives_plain_tfjs_ops_and_same_logits(name):
   variable_ops = {"ReadVariableOp", "VarHandleOp"}  # frozen to Const on export
   assert graph_ops - variable_ops <= _tfjs_op_names(), (
       graph_ops - variable_ops - _tfjs_op_names())
+
+
+@pytest.mark.parametrize("shape,kernel_size,stride", [
+    ((2, 9, 9, 8), 3, 1), ((2, 9, 9, 8), 3, 2), ((2, 8, 8, 8), 3, 2), ((2, 11, 7, 16), 5, 2),
+    ((1, 6, 6, 4), 5, 1), ((1, 3, 3, 4), 5, 2)])
+def test_depthwise_conv_cpu_gradient_equals_xla_transpose(shape, kernel_size, stride):
+  """The tap-by-tap CPU gradient is the lax convolution's own gradient, for odd sizes too."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, shape[-1])), jnp.float32)
+
+  def lax_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=shape[-1])
+
+  def ours(x, k):
+    return blocks.depthwise_conv_general_dilated(x, k, (stride, stride), "SAME",
+                                                 feature_group_count=shape[-1])
+
+  np.testing.assert_array_equal(ours(x, kernel), lax_conv(x, kernel))
+  dy = jnp.asarray(rng.normal(size=lax_conv(x, kernel).shape), jnp.float32)
+  want = jax.vjp(lax_conv, x, kernel)[1](dy)
+  got = jax.jit(lambda x, k, dy: jax.vjp(ours, x, k)[1](dy))(x, kernel, dy)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_rejects_what_it_does_not_compute():
+  x, k = jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 1, 3))
+  with pytest.raises(ValueError, match="dilation"):
+    blocks.depthwise_conv_general_dilated(x, k, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                          feature_group_count=3)
+  with pytest.raises(ValueError, match="feature_group_count"):
+    blocks.depthwise_conv_general_dilated(x, k, (1, 1), "SAME", feature_group_count=1)

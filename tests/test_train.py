@@ -151,6 +151,32 @@ def test_schedule_warms_up_then_decays_and_decay_skips_biases_and_norms():
   assert not any(flat[p] for p in flat if p.endswith(("bias", "scale")))
 
 
+def test_frozen_layers_keep_their_weights_and_the_rest_train():
+  model = _tiny_model()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  opt = _optimizer_config(learning_rate=0.1, frozen="^(stem|block0)/")
+  state = state_lib.create_train_state(model, variables, opt, 8, 4)
+  step = jax.jit(functools.partial(steps.train_step,
+                                   loss_fn=steps.classification_task(0.0).loss_fn))
+  for seed in range(2):
+    state, _ = step(state, _batch(seed), jax.random.PRNGKey(seed), None)
+  before, after = _flat(variables["params"]), _flat(state.params)
+  frozen = [k for k in before if k.startswith(("['stem']", "['block0']"))]
+  assert frozen and len(frozen) < len(before)
+  for key in before:
+    if key in frozen:
+      np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  assert all(not np.array_equal(after[k], before[k]) for k in before
+             if k not in frozen and k.endswith("['kernel']"))
+
+
+@pytest.mark.parametrize("pattern,what", [("^nothing_here/", "no"), (".", "every")])
+def test_frozen_pattern_that_freezes_all_or_nothing_is_a_clear_error(pattern, what):
+  params = _tiny_model().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+  with pytest.raises(ValueError, match=f"config.optimizer.frozen.*matches {what} parameter"):
+    state_lib.create_optimizer(_optimizer_config(frozen=pattern), 8, 4, params)
+
+
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
   """One XLA cache for every run here (or the caller's JAX_COMPILATION_CACHE_DIR)."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aplantida_jax import fileio
 from aplantida_jax import models
 from aplantida_jax.export import parity
 from aplantida_jax.export import serving
@@ -76,7 +77,7 @@ def _write_workdir(workdir):
     csv.writer(f).writerows([["sha256", "species", "author", "license"], ["ab12", "Rosa rubra", "test", "CC0-1.0"]])
   student = os.path.join(workdir, STUDENT)
   os.makedirs(student)
-  loop.write_json(os.path.join(student, loop.CONFIG_FILE), _train_config().to_dict())
+  fileio.write_json(os.path.join(student, loop.CONFIG_FILE), _train_config().to_dict())
   checkpoints = checkpointing.StageCheckpoints(student, _train_config().checkpoint)
   checkpoints.maybe_save_best(1, _EvalState(_variables(dataset_dir)), 0.5)
   checkpoints.close()

@@ -490,8 +490,7 @@ def bench_infer(args) -> dict:
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   model = models.get_model(args.model, args.num_classes, dtype=args.dtype)
   rng = jax.random.PRNGKey(0)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      rng, jnp.zeros((1, args.res, args.res, 3), jnp.float32))
+  variables = models.init_variables(model, rng, args.res)
   predict = jax.jit(functools.partial(model.apply, train=False))
   results = {}
   for batch in _comma_list(args.batches, int):
@@ -517,14 +516,13 @@ def _step_fn(task, model, batch_data, *, batch, res, seed=0):
   """(run_once, sync) of one loop-identical train step for `task` on a fixed device batch."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import steps  # pylint: disable=g-import-not-at-top
   from configs import training  # pylint: disable=g-import-not-at-top
+  from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   rng = jax.random.PRNGKey(seed)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": rng, "dropout": rng}, jnp.zeros((1, res, res, 3), jnp.float32))
+  variables = models.init_variables(model, {"params": rng, "dropout": rng}, res)
   mesh = sharding.create_mesh()
   replicated = sharding.replicated(mesh)
   state = jax.device_put(state_lib.create_train_state(
@@ -551,13 +549,13 @@ def _step_fn(task, model, batch_data, *, batch, res, seed=0):
            ("--res", dict(type=int, default=224)),
            ("--num_classes", dict(type=int, default=1000)),
            ("--top_k", dict(type=int, default=10)),
+           ("--dtype", dict(default="float32", choices=("float32", "bfloat16"),
+                            help="compute dtype of student and teachers")),
            ("--warmup", dict(type=int, default=2)),
            ("--windows", dict(type=int, default=5)),
            ("--window_s", dict(type=float, default=3.0))])
 def bench_distill(args) -> dict:
-  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   from aplantida_jax.distill import loop as distill_loop  # pylint: disable=g-import-not-at-top
@@ -578,15 +576,14 @@ def bench_distill(args) -> dict:
                  "teacher_rest": probs[:, k]}
   teachers = []
   for t in range(args.teachers):
-    model = models.get_model(args.teacher, args.num_classes)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.PRNGKey(100 + t), jnp.zeros((1, teacher_res, teacher_res, 3), jnp.float32))
+    model = models.get_model(args.teacher, args.num_classes, dtype=args.dtype)
+    variables = models.init_variables(model, jax.random.PRNGKey(100 + t), teacher_res)
     teachers.append(soft_labels.Teacher(
         name=f"t{t}", dir=f"bench_teacher_{t}", model=model, variables=variables,
         image_size=teacher_res, eval_crop_fraction=0.875, weight=1.0, countries=(),
         region_weight=1.0, checkpoint_sha256=""))
   online = {**base, "teacher_weights": np.ones((args.batch, args.teachers), np.float32)}
-  student = models.get_model(args.student, args.num_classes, width=args.width)
+  student = models.get_model(args.student, args.num_classes, width=args.width, dtype=args.dtype)
   cases = {"ce": (steps.classification_task(0.1), base),
            "precomputed": (distill_loop.precomputed_task(config, None), precomputed),
            "online": (distill_loop.online_task(config, teachers), online)}
@@ -601,7 +598,7 @@ def bench_distill(args) -> dict:
   ratio = results["precomputed"]["images_per_s"]["median"] / results["online"]["images_per_s"]["median"]
   return dict(student=args.student, width=args.width, teacher=args.teacher,
               teachers=args.teachers, teacher_res=teacher_res, batch=args.batch, res=args.res,
-              num_classes=args.num_classes, top_k=args.top_k, device=dict(jax=jax_device_info()),
+              dtype=args.dtype, num_classes=args.num_classes, top_k=args.top_k, device=dict(jax=jax_device_info()),
               results=results, precomputed_over_online=ratio,
               note="steps only, on a fixed device batch (the input pipeline is not timed); "
                    "the plan claims precomputed is ~10x faster than online")

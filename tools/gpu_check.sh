@@ -113,9 +113,9 @@ for model in mobilenet_v2 efficientnet_lite2; do
   step "train_$model" 140 train --model "$model" --batch "$BATCH" --res "$RES" --dtype bfloat16 \
     --torch_compile "$TORCH_COMPILE" --warmup 3 --windows 5 --window_s 1.5
 done
-if [[ ! -f "$OUT_DIR/distill_skipped.txt" ]]; then  # float32: the distill mode has no precision flag
-  step distill 100 distill --batch "$BATCH" --res "$RES" --teachers 1 --warmup 2 --windows 5 \
-    --window_s 1.0
+if [[ ! -f "$OUT_DIR/distill_skipped.txt" ]]; then
+  step distill 100 distill --batch "$BATCH" --res "$RES" --teachers 1 --dtype bfloat16 \
+    --warmup 2 --windows 5 --window_s 1.0
 fi
 step loader 70 loader --workers "$LOADER_WORKERS" --batch "$BATCH" --image_size "$RES" \
   --images 2048 --pipelines grain,tfdata --warmup_batches 12 --batches_per_window 4
@@ -167,7 +167,8 @@ for model in ("mobilenet_v2", "efficientnet_lite2"):
 distill = load("distill")
 if distill:
   for case, r in distill["results"].items():
-    rows.append((f"distill step {case}: {distill['student']} {distill['res']}px fp32 "
+    precision = "bf16" if distill.get("dtype") == "bfloat16" else "fp32"
+    rows.append((f"distill step {case}: {distill['student']} {distill['res']}px {precision} "
                  f"b{distill['batch']}", fmt(r["images_per_s"]), "", "",
                  f"{distill['teachers']} online {distill['teacher']} teacher(s)"
                  if case == "online" else ""))

@@ -17,6 +17,7 @@ import statistics
 from absl import logging
 from tqdm import tqdm
 
+from aplantida_jax import fileio
 from aplantida_jax.data import fetch
 from aplantida_jax.data import licenses
 from aplantida_jax.data import sources
@@ -207,20 +208,12 @@ def _markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_atomic(path: str, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _save(fig, path: str):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  tmp = path + ".tmp"
   fig.tight_layout()
-  fig.savefig(tmp, format="png", dpi=100)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def _barh(ax, labels, values, colors, title, xlabel):
@@ -307,8 +300,8 @@ def run(config, workdir: str, mongo_client=None) -> dict:
     url_check["note"] = ("audit.url_check=none" if config.audit.url_check == "none"
                          else "no URLs in the catalog (local files)")
   report = build_report(tally, stats, url_check, config)
-  _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
-  _write_atomic(os.path.join(out_dir, "report.md"), _markdown(report))
+  fileio.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
+  fileio.write_text(os.path.join(out_dir, "report.md"), _markdown(report))
   write_plots(report, tally, out_dir)
 
   images = report["images"]

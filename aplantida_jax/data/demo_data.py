@@ -29,6 +29,8 @@ import threading
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from aplantida_jax import fileio
+
 
 @dataclasses.dataclass(frozen=True)
 class Species:
@@ -225,13 +227,6 @@ def _encode_jpeg(img: Image.Image) -> bytes:
   return buf.getvalue()
 
 
-def _write_atomic(path: str, data: bytes):
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def make_demo_data(out_dir: str, base_url: str, seed: int = 0, num_species: int = len(SPECIES),
                    images_per_species=(30, 40), image_size: int = 160, progress: bool = False) -> dict:
   """Writes <out_dir>/catalog.jsonl and <out_dir>/images/<species>/NNN.jpg; returns a summary.
@@ -257,7 +252,7 @@ def make_demo_data(out_dir: str, base_url: str, seed: int = 0, num_species: int 
       rng = np.random.default_rng([seed, index, k])  # one stream per image: order-independent
       name = f"{k:03d}.jpg"
       buf = _encode_jpeg(draw_plant(sp, rng, image_size))
-      _write_atomic(os.path.join(folder, name), buf)
+      fileio.write_bytes(os.path.join(folder, name), buf)
       images.append(_image_entry(sp, rng, f"{base_url}/images/{slug(sp.name)}/{name}"))
     num_images += count
     documents.append({"_id": f"demo-{index:03d}", "scientificName": sp.name, "family": sp.family,
@@ -269,7 +264,7 @@ def make_demo_data(out_dir: str, base_url: str, seed: int = 0, num_species: int 
   documents.append({"_id": "demo-empty", "scientificName": "Incertae sedis", "regions": ["ES"],
                     "images": []})
   lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents)
-  _write_atomic(os.path.join(out_dir, "catalog.jsonl"), lines.encode("utf-8"))
+  fileio.write_text(os.path.join(out_dir, "catalog.jsonl"), lines)
   return {"catalog": os.path.join(out_dir, "catalog.jsonl"), "species": num_species,
           "images": num_images, "seed": seed, "base_url": base_url}
 

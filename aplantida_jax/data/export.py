@@ -22,6 +22,7 @@ import os
 from absl import logging
 import tqdm
 
+from aplantida_jax import fileio
 from aplantida_jax.data import fetch
 from aplantida_jax.data import imaging
 from aplantida_jax.data import licenses
@@ -32,13 +33,6 @@ from aplantida_jax.data import split as split_lib
 # Failures worth remembering across runs: the bytes were served and are bad, or
 # the file is gone. Timeouts, 5xx, 429, noai and too_large are retried next run.
 _PERMANENT_HTTP = ("http_404", "http_410")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def _location_key(location: str) -> str:
@@ -90,7 +84,7 @@ class Cache:
     """Writes the JPEG atomically (any thread); returns its sha256. Call record() after."""
     path = self.path(key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_write(path, jpeg)
+    fileio.write_bytes(path, jpeg)
     return hashlib.sha256(jpeg).hexdigest()
 
   def record(self, entry: dict) -> None:
@@ -128,7 +122,7 @@ def _normalise_to_cache(cache, key, data, path, export_cfg):
                                 max_pixels=export_cfg.max_pixels, quality=export_cfg.jpeg_quality)
   except imaging.ImageError as e:
     return {"key": key, "reason": e.reason}
-  except OSError as e:
+  except OSError:
     return {"key": key, "reason": "unreadable_file", "transient": True}
   return {"key": key, "sha256": cache.put_image(key, jpeg)}
 
@@ -228,17 +222,13 @@ def _write_attributions(path, splits, records):
     r = records[(item.species, item.location)]
     writer.writerow([item.sha256, r.species, r.author, r.license, r.source, r.location,
                      licenses.requires_attribution(r.license)])
-  _atomic_write(path, buf.getvalue().encode())
+  fileio.write_text(path, buf.getvalue())
 
 
 def _resolved_config(config) -> dict:
   resolved = config.to_dict()
   resolved["catalog"]["mongo_uri"] = sources.redact_uri(resolved["catalog"]["mongo_uri"])
   return resolved
-
-
-def _write_json(path, obj):
-  _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
 def run(config, workdir: str) -> dict:
@@ -298,7 +288,7 @@ def run(config, workdir: str) -> dict:
   for r in by_location.values():
     records_by_species[r.species].append(r)
   classes = _classes(result.species, records_by_species)
-  _write_json(os.path.join(out_dir, "classes.json"), classes)
+  fileio.write_json(os.path.join(out_dir, "classes.json"), classes)
   _write_attributions(os.path.join(out_dir, "attributions.csv"), result.splits, by_location)
 
   counts = {name: len(items) for name, items in result.splits.items()}
@@ -327,7 +317,7 @@ def run(config, workdir: str) -> dict:
                          species=dict(sorted(result.small_species.items()))),
       config=_resolved_config(config),
   )
-  _write_json(manifest_path, manifest)
+  fileio.write_json(manifest_path, manifest)
   logging.info("export: wrote %s", manifest_path)
   total_failed = sum(failures.values())
   return dict(

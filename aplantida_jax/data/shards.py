@@ -13,6 +13,8 @@ import os
 import msgpack
 from array_record.python import array_record_module
 
+from aplantida_jax import fileio
+
 FIELDS = ("jpeg", "label", "species", "regions", "country", "license", "author", "url", "sha256")
 WRITER_OPTIONS = "group_size:1"  # random access for Grain
 
@@ -40,12 +42,11 @@ def shard_paths(dataset_dir: str, split: str) -> list:
 
 def write_shard(path: str, encoded_records) -> None:
   """Writes one shard atomically (temp file + rename)."""
-  tmp = path + ".tmp"
-  writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
-  for data in encoded_records:
-    writer.write(data)
-  writer.close()
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
+    for data in encoded_records:
+      writer.write(data)
+    writer.close()
 
 
 def read_shard(path: str):

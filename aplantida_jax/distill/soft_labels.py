@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from aplantida_jax import fileio
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 from aplantida_jax.distill import losses
@@ -194,13 +195,11 @@ def _pad(batch, size):
 
 
 def _atomic_save(path, **arrays):
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
     if len(arrays) == 1 and "array" in arrays:
       np.save(f, arrays["array"])
     else:
       np.savez(f, **arrays)
-  os.replace(tmp, path)
 
 
 def fingerprint(config, teachers, manifest_sha256, num_classes):
@@ -217,7 +216,7 @@ def manifest_sha256(dataset_dir):
   path = os.path.join(dataset_dir, "manifest.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing; run the export stage first (configs/export.py).")
-  return hashing.sha256_file(path)
+  return fileio.sha256_file(path)
 
 
 def split_count(dataset_dir, split):
@@ -372,7 +371,7 @@ def run(config, workdir) -> dict:
                     "region_weight": t.region_weight, "image_size": t.image_size}
                    for t in teachers],
       "fingerprint": run_fingerprint, "metric": metric}
-  loop.write_json(os.path.join(out_dir, META_FILE), meta)
+  fileio.write_json(os.path.join(out_dir, META_FILE), meta)
   shutil.rmtree(chunk_dir)
   return {"metric": metric, **storage}
 

@@ -5,18 +5,18 @@ state), so plotting works headless and from any thread. Each function takes
 the plain dicts/arrays that metrics.py and calibration.py return and writes one
 PNG atomically (temp file + rename).
 """
-import os
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from aplantida_jax import fileio
 
 DPI = 110
 
 
 def _save(fig, path):
-  tmp = path + ".tmp"
-  fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
   return path
 
 

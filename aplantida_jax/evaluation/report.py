@@ -9,16 +9,11 @@ stage measures them (passed = null), never a guess.
 import json
 import os
 
+from aplantida_jax import fileio
+
 METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "macro_top1": "macro top-1 (mean over species)",
                  "macro_top5": "macro top-5 (mean over species)", "nll": "NLL (nats)",
                  "brier": "Brier score (0 best, 2 worst)", "ece": "ECE", "mce": "MCE"}
-
-
-def write_atomic(path, text):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _row(criterion, target, value, passed, note=""):
@@ -154,6 +149,6 @@ def to_markdown(report, max_class_rows=25):
 def write(report, eval_dir):
   """Writes report.json and report.md into `eval_dir`; returns their paths."""
   json_path, md_path = os.path.join(eval_dir, "report.json"), os.path.join(eval_dir, "report.md")
-  write_atomic(json_path, json.dumps(report, indent=2, sort_keys=False, allow_nan=False))
-  write_atomic(md_path, to_markdown(report))
+  fileio.write_text(json_path, json.dumps(report, indent=2, sort_keys=False, allow_nan=False))
+  fileio.write_text(md_path, to_markdown(report))
   return json_path, md_path

@@ -10,6 +10,7 @@ import os
 
 from absl import logging
 
+from aplantida_jax import fileio
 from aplantida_jax.data import shards
 from aplantida_jax.evaluation import calibration
 from aplantida_jax.evaluation import metrics
@@ -114,7 +115,7 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
                                  test_before, test_after, result["top_confusions"])
   result["config"] = config.to_dict()
   report.write(result, eval_dir)
-  report.write_atomic(os.path.join(eval_dir, "calibration.json"), json.dumps({
+  fileio.write_text(os.path.join(eval_dir, "calibration.json"), json.dumps({
       "temperature": temperature, "threshold": threshold["threshold"],
       "target_precision": threshold["target_precision"], "threshold_reachable": threshold["reachable"],
       "coverage_val": threshold["coverage"], "checkpoint": result["checkpoint"],

@@ -10,39 +10,16 @@ import json
 import os
 import shutil
 
+from aplantida_jax import fileio
 from aplantida_jax.export import serving
 from aplantida_jax.train import input_pipeline
 
 MODEL_FILES = ("model.json",)  # plus the *.bin shards listed in model.json
 
 
-def write_json(path: str, value) -> None:
-  """Atomic JSON write (temp file + rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def read_json(path: str, default=None):
-  if not os.path.exists(path):
-    return default
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def model_files(tfjs_dir: str) -> list:
   """model.json and its weight shards, in the order model.json lists them."""
-  manifest = read_json(os.path.join(tfjs_dir, "model.json"))["weightsManifest"]
+  manifest = fileio.read_json(os.path.join(tfjs_dir, "model.json"))["weightsManifest"]
   return list(MODEL_FILES) + [p for group in manifest for p in group["paths"]]
 
 
@@ -50,7 +27,7 @@ def model_sha256(tfjs_dir: str) -> str:
   """One hash over model.json and the shards: identifies the exact browser model."""
   digest = hashlib.sha256()
   for name in model_files(tfjs_dir):
-    digest.update(name.encode() + b"\0" + sha256_file(os.path.join(tfjs_dir, name)).encode())
+    digest.update(name.encode() + b"\0" + fileio.sha256_file(os.path.join(tfjs_dir, name)).encode())
   return digest.hexdigest()
 
 
@@ -95,7 +72,7 @@ def metadata(*, image_size, num_classes, temperature, threshold, model_info, tfj
       "num_classes": num_classes,
       "weights_dtype": quantize or "float32",
       "model": {**model_info, "sha256": model_sha256(tfjs_dir)},
-      "dataset": {"manifest_sha256": (sha256_file(dataset_manifest_path)
+      "dataset": {"manifest_sha256": (fileio.sha256_file(dataset_manifest_path)
                                       if os.path.exists(dataset_manifest_path) else None),
                   "licenses": license_summary(dataset_manifest)},
   }
@@ -184,7 +161,7 @@ def write_bundle(tfjs_dir: str, *, meta: dict, classes: list, report: dict, size
   has_attributions = os.path.exists(attributions_path)
   if has_attributions:
     shutil.copyfile(attributions_path, os.path.join(tfjs_dir, "attributions.csv"))
-  write_json(os.path.join(tfjs_dir, "labels.json"), labels(classes))
-  write_json(os.path.join(tfjs_dir, "metadata.json"), meta)
+  fileio.write_json(os.path.join(tfjs_dir, "labels.json"), labels(classes))
+  fileio.write_json(os.path.join(tfjs_dir, "metadata.json"), meta)
   with open(os.path.join(tfjs_dir, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
     f.write(model_card(meta, report, size, has_attributions))

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from aplantida_jax import fileio
 from aplantida_jax.export import opcheck
 from aplantida_jax.export import serving
 
@@ -107,10 +108,7 @@ def fix_fused_biases(model_json_path: str) -> dict:
 
 
 def _write_model_json(path, model):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(model, f)
-  os.replace(tmp, path)
+  fileio.write_text(path, json.dumps(model))
 
 
 def _scalar_weights(tfjs_dir, model) -> dict:

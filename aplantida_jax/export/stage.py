@@ -9,6 +9,7 @@ import shutil
 
 from absl import logging
 
+from aplantida_jax import fileio
 from aplantida_jax.export import bundle
 from aplantida_jax.export import convert
 from aplantida_jax.export import parity
@@ -24,7 +25,7 @@ def _trained(stage_dir: str) -> bool:
 
 def _read_calibration(workdir: str):
   path = os.path.join(workdir, "eval", "calibration.json")
-  return path, bundle.read_json(path)
+  return path, fileio.read_json(path)
 
 
 def _checkpoint_dir(e, workdir: str, checkpoint: str = None) -> str:
@@ -76,7 +77,7 @@ def _calibration(workdir: str, stage_dir: str, default_threshold: float) -> dict
 
 def _classes(dataset_dir: str, num_classes: int) -> list:
   path = os.path.join(dataset_dir, "classes.json")
-  classes = bundle.read_json(path)
+  classes = fileio.read_json(path)
   if classes is None:
     raise FileNotFoundError(f"{path} is missing: the export needs the class names. "
                             "Run the export (dataset) stage into this workdir first.")
@@ -134,7 +135,7 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
     parity_report = parity.report(jax_probs, parity.tfjs_probabilities(tmp_dir, images,
                                                                        tuple(e.parity_backends)))
     parity_report["split"] = e.parity_split
-    bundle.write_json(os.path.join(tmp_dir, "parity.json"), parity_report)
+    fileio.write_json(os.path.join(tmp_dir, "parity.json"), parity_report)
     logging.info("export_tfjs: parity %s", parity_report)
     if e.require_parity and not parity_report["passed"]:
       raise RuntimeError(f"TF.js parity below target {parity.TARGET}: {parity_report['backends']} "
@@ -145,15 +146,15 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
   meta = bundle.metadata(
       image_size=image_size, num_classes=num_classes, temperature=cal["temperature"],
       threshold=cal["threshold"], tfjs_dir=tmp_dir, dataset_manifest_path=manifest_path,
-      dataset_manifest=bundle.read_json(manifest_path), quantize=e.quantize,
+      dataset_manifest=fileio.read_json(manifest_path), quantize=e.quantize,
       model_info={"name": train_config.model.name, "kwargs": model_kwargs,
                   "parameters": counts["params"], "checkpoint": os.path.abspath(stage_dir),
                   "which": e.which, "calibration": cal["source"],
                   "eval_crop_fraction": float(train_config.input.eval_crop_fraction)})
   bundle.write_bundle(tmp_dir, meta=meta, classes=classes,
-                      report=bundle.read_json(os.path.join(workdir, "eval", "report.json")),
+                      report=fileio.read_json(os.path.join(workdir, "eval", "report.json")),
                       size=size, attributions_path=os.path.join(dataset_dir, "attributions.csv"))
-  bundle.write_json(os.path.join(tmp_dir, "export_report.json"),
+  fileio.write_json(os.path.join(tmp_dir, "export_report.json"),
                     {"size": size, "tfjs_ops": result["tfjs_ops"],
                      "fixed_fused_biases": result["fixed_fused_biases"], "relu6_fused": result["relu6"],
                      "parity": parity_report})

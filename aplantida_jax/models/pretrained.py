@@ -7,7 +7,6 @@ our Flax tree, and saves an orbax checkpoint plus `provenance.json` (package,
 version, sha256, license) for the license checker. Training then needs only
 `load_pretrained` and `merge_pretrained`, never torch.
 """
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from aplantida_jax import fileio
 from aplantida_jax import models
 
 LICENSE = "Apache-2.0"
@@ -157,14 +157,6 @@ def _check_matches_model(arch: str, variables):
                      f"missing {missing}, unexpected {extra}, shape {wrong}.")
 
 
-def sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def import_weights(arch: str, out_dir: str) -> dict:
   """Converts the installed package's weights into `out_dir`.
 
@@ -185,7 +177,7 @@ def import_weights(arch: str, out_dir: str) -> dict:
       "source_package": package,
       "source_version": version,
       "weight_file": os.path.basename(path),
-      "weight_sha256": sha256_file(path),
+      "weight_sha256": fileio.sha256_file(path),
       "license": LICENSE,
       "trained_on": "ImageNet-1k (ILSVRC2012), 1000 classes",
       "num_classes": 1000,
@@ -198,10 +190,7 @@ def import_weights(arch: str, out_dir: str) -> dict:
       "converter": {name: importlib.metadata.version(name)
                     for name in ("torch", "jax", "flax")},
   }
-  tmp = os.path.join(out_dir, PROVENANCE_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(provenance, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, PROVENANCE_FILE))
+  fileio.write_json(os.path.join(out_dir, PROVENANCE_FILE), provenance, sort_keys=False)
   return provenance
 
 

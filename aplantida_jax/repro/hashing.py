@@ -9,19 +9,12 @@ import json
 import os
 import re
 
+from aplantida_jax import fileio
+
 # Files that record when something ran, not what it produced.
-VOLATILE = re.compile(r"(events\.out\.tfevents\..*|.*\.lock|.*\.tmp|metrics\.jsonl|_CHECKPOINT_METADATA)$")
+VOLATILE = re.compile(r"(events\.out\.tfevents\..*|.*\.lock|.*\.tmp\d*|metrics\.jsonl|_CHECKPOINT_METADATA)$")
 # Folders that are working state, not output: the export's download cache logs arrival order.
 WORKING_DIRS = ("cache", "logs")
-CHUNK = 1 << 20
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(CHUNK), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def sha256_json(obj) -> str:
@@ -52,7 +45,7 @@ def file_hashes(folder: str, skip=VOLATILE) -> dict:
       if skip is not None and skip.match(name):
         continue
       path = os.path.join(root, name)
-      out[os.path.relpath(path, folder)] = sha256_file(path)
+      out[os.path.relpath(path, folder)] = fileio.sha256_file(path)
   return out
 
 
@@ -63,4 +56,4 @@ def folder_hash(folder: str) -> str:
 
 def output_hash(path: str) -> str:
   """sha256 of a stage's output: a single file's content or a folder's files."""
-  return sha256_file(path) if os.path.isfile(path) else folder_hash(path)
+  return fileio.sha256_file(path) if os.path.isfile(path) else folder_hash(path)

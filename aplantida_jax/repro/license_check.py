@@ -30,9 +30,9 @@ import os
 
 from tqdm import tqdm
 
+from aplantida_jax import fileio
 from aplantida_jax.data import licenses
 from aplantida_jax.data import shards
-from aplantida_jax.repro import hashing
 
 REPORT_FILE = "license_report.json"
 DEFAULT_POLICY = "commercial"
@@ -362,7 +362,7 @@ def check_model_card(workdir: str) -> tuple:
   if not os.path.exists(shipped):
     found.append(violation("model_card", f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}", "attributions",
                            "missing from the export", fix))
-  elif os.path.exists(dataset_copy) and hashing.sha256_file(shipped) != hashing.sha256_file(dataset_copy):
+  elif os.path.exists(dataset_copy) and fileio.sha256_file(shipped) != fileio.sha256_file(dataset_copy):
     found.append(violation("model_card", f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}", "attributions",
                            f"differs from dataset/{ATTRIBUTIONS_FILE}: the export credits another "
                            "dataset version", fix))
@@ -396,10 +396,7 @@ def check(workdir: str, policy_name=None) -> dict:
 def write_report(workdir: str, report: dict) -> str:
   """Atomic write of <workdir>/license_report.json; returns its path."""
   path = os.path.join(workdir, REPORT_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_json(path, report)
   return path
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+from aplantida_jax import fileio
 from aplantida_jax.data import sources
 from aplantida_jax.repro import hashing
 from aplantida_jax.train import checkpointing
@@ -48,11 +49,7 @@ def load(workdir: str) -> dict:
 
 def save(workdir: str, manifest: dict) -> None:
   """Atomic write: a killed run never leaves a half-written manifest."""
-  path = os.path.join(workdir, "manifest.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(redacted(manifest), f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  fileio.write_json(os.path.join(workdir, "manifest.json"), redacted(manifest))
 
 
 def _versions() -> dict:
@@ -83,7 +80,7 @@ def _outputs(workdir: str) -> dict:
   out = {}
   dataset_manifest = os.path.join(workdir, "dataset", "manifest.json")
   if os.path.exists(dataset_manifest):
-    out["dataset_manifest_sha256"] = hashing.sha256_file(dataset_manifest)
+    out["dataset_manifest_sha256"] = fileio.sha256_file(dataset_manifest)
   tfjs = os.path.join(workdir, "tfjs")
   if os.path.isdir(tfjs):
     out["tfjs_files"] = hashing.file_hashes(tfjs)

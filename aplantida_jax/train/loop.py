@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from clu import metric_writers
 
+from aplantida_jax import fileio
 from aplantida_jax import models
 from aplantida_jax.models import pretrained
 from aplantida_jax.train import checkpointing
@@ -27,14 +27,6 @@ from aplantida_jax.train import steps
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-
-
-def write_json(path, obj):
-  """Atomic JSON write (temp file + rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
 
 
 def load_classes(dataset_dir):
@@ -72,9 +64,7 @@ def create_model(config):
 
 def initial_variables(config, model, workdir, rng):
   """Random init, then overwritten by the previous stage's best or imported weights."""
-  size = config.input.image_size
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3), jnp.float32))
+  variables = models.init_variables(model, {"params": rng, "dropout": rng}, config.input.image_size)
   if config.init_from_stage:
     source = os.path.join(workdir, config.init_from_stage)
     loaded = checkpointing.load_variables(source, "best")
@@ -93,6 +83,9 @@ class MetricsLog:
   """clu writers (TensorBoard + log) plus <stage>/metrics.jsonl, one row per write."""
 
   def __init__(self, stage_dir, tensorboard, start_step):
+    # clu's writers import TensorFlow: only when a loop really logs, so that the steps and tasks
+    # of this module (and tools/gpu_check.sh on a machine without TF) do not need it.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.is_main = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
         stage_dir if tensorboard else None, just_logging=not self.is_main, asynchronous=False)
@@ -104,10 +97,7 @@ class MetricsLog:
     """A resumed run redoes the steps after its checkpoint: forget their old rows."""
     with open(self.path) as f:
       rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(rows)
-    os.replace(tmp, self.path)
+    fileio.write_text(self.path, "".join(rows))
 
   def write(self, step, scalars):
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -151,7 +141,7 @@ def train_and_evaluate(config, workdir, *, task=None) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
   config = resolve_config(config, len(load_classes(dataset_dir)))
   if jax.process_index() == 0:
-    write_json(os.path.join(stage_dir, CONFIG_FILE), config.to_dict())
+    fileio.write_json(os.path.join(stage_dir, CONFIG_FILE), config.to_dict())
   task = task or steps.classification_task(config.optimizer.label_smoothing)
   mesh = sharding.create_mesh()
   accum = config.optimizer.grad_accum_steps
@@ -196,8 +186,8 @@ def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, che
            mesh, dataset_dir, start_step):
   """Steps start_step+1..num_train_steps with logging, eval and checkpoints; final eval metrics."""
   accum = config.optimizer.grad_accum_steps
-  _, schedule = state_lib.create_optimizer(config.optimizer, config.batch_size,
-                                           config.num_train_steps)
+  schedule = state_lib.learning_rate_schedule(config.optimizer, config.batch_size,
+                                              config.num_train_steps)
   eval_metrics = None
   window, window_steps, timer = None, 0, None
   for step in range(start_step + 1, config.num_train_steps + 1):

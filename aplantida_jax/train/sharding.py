@@ -11,6 +11,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import aplantida_jax
+
 DATA_AXIS = "data"
 
 
@@ -18,6 +20,7 @@ def maybe_initialize_distributed(mesh_config) -> None:
   """jax.distributed.initialize when the config names a coordinator (multi-host)."""
   if not mesh_config.coordinator_address:
     return
+  aplantida_jax.allow_cpu_collectives()
   jax.distributed.initialize(coordinator_address=mesh_config.coordinator_address,
                              num_processes=mesh_config.num_processes,
                              process_id=mesh_config.process_id)

@@ -3,9 +3,11 @@
 One small struct instead of flax.training's TrainState: it also carries batch
 statistics and optional EMA params, and stays stable across Flax versions.
 """
+import re
 from typing import Any, Callable, Optional
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,8 +60,30 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(opt_config, batch_size, num_train_steps):
-  """sgd-momentum or adamw with warmup+cosine, masked decay, clipping, accumulation."""
+def frozen_labels(params, pattern):
+  """"frozen"/"trained" per parameter: frozen when `pattern` matches its "/"-joined path.
+
+  A frozen parameter's gradient is never used, so under jit XLA drops the backward
+  pass below the lowest trained layer: fine-tuning only the top of a pretrained
+  backbone costs little more than inference on a CPU.
+  """
+  regex = re.compile(pattern)
+  labels = traverse_util.path_aware_map(
+      lambda path, _: "frozen" if regex.search("/".join(path)) else "trained", params)
+  kinds = set(jax.tree.leaves(labels))
+  if kinds != {"frozen", "trained"}:
+    what = "every" if kinds == {"frozen"} else "no"
+    raise ValueError(f"config.optimizer.frozen={pattern!r} matches {what} parameter; it is a regex "
+                     f"over paths like 'block3/depthwise/conv/kernel' (top level: "
+                     f"{', '.join(params)}).")
+  return labels
+
+
+def create_optimizer(opt_config, batch_size, num_train_steps, params=None):
+  """sgd-momentum or adamw with warmup+cosine, masked decay, clipping, frozen layers, accumulation.
+
+  `params` (any pytree of their shape) is needed only when `opt_config.frozen` is set.
+  """
   schedule = learning_rate_schedule(opt_config, batch_size, num_train_steps)
   if opt_config.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, decay_mask),
@@ -72,6 +96,9 @@ def create_optimizer(opt_config, batch_size, num_train_steps):
     raise ValueError(f"Unknown config.optimizer.name={opt_config.name!r}; use 'sgd' or 'adamw'.")
   if opt_config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
+  if opt_config.frozen:
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               frozen_labels(params, opt_config.frozen))
   if opt_config.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=opt_config.grad_accum_steps).gradient_transformation()
   return tx, schedule
@@ -79,8 +106,8 @@ def create_optimizer(opt_config, batch_size, num_train_steps):
 
 def create_train_state(model, variables, opt_config, batch_size, num_train_steps):
   """TrainState around initial `variables` ({"params", optional "batch_stats"})."""
-  tx, _ = create_optimizer(opt_config, batch_size, num_train_steps)
   params = variables["params"]
+  tx, _ = create_optimizer(opt_config, batch_size, num_train_steps, params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
