@@ -42,10 +42,14 @@ def write_json(path: str, obj, *, indent=2, sort_keys=True) -> None:
 
 
 def read_json(path: str, default=None):
+  """`default` when the file is missing; a truncated or corrupt file is an error that says so."""
   if not os.path.exists(path):
     return default
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); re-run the stage that writes it.") from None
 
 
 def sha256_file(path: str) -> str:

@@ -34,3 +34,10 @@ def test_sha256_file_matches_hashlib_over_several_chunks(tmp_path):
   path = str(tmp_path / "blob")
   fileio.write_bytes(path, data)
   assert fileio.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_corrupt_json_is_an_error_naming_the_file(tmp_path):
+  path = tmp_path / "config.json"
+  path.write_text('{"stage": "trai')
+  with pytest.raises(ValueError, match=r"config\.json is not valid JSON.*re-run the stage"):
+    fileio.read_json(str(path))

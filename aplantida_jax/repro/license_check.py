@@ -25,7 +25,6 @@ adapt one there if a stage's output contract changes.
 import csv
 import functools
 import glob
-import json
 import os
 
 from tqdm import tqdm
@@ -50,16 +49,6 @@ RERUN_EXPORT = "re-run the export stage (configs/export.py)"
 
 # ---------------------------------------------------------------- readers
 # One per input contract; each returns None (or an empty result) when the input is absent.
-
-
-def read_json(path):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); re-run the stage that writes it.") from None
 
 
 def read_export_policy(dataset_manifest: dict):
@@ -90,7 +79,7 @@ def find_training_stages(workdir: str) -> list:
   found = []
   for path in sorted(glob.glob(os.path.join(workdir, "*", "config.json")) +
                      glob.glob(os.path.join(workdir, "*", "*", "config.json"))):
-    config = read_json(path)
+    config = fileio.read_json(path)
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
       found.append(os.path.relpath(os.path.dirname(path), workdir).replace(os.sep, "/"))
   return found
@@ -122,7 +111,7 @@ def read_weight_sources(stage_config: dict) -> list:
 
 def read_provenance(import_dir: str):
   """provenance.json written by tools/import_pretrained.py, or None."""
-  return read_json(os.path.join(import_dir, "provenance.json"))
+  return fileio.read_json(os.path.join(import_dir, "provenance.json"))
 
 
 def describe_provenance(provenance: dict) -> str:
@@ -170,7 +159,7 @@ def check_dataset(workdir: str, policy) -> tuple:
   manifest_path = os.path.join(dataset_dir, "manifest.json")
   attributions_path = os.path.join(dataset_dir, ATTRIBUTIONS_FILE)
   rel = functools.partial(os.path.relpath, start=workdir)
-  manifest = read_json(manifest_path)
+  manifest = fileio.read_json(manifest_path)
   if manifest is None:
     return ({"dataset_licenses": {"status": FAIL, "detail": "dataset/manifest.json missing"},
              "attributions": {"status": FAIL, "detail": "no dataset"}},
@@ -236,7 +225,7 @@ class StageJudge:
               "problem": f"stages start from each other in a cycle: {' → '.join(_visiting + (name,))}",
               "fix": "fix init_from_stage in the stage configs"}
     stage_dir = os.path.join(self.workdir, name)
-    config = read_json(os.path.join(stage_dir, "config.json"))
+    config = fileio.read_json(os.path.join(stage_dir, "config.json"))
     if not os.path.isdir(stage_dir):
       verdict = {"status": ABSENT, "sources": []}
     elif not isinstance(config, dict) or not isinstance(config.get("model"), dict):
@@ -304,7 +293,7 @@ class StageJudge:
     if not os.path.isdir(os.path.join(self.workdir, folder)):
       return {"status": ABSENT, "teachers": {}}
     meta_file = f"{folder}/meta.json"
-    teachers = read_soft_label_teachers(read_json(os.path.join(self.workdir, meta_file)) or {})
+    teachers = read_soft_label_teachers(fileio.read_json(os.path.join(self.workdir, meta_file)) or {})
     if teachers is None:
       return {"status": FAIL, "teachers": {}, "file": meta_file,
               "problem": "meta.json is missing or does not list the teachers (key 'teachers'): "

@@ -99,21 +99,13 @@ def _outputs(workdir: str) -> dict:
   return out
 
 
-def _read_json(workdir, *parts):
-  path = os.path.join(workdir, *parts)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def success_criteria(workdir: str):
   """The user's acceptance table: eval/report.json's rows, completed by later stages' outputs."""
-  report = _read_json(workdir, "eval", "report.json")
+  report = fileio.read_json(os.path.join(workdir, "eval", "report.json"))
   if report is None:
     return None
-  export_report = _read_json(workdir, "tfjs", "export_report.json")
-  license_report = _read_json(workdir, "license_report.json")
+  export_report = fileio.read_json(os.path.join(workdir, "tfjs", "export_report.json"))
+  license_report = fileio.read_json(os.path.join(workdir, "license_report.json"))
   rows = []
   for row in report.get("criteria", []):
     row = dict(row)
