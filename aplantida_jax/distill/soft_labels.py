@@ -229,13 +229,9 @@ def _chunk_loader(config, dataset_dir, split, start, stop, transform, batch_size
   sampler = grain.samplers.IndexSampler(num_records=len(source),
                                         shard_options=grain.sharding.NoSharding(),
                                         shuffle=False, num_epochs=1, seed=config.seed)
-  inp = config.input
-  return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[transform, grain.transforms.Batch(batch_size, drop_remainder=False)],
-      worker_count=inp.worker_count, worker_buffer_size=inp.worker_buffer_size,
-      read_options=grain.ReadOptions(num_threads=inp.read_threads,
-                                     prefetch_buffer_size=inp.prefetch_buffer_size))
+  return input_pipeline.data_loader(
+      source, sampler, [transform, grain.transforms.Batch(batch_size, drop_remainder=False)],
+      config.input)
 
 
 def label_split(config, dataset_dir, chunk_dir, split, compute, transform, mesh):

@@ -193,6 +193,15 @@ def train_view(input_config, dataset_dir, split, num_samples, seed):
   return candidates[rng.choice(len(candidates), size=num_samples, p=weights / weights.sum())]
 
 
+def data_loader(source, sampler, operations, input_config) -> grain.DataLoader:
+  """A Grain DataLoader with the config's worker processes, worker buffers and read threads."""
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, operations=operations,
+      worker_count=input_config.worker_count, worker_buffer_size=input_config.worker_buffer_size,
+      read_options=grain.ReadOptions(num_threads=input_config.read_threads,
+                                     prefetch_buffer_size=input_config.prefetch_buffer_size))
+
+
 def train_loader(config, dataset_dir, process_batch_size, *, num_samples, join_fn=None):
   """Endless shuffled, augmented batches of this process's share of the split.
 
@@ -207,12 +216,9 @@ def train_loader(config, dataset_dir, process_batch_size, *, num_samples, join_f
       shuffle=True, num_epochs=None, seed=config.seed)
   transform = TrainTransform(inp.image_size, tuple(inp.crop_scale), tuple(inp.crop_ratio),
                              inp.color_jitter, join_fn)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[transform, grain.transforms.Batch(process_batch_size, drop_remainder=True)],
-      worker_count=inp.worker_count, worker_buffer_size=inp.worker_buffer_size,
-      read_options=grain.ReadOptions(num_threads=inp.read_threads,
-                                     prefetch_buffer_size=inp.prefetch_buffer_size))
+  return data_loader(
+      source, sampler, [transform, grain.transforms.Batch(process_batch_size, drop_remainder=True)],
+      inp)
 
 
 def eval_batches(input_config, dataset_dir, split, process_batch_size, *, join_fn=None,
@@ -227,13 +233,11 @@ def eval_batches(input_config, dataset_dir, split, process_batch_size, *, join_f
                    else grain.sharding.NoSharding())
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
                                         shuffle=False, num_epochs=1)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[EvalTransform(input_config.image_size, input_config.eval_crop_fraction, join_fn),
-                  grain.transforms.Batch(process_batch_size, drop_remainder=False)],
-      worker_count=input_config.worker_count, worker_buffer_size=input_config.worker_buffer_size,
-      read_options=grain.ReadOptions(num_threads=input_config.read_threads,
-                                     prefetch_buffer_size=input_config.prefetch_buffer_size))
+  loader = data_loader(
+      source, sampler,
+      [EvalTransform(input_config.image_size, input_config.eval_crop_fraction, join_fn),
+       grain.transforms.Batch(process_batch_size, drop_remainder=False)],
+      input_config)
   share = math.ceil(len(source) / shard_options.shard_count)
   num_batches = math.ceil(share / process_batch_size)
   template = None
