@@ -6,6 +6,15 @@ import re
 _CLASSIC_CPU_RUNTIME = "--xla_cpu_use_thunk_runtime=false"
 
 
+def cpu_runtime_flag_supported() -> bool:
+  """jaxlib ≤ 0.6: XLA:CPU has both runtimes and the flag that picks one."""
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return tuple(int(p) for p in version.split(".")[:2]) <= (0, 6)
+
+
 def _prefer_classic_cpu_runtime():
   """Selects XLA:CPU's classic runtime on jaxlib ≤ 0.6 for single-device CPU runs.
 
@@ -16,11 +25,7 @@ def _prefer_classic_cpu_runtime():
   several forced host devices: the classic runtime cannot run collectives. It must
   be set before jax starts its CPU backend, hence here, at the package's first import.
   """
-  try:
-    version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return
-  if tuple(int(p) for p in version.split(".")[:2]) > (0, 6):
+  if not cpu_runtime_flag_supported():
     return
   flags = os.environ.get("XLA_FLAGS", "")
   devices = re.search(r"xla_force_host_platform_device_count=(\d+)", flags)

@@ -95,7 +95,7 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c.num_train_steps = 30_000
   c.log_every_steps = 50
   c.eval_every_steps = 2000        # also at the last step
-  c.tensorboard = True             # TensorBoard events beside metrics.jsonl
+  c.tensorboard = True             # TensorBoard events beside metrics.jsonl (imports TF)
   return c
 
 

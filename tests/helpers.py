@@ -6,6 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 FLOWERS = os.path.join(SHARED, "data", "flowers12", "train")
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # every test process (tests/conftest.py)
 
 
 def cli_env(**extra):

@@ -6,13 +6,13 @@ and region-weighted sampling have something to select.
 """
 import hashlib
 import io
-import json
 import os
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from aplantida_jax import fileio
 from aplantida_jax.data import shards
 
 SHAPES = (("Rosa rubra", (220, 40, 40), "ellipse"),
@@ -48,30 +48,24 @@ def write_tiny_dataset(dataset_dir, num_classes=3, per_class=None, size=32, seed
   """Writes <dataset_dir>/{classes,manifest}.json and splits/{train,val}; returns counts."""
   per_class = per_class or {"train": 16, "val": 6}
   rng = np.random.default_rng(seed)
-  os.makedirs(os.path.join(dataset_dir, "splits"), exist_ok=True)
   classes = [{"index": i, "species": s, "common_names": {}, "regions": list(REGIONS),
               "family": "Testaceae"} for i, (s, _, _) in enumerate(SHAPES[:num_classes])]
   counts = {}
   for split, n in per_class.items():
-    encoded = []
+    records = []
     for k in range(n * num_classes):
       label = k % num_classes
       species, colour, shape = SHAPES[label]
       jpeg = _jpeg(rng, colour, shape, size)
       country = REGIONS[(k // num_classes) % len(REGIONS)]
-      encoded.append(shards.encode({
+      records.append({
           "jpeg": jpeg, "label": label, "species": species, "regions": [country],
           "country": country, "license": "CC0-1.0", "author": "test",
           "url": f"https://example.invalid/{split}/{k}.jpg",
-          "sha256": hashlib.sha256(jpeg).hexdigest()}))
-    per_shard = -(-len(encoded) // shards_per_split)
-    for s in range(shards_per_split):
-      path = os.path.join(dataset_dir, "splits",
-                          f"{split}.array_record-{s:05d}-of-{shards_per_split:05d}")
-      shards.write_shard(path, encoded[s * per_shard:(s + 1) * per_shard])
-    counts[split] = len(encoded)
-  with open(os.path.join(dataset_dir, "classes.json"), "w") as f:
-    json.dump(classes, f)
-  with open(os.path.join(dataset_dir, "manifest.json"), "w") as f:
-    json.dump({"counts": counts, "num_classes": num_classes}, f)
+          "sha256": hashlib.sha256(jpeg).hexdigest()})
+    shards.write_split(dataset_dir, split, records, shards_per_split)
+    counts[split] = len(records)
+  fileio.write_json(os.path.join(dataset_dir, "classes.json"), classes)
+  fileio.write_json(os.path.join(dataset_dir, "manifest.json"),
+                    {"counts": counts, "num_classes": num_classes})
   return counts

@@ -222,24 +222,20 @@ def _synthetic_dataset(dataset_dir: str, images: int, short_side: int, num_shard
   Same format and size as the export stage writes (shorter side 320, q=90).
   """
   import hashlib  # pylint: disable=g-import-not-at-top
+  from aplantida_jax import fileio  # pylint: disable=g-import-not-at-top
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
   num_classes = 10
-  encoded = []
+  records = []
   for i in range(images):
     jpeg = _photo_jpeg(i, size=(short_side * 4 // 3, short_side))
-    encoded.append(shards.encode(dict(
+    records.append(dict(
         jpeg=jpeg, label=i % num_classes, species=f"Species {i % num_classes}", regions=["ES"],
         country="ES", license="CC0-1.0", author="bench", url=f"https://bench.invalid/{i}.jpg",
-        sha256=hashlib.sha256(jpeg).hexdigest())))
-  os.makedirs(os.path.join(dataset_dir, "splits"), exist_ok=True)
-  per_shard = -(-images // num_shards)
-  for s in range(num_shards):
-    shards.write_shard(
-        os.path.join(dataset_dir, "splits", f"train.array_record-{s:05d}-of-{num_shards:05d}"),
-        encoded[s * per_shard:(s + 1) * per_shard])
-  with open(os.path.join(dataset_dir, "classes.json"), "w") as f:
-    json.dump([{"index": i, "species": f"Species {i}", "common_names": {}, "regions": ["ES"],
-                "family": ""} for i in range(num_classes)], f)
+        sha256=hashlib.sha256(jpeg).hexdigest()))
+  shards.write_split(dataset_dir, "train", records, num_shards)
+  fileio.write_json(os.path.join(dataset_dir, "classes.json"), [
+      {"index": i, "species": f"Species {i}", "common_names": {}, "regions": ["ES"], "family": ""}
+      for i in range(num_classes)])
 
 
 def _loader_config(image_size: int, workers: int, seed: int):

@@ -197,7 +197,7 @@ def _write_split(splits_dir, name, items, records, labels, cache, records_per_sh
   info = []
   for i in range(num_shards):
     chunk = items[i * records_per_shard:(i + 1) * records_per_shard]
-    path = os.path.join(splits_dir, f"{name}.array_record-{i:05d}-of-{num_shards:05d}")
+    path = shards.shard_path(os.path.dirname(splits_dir), name, i, num_shards)
     shards.write_shard(path, (shards.encode(_shard_record(
         records[(item.species, item.location)], labels[item.species], item.sha256,
         cache.read(_location_key(item.location)))) for item in chunk))

@@ -40,6 +40,25 @@ def shard_paths(dataset_dir: str, split: str) -> list:
   return paths
 
 
+def shard_path(dataset_dir: str, split: str, index: int, num_shards: int) -> str:
+  return os.path.join(dataset_dir, "splits",
+                      f"{split}.array_record-{index:05d}-of-{num_shards:05d}")
+
+
+def write_split(dataset_dir: str, split: str, records, num_shards: int = 1) -> list:
+  """Writes record dicts (FIELDS) as `num_shards` near-equal shards of one split; returns paths.
+
+  For datasets held in memory (tests, benchmarks); the export stage streams its shards.
+  """
+  encoded = [encode(r) for r in records]
+  per_shard = -(-len(encoded) // num_shards)
+  os.makedirs(os.path.join(dataset_dir, "splits"), exist_ok=True)
+  paths = [shard_path(dataset_dir, split, s, num_shards) for s in range(num_shards)]
+  for s, path in enumerate(paths):
+    write_shard(path, encoded[s * per_shard:(s + 1) * per_shard])
+  return paths
+
+
 def write_shard(path: str, encoded_records) -> None:
   """Writes one shard atomically (temp file + rename)."""
   with fileio.atomic_path(path) as tmp:

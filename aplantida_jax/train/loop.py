@@ -80,15 +80,16 @@ def initial_variables(config, model, workdir, rng):
 
 
 class MetricsLog:
-  """clu writers (TensorBoard + log) plus <stage>/metrics.jsonl, one row per write."""
+  """<stage>/metrics.jsonl, one row per write, plus clu's TensorBoard (+ log) writer if asked."""
 
   def __init__(self, stage_dir, tensorboard, start_step):
-    # clu's writers import TensorFlow: only when a loop really logs, so that the steps and tasks
-    # of this module (and tools/gpu_check.sh on a machine without TF) do not need it.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.is_main = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        stage_dir if tensorboard else None, just_logging=not self.is_main, asynchronous=False)
+    self.writer = None
+    if tensorboard and self.is_main:
+      # clu's writers import TensorFlow (10-30 s on 2 cores): only when TensorBoard is asked
+      # for, so other runs, this module's steps and tools/gpu_check.sh (no TF there) skip it.
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self.writer = metric_writers.create_default_writer(stage_dir, asynchronous=False)
     self.path = os.path.join(stage_dir, METRICS_FILE)
     if self.is_main and os.path.exists(self.path):
       self._drop_rows_after(start_step)
@@ -101,13 +102,15 @@ class MetricsLog:
 
   def write(self, step, scalars):
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.writer.write_scalars(step, scalars)
+    if self.writer is not None:
+      self.writer.write_scalars(step, scalars)
     if self.is_main:
       with open(self.path, "a") as f:
         f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
 
   def close(self):
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 def evaluate(eval_step, state, config, dataset_dir, mesh, split=None):
