@@ -330,8 +330,8 @@ def _measure_loader(make_batches, dataset_dir, config, batch, args, *, in_proces
                           calls=args.batches_per_window)
     cpu = time.process_time() - cpu
   finally:
-    del batches
-    gc.collect()  # stops grain's worker processes before the next measurement
+    batches = None  # drops the iterator (run_once shares this cell) ...
+    gc.collect()  # ... so grain's worker processes stop before the next measurement
   images_per_s = rate(timing, batch)
   workers = max(config.input.worker_count, 1)
   result = dict(images_per_s=images_per_s,
