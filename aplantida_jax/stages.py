@@ -10,6 +10,7 @@ import importlib
 STAGES = {
     "audit": "aplantida_jax.data.audit:run",
     "export": "aplantida_jax.data.export:run",
+    "import_pretrained": "aplantida_jax.models.import_stage:run",
     "train": "aplantida_jax.train.loop:run",  # teachers (global, regional)
     "soft_labels": "aplantida_jax.distill.soft_labels:run",
     "distill": "aplantida_jax.distill.loop:run",

@@ -19,6 +19,7 @@ def get_config(arg=None):
   config.stage = "finetune"
   config.output_dir = "student/finetune"
   config.init_from_stage = "student/distill"
+  config.model.init_from = ""  # the distilled weights, not ImageNet
   config.optimizer.learning_rate = 0.01  # a tenth of the distillation peak
   config.optimizer.warmup_steps = 100
   config.optimizer.label_smoothing = 0.1

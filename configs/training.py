@@ -8,6 +8,12 @@ import ml_collections
 
 from configs import common
 
+# Where configs/pretrained.py (tools/import_pretrained.py --out) puts each arch's ImageNet weights.
+PRETRAINED_DIR = "runs/pretrained/{model}"
+# Fine-tuning on 2 CPU cores: EfficientNet-Lite0's stem and first 8 blocks stay as imported
+# (XLA then skips their backward pass); the later blocks adapt to plants.
+DEMO_FROZEN = "^(stem|block[0-7])/"
+
 
 def model_config(name="efficientnet_lite2") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -97,6 +103,22 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c.eval_every_steps = 2000        # also at the last step
   c.tensorboard = True             # TensorBoard events beside metrics.jsonl (imports TF)
   return c
+
+
+def from_imagenet(c: ml_collections.ConfigDict, model_name: str) -> None:
+  """Starts `model_name` from its imported ImageNet weights (the head is replaced)."""
+  c.model.name = model_name
+  c.model.init_from = PRETRAINED_DIR.format(model=model_name)
+
+
+def demo_imagenet_overrides(c: ml_collections.ConfigDict, *, steps) -> None:
+  """The demo's networks: EfficientNet-Lite0 from ImageNet, lower blocks frozen, 2 CPU cores."""
+  demo_overrides(c, steps=steps)
+  from_imagenet(c, "efficientnet_lite0")
+  # bn_momentum 0.9: batch-norm statistics must move from ImageNet to the drawings in ~100 steps.
+  c.model.kwargs = ml_collections.ConfigDict({"dropout_rate": 0.2, "bn_momentum": 0.9})
+  c.optimizer.frozen = DEMO_FROZEN
+  c.input.image_size = 96
 
 
 def demo_overrides(c: ml_collections.ConfigDict, *, steps=40) -> None:

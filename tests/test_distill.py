@@ -1,11 +1,20 @@
-"""Distillation: KD loss, soft-label stage, alignment, refusal, resume, both modes.
+"""Distillation: KD loss, soft-label stage, crop replay, alignment, refusal, resume, both modes.
 
 The stages run as users run them (`python -m aplantida_jax.main`) on a tiny
-dataset with two untrained MobileNetV2 teachers (32 px), sharing a persistent
-XLA compilation cache so that each program is compiled once per session.
+dataset with two untrained teachers (32 px, the student's size), sharing a
+persistent XLA compilation cache so that each program is compiled once per
+session. The soft labels replay 2 epochs of the :demo student's crops.
+
+Models are pinned, whatever runs/pretrained/ holds (the :demo configs start
+EfficientNet-Lite0 from ImageNet there, lower blocks frozen): the teachers are
+helpers.SLIM_LITE0 and the student MobileNetV2-0.35, both from scratch, the
+same in every subprocess and config object so that programs compile once.
 """
+import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,12 +29,15 @@ import pytest
 
 from aplantida_jax import fileio
 from aplantida_jax.data import shards
+from aplantida_jax.distill import loop as distill_loop
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import loop
 from aplantida_jax.train import state as state_lib
+from configs import soft_labels as soft_labels_config
+from configs import student_distill
 from configs import teacher_global
 from tests import helpers
 from tests.tiny_dataset import write_tiny_dataset
@@ -34,7 +46,14 @@ NUM_CLASSES = 4
 TOP_K = 2
 SIZE = 32
 COMMON = [f"--config.input.image_size={SIZE}", "--config.batch_size=8", "--config.eval_batch_size=8"]
-SOFT = ["--config.batch_size=8", "--config.chunk_size=16", f"--config.top_k={TOP_K}"]
+EPOCHS = 2  # replayed
+TRAIN, VAL = 6 * NUM_CLASSES, 3 * NUM_CLASSES
+SOFT = ["--config.batch_size=8", "--config.chunk_size=16", f"--config.top_k={TOP_K}",
+        f"--config.replay_epochs={EPOCHS}"]
+# The old :demo student, from scratch: the same flags for distill and finetune, so that
+# finetune loads the distilled weights one to one.
+STUDENT_MODEL = ("mobilenet_v2", {"width": 0.35, "dropout_rate": 0.1})
+STUDENT = helpers.model_overrides(*STUDENT_MODEL)
 
 
 # ---------------------------------------------------------------- KD loss vs NumPy
@@ -111,14 +130,36 @@ def test_remaining_mass_bucket_leaves_the_tail_shape_free():
 # ---------------------------------------------------------------- a tiny workdir with teachers
 
 
-def _save_teacher(workdir, name, seed):
-  """An untrained MobileNetV2-0.35 teacher (config.json + real orbax best checkpoint)."""
-  config = teacher_global.get_config("demo")
+def _teacher_config():
+  """The :demo teacher as a slim Lite0 from scratch (not runs/pretrained/'s), at SIZE px."""
+  config = helpers.use_model(teacher_global.get_config("demo"))
   config.input.image_size = SIZE
-  config = loop.resolve_config(config, NUM_CLASSES)
+  return loop.resolve_config(config, NUM_CLASSES)
+
+
+def _normalized(images):
+  return np.asarray((images / 255.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD,
+                    np.float32)
+
+
+def _save_teacher(workdir, name, seed):
+  """An untrained slim Lite0 teacher (config.json + real orbax best checkpoint).
+
+  Its batch-norm statistics are those of the train images: with the initial ones (mean 0,
+  variance 1) the random network's eval-mode signal vanishes with depth, and its logits
+  would not depend on the image (nor on the crop) at all.
+  """
+  config = _teacher_config()
   config.output_dir = name
   model = loop.create_model(config)
   variables = loop.initial_variables(config, model, workdir, jax.random.PRNGKey(seed))
+  batch = next(input_pipeline.eval_batches(_input(), os.path.join(workdir, "dataset"), "train",
+                                           64))
+  # One train-mode pass at momentum 0, without dropout: running stats = this batch's.
+  calibrate = model.clone(bn_momentum=0.0, dropout_rate=0.0, drop_path_rate=0.0)
+  _, updates = calibrate.apply(variables, _normalized(batch["image"][batch["mask"] > 0]),
+                               train=True, mutable=["batch_stats"])
+  variables = {**variables, "batch_stats": updates["batch_stats"]}
   # Untrained logits are nearly equal; spread them so each teacher has a clear ranking.
   head = variables["params"]["head"]["logits"]
   head["kernel"] = head["kernel"] * 20.0
@@ -157,34 +198,28 @@ def _copy(workdir, tmp_path, name="w"):
   return target
 
 
-def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labelled):
-  meta = json.load(open(os.path.join(labelled, "soft_labels", "meta.json")))
-  assert [t["dir"] for t in meta["teachers"]] == ["teacher_global", "teacher_regional"]
-  assert meta["counts"] == {"train": 6 * NUM_CLASSES, "val": 3 * NUM_CLASSES}
-  assert meta["temperature"] == 3.0 and meta["top_k"] == TOP_K
-  assert not os.path.exists(os.path.join(labelled, "soft_labels", "chunks"))
-  stored = {a: np.load(os.path.join(labelled, "soft_labels", "train", f"{a}.npy"))
-            for a in soft_labels.ARRAYS}
-  assert stored["probs"].dtype == np.float16 and stored["classes"].dtype == np.int32
+def _stored(workdir, split):
+  return {a: np.load(os.path.join(workdir, "soft_labels", split, f"{a}.npy"))
+          for a in soft_labels.ARRAYS}
 
-  # Recompute: each teacher on the eval crop, regional teacher ×4 on ES images (weights 1, 0.5).
+
+def _numpy_ensemble(workdir, images, regions):
+  """Each teacher on `images` (uint8), regional teacher ×4 on ES images (weights 1, 0.5).
+
+  → (weighted mix, plain mean) of the tempered probabilities."""
   probs = []
   for name in ("teacher_global", "teacher_regional"):
-    model = loop.create_model(loop.resolve_config(
-        teacher_global.get_config("demo"), NUM_CLASSES))
-    variables = checkpointing.load_variables(os.path.join(labelled, name))
-    batch = next(input_pipeline.eval_batches(_input(), os.path.join(labelled, "dataset"),
-                                             "train", 64))
-    images = batch["image"][batch["mask"] > 0]
-    logits = model.apply(variables, np.asarray(
-        (images / 255.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD,
-        np.float32), train=False)
+    model = loop.create_model(_teacher_config())
+    variables = checkpointing.load_variables(os.path.join(workdir, name))
+    logits = model.apply(variables, _normalized(images), train=False)
     probs.append(_softmax(np.asarray(logits, np.float64) / 3.0))
-  regions = input_pipeline.read_metadata(os.path.join(labelled, "dataset"), "train")["regions"]
   in_spain = np.array([r == ["ES"] for r in regions])
   assert 0 < in_spain.sum() < len(in_spain)
   w_regional = np.where(in_spain, 0.5 * 4.0, 0.5)[:, None]
-  mixed = (probs[0] + w_regional * probs[1]) / (1.0 + w_regional)
+  return (probs[0] + w_regional * probs[1]) / (1.0 + w_regional), (probs[0] + probs[1]) / 2
+
+
+def _assert_stored_top_k(stored, mixed):
   want_classes = np.argsort(-mixed, -1)[:, :TOP_K]
   want_probs = np.take_along_axis(mixed, want_classes, -1)
   np.testing.assert_allclose(stored["probs"], want_probs, atol=2e-3)
@@ -193,9 +228,72 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
   clear = np.all(ranked[:, :TOP_K] - ranked[:, 1:TOP_K + 1] > 1e-3, -1)  # no near-tie
   assert clear.mean() > 0.8
   np.testing.assert_array_equal(stored["classes"][clear], want_classes[clear])
+
+
+def _student_config(**inputs):
+  """The :demo student at the tiny size: its seed and crops are the replayed ones."""
+  config = helpers.use_model(student_distill.get_config("demo"), *STUDENT_MODEL)  # = STUDENT
+  config.input.image_size = SIZE
+  config.input.worker_count = 0
+  config.input.read_threads = 2
+  config.input.update(inputs)
+  return config
+
+
+def _distill_batches(workdir, n, config=None):
+  """`n` batches of 8 from the distill stage's own train loader and join."""
+  config = config or _student_config()
+  task = distill_loop.build_task(config, workdir)
+  loader = input_pipeline.train_loader(config, os.path.join(workdir, "dataset"), 8,
+                                       num_samples=8 * n, join_fn=task.join_fn)
+  return list(itertools.islice(iter(loader), n))
+
+
+def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labelled):
+  meta = json.load(open(os.path.join(labelled, "soft_labels", "meta.json")))
+  assert [t["dir"] for t in meta["teachers"]] == ["teacher_global", "teacher_regional"]
+  assert meta["counts"] == {"train": EPOCHS * TRAIN, "val": VAL}
+  assert meta["temperature"] == 3.0 and meta["top_k"] == TOP_K
+  replay = soft_labels_config.replay_config(demo=True)
+  assert meta["replay"] == {
+      "split": "train", "epochs": EPOCHS, "num_positions": TRAIN, "seed": 0,
+      "crop_scale": list(replay.crop_scale), "crop_ratio": list(replay.crop_ratio),
+      "color_jitter": replay.color_jitter, "sampling": "uniform", "region_filter": [],
+      "view_sha256": hashlib.sha256(np.arange(TRAIN, dtype=np.int64).tobytes()).hexdigest()}
+  assert not os.path.exists(os.path.join(labelled, "soft_labels", "chunks"))
+  dataset_dir = os.path.join(labelled, "dataset")
+
+  # val: each teacher on the eval crop.
+  stored = _stored(labelled, "val")
+  assert stored["probs"].dtype == np.float16 and stored["classes"].dtype == np.int32
+  batch = next(input_pipeline.eval_batches(_input(), dataset_dir, "val", 64))
+  mixed, plain = _numpy_ensemble(labelled, batch["image"][batch["mask"] > 0],
+                                 input_pipeline.read_metadata(dataset_dir, "val")["regions"])
+  _assert_stored_top_k(stored, mixed)
   # The per-image weights matter: the plain mean of the two teachers is not what was stored.
-  plain = np.sort((probs[0] + probs[1]) / 2, -1)[:, ::-1][:, :TOP_K]
-  assert not np.allclose(stored["probs"], plain, atol=2e-3)
+  assert not np.allclose(stored["probs"], np.sort(plain, -1)[:, ::-1][:, :TOP_K], atol=2e-3)
+
+  # train: each teacher on the very pixels the student's loader yields (teachers and student
+  # are both 32 px here), two shuffled epochs; row epoch * N + position.
+  batches = _distill_batches(labelled, EPOCHS * TRAIN // 8)
+  epoch, position, index = (np.concatenate([b[k] for b in batches])
+                            for k in ("epoch", "position", "index"))
+  rows = epoch * TRAIN + position
+  assert sorted(rows) == list(range(EPOCHS * TRAIN)) and list(rows) != sorted(rows)
+  metadata = input_pipeline.read_metadata(dataset_dir, "train")
+  mixed, _ = _numpy_ensemble(labelled, np.concatenate([b["image"] for b in batches]),
+                             [metadata["regions"][i] for i in index])
+  # The record sha256 is stored once per view position (here position = record), not per row.
+  sha256 = _stored(labelled, "train")["sha256"]
+  assert sha256.shape == (TRAIN, 32) and sha256.dtype == np.uint8
+  assert [h.tobytes().hex() for h in sha256] == metadata["sha256"]
+  stored = {a: v[rows] for a, v in _stored(labelled, "train").items() if a != "sha256"}
+  _assert_stored_top_k(stored, mixed)
+  np.testing.assert_array_equal(np.concatenate([b["teacher_classes"] for b in batches]),
+                                stored["classes"])
+  # The two epochs' crops differ, and so do their targets.
+  first, second = (_stored(labelled, "train")["probs"][e * TRAIN:(e + 1) * TRAIN] for e in (0, 1))
+  assert not np.allclose(first, second, atol=2e-3)
 
 
 def _input():
@@ -208,37 +306,127 @@ def _input():
 class _EchoJoin(soft_labels.SoftLabelJoin):
   """The real join plus the record's own sha256, so the test can check alignment."""
 
-  def __call__(self, index, record):
-    return {**super().__call__(index, record),
+  def __call__(self, index, epoch, position, record):
+    return {**super().__call__(index, epoch, position, record),
             "record_sha": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8)}
 
 
-def _joined_batches(workdir, shard_index, join):
+def _joined_batches(workdir, shard_index, join, num_epochs=1):
+  """This shard's batches (of 5) with the student's crops, replay-wrapped like train_loader's."""
   dataset_dir = os.path.join(workdir, "dataset")
-  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, "train"))
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=grain.sharding.ShardOptions(shard_index, 2),
-      shuffle=True, num_epochs=1, seed=7)
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=[
-      input_pipeline.TrainTransform(SIZE, join_fn=join), grain.transforms.Batch(5)])
+  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, "train"), epoch_keys=True)
+  sampler = input_pipeline.EpochIndexSampler(
+      num_records=source.num_positions, shard_options=grain.sharding.ShardOptions(shard_index, 2),
+      shuffle=True, num_epochs=num_epochs, seed=7)
+  inp = _student_config().input
+  transform = input_pipeline.TrainTransform(SIZE, inp.crop_scale, inp.crop_ratio,
+                                            inp.color_jitter, join, seed=0,
+                                            crop_epochs=join.crop_epochs)
+  return grain.DataLoader(data_source=source, sampler=sampler,
+                          operations=[transform, grain.transforms.Batch(5)])
 
 
 def test_soft_labels_stay_aligned_under_sharding_and_shuffling(labelled):
   join, _ = soft_labels.open_split(os.path.join(labelled, "soft_labels"),
                                    os.path.join(labelled, "dataset"), "train")
-  stored = {a: np.load(os.path.join(labelled, "soft_labels", "train", f"{a}.npy"))
-            for a in soft_labels.ARRAYS}
-  by_sha = {stored["sha256"][i].tobytes(): i for i in range(len(stored["sha256"]))}
-  seen = []
+  assert (join.crop_epochs, join.num_positions) == (EPOCHS, TRAIN)
+  stored = _stored(labelled, "train")
+  seen, crops = [], {}
   for shard_index in (0, 1):
-    for batch in _joined_batches(labelled, shard_index, _EchoJoin(join.split_dir)):
+    # 3 epochs of this shard: the third reuses the first's crops and rows (epoch % 2).
+    for batch in _joined_batches(labelled, shard_index, _EchoJoin(join.split_dir, EPOCHS, TRAIN),
+                                 num_epochs=3):
       for j, sha in enumerate(batch["record_sha"]):
-        row = by_sha[sha.tobytes()]
-        assert row == batch["index"][j]
+        epoch, position = int(batch["epoch"][j]), int(batch["position"][j])
+        row = (epoch % EPOCHS) * TRAIN + position
+        assert stored["sha256"][position].tobytes() == sha.tobytes()  # one entry per position
+        assert position == batch["index"][j]
         np.testing.assert_array_equal(batch["teacher_classes"][j], stored["classes"][row])
         np.testing.assert_array_equal(batch["teacher_probs"][j], stored["probs"][row])
-        seen.append(row)
-  assert sorted(seen) == list(range(len(by_sha))) and seen != sorted(seen)  # all, once, shuffled
+        crops.setdefault(row, []).append(batch["image"][j])
+        seen.append((epoch, row))
+  assert sorted(r for e, r in seen if e < EPOCHS) == list(range(EPOCHS * TRAIN))  # all, once
+  assert sorted(r for e, r in seen if e == EPOCHS) == list(range(TRAIN))  # epoch 2 → epoch 0
+  assert [r for _, r in seen] != sorted(r for _, r in seen)  # shuffled
+  for images in crops.values():
+    for image in images[1:]:
+      np.testing.assert_array_equal(image, images[0])  # a row's crop, whichever epoch drew it
+
+
+def test_replayed_crops_are_the_pixels_the_student_loader_yields(tmp_path):
+  """The stage's replay redraws the train loader's crops: same uint8 pixels, 2 shuffled epochs.
+
+  96 px photos for a 32 px student, so JPEG draft mode decodes the wide crops at 1/2 scale.
+  """
+  dataset_dir = str(tmp_path / "dataset")
+  write_tiny_dataset(dataset_dir, num_classes=3, per_class={"train": 4}, size=96)
+  replay_config = soft_labels_config.get_config("demo")
+  replay_config.replay_epochs = EPOCHS
+  replay, view = soft_labels.replay_spec(replay_config, dataset_dir)
+  assert view is None and replay["num_positions"] == 12
+  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, "train"), view)
+  views = soft_labels.TeacherViews(
+      [(SIZE, 0.875)], soft_labels.TeacherWeights([1.0], [()], [1.0]),
+      replay=input_pipeline.Augment.of(replay_config.replay, replay_config.seed))
+  replayed = {}
+  chunk_loader = soft_labels._chunk_loader  # pylint: disable=protected-access  # the stage's
+  for batch in chunk_loader(replay_config, source, 0, EPOCHS * 12, views, 5):
+    for e, j, image in zip(batch["epoch"], batch["position"],
+                           batch[soft_labels.view_key(SIZE, 0.875, 0)]):
+      replayed[int(e), int(j)] = image
+  assert len(replayed) == EPOCHS * 12
+  loader = input_pipeline.train_loader(_student_config(), dataset_dir, 4, num_samples=EPOCHS * 12)
+  drawn = list(itertools.islice(iter(loader), EPOCHS * 3))
+  order = [int(i) for b in drawn for i in b["index"]]
+  assert sorted(order[:12]) == sorted(order[12:]) and order[:12] != order[12:]  # reshuffled
+  for batch in drawn:
+    for e, j, image in zip(batch["epoch"], batch["position"], batch["image"]):
+      np.testing.assert_array_equal(image, replayed[int(e), int(j)])
+  assert not np.array_equal(replayed[0, 0], replayed[1, 0])
+
+
+def test_a_student_with_other_crops_seed_or_view_is_refused(labelled):
+  task = distill_loop.build_task(_student_config(), labelled)
+  assert task.join_fn.crop_epochs == EPOCHS
+  for field, change, message in (
+      ("crop_scale", {"crop_scale": (0.08, 1.0)}, "config.input.crop_scale=(0.08, 1.0)"),
+      ("crop_ratio", {"crop_ratio": (1.0, 1.0)}, "config.input.crop_ratio"),
+      ("color_jitter", {"color_jitter": 0.0}, "config.input.color_jitter"),
+      ("region_filter", {"region_filter": ["ES"]}, "config.input.region_filter"),
+      ("sampling", {"sampling": "class_balanced"}, "config.input.sampling")):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+      distill_loop.build_task(_student_config(**change), labelled)
+    assert f"--config.replay.{field}=" in str(error.value)
+  config = _student_config()
+  config.seed = 1
+  with pytest.raises(ValueError, match=r"config.seed=1 but .* seed=0: set --config.seed='0'") as error:
+    distill_loop.build_task(config, labelled)
+  assert "re-run soft_labels with --config.seed='1'" in str(error.value)  # the stage's own seed
+
+
+def test_sha256_is_kept_once_per_position_after_checking_every_epoch(tmp_path):
+  """_write_split: E × N rows of targets, N sha256 entries; a position reading another record
+  in a later epoch is a bug, refused."""
+  positions = np.arange(5 * 32, dtype=np.uint8).reshape(5, 32)
+  rows = np.concatenate([positions] * 3)  # 3 epochs × 5 positions, in row order
+  paths = []
+  for start in range(0, 15, 4):  # chunks of 4 rows, across epoch boundaries
+    paths.append(str(tmp_path / f"train-{start:010d}.npz"))
+    np.savez(paths[-1], probs=np.zeros((len(rows[start:start + 4]), TOP_K), np.float16),
+             classes=np.zeros((len(rows[start:start + 4]), TOP_K), np.int32),
+             rest=np.full(len(rows[start:start + 4]), start, np.float32),
+             sha256=rows[start:start + 4])
+  write_split = soft_labels._write_split  # pylint: disable=protected-access
+  write_split(str(tmp_path / "out"), "train", paths, 15, 5)
+  assert soft_labels.stored_lengths(str(tmp_path / "out" / "train")) == (
+      soft_labels.expected_lengths(15, 5))
+  np.testing.assert_array_equal(np.load(tmp_path / "out" / "train" / "sha256.npy"), positions)
+  with np.load(paths[3]) as saved:
+    bad = dict(saved)
+  bad["sha256"] = bad["sha256"][::-1]  # rows 12..14 (epoch 2) read other records
+  np.savez(paths[3], **bad)
+  with pytest.raises(RuntimeError, match="read another record"):
+    write_split(str(tmp_path / "bad"), "train", paths, 15, 5)
 
 
 def test_misaligned_rows_are_refused_when_read(labelled, tmp_path):
@@ -254,19 +442,22 @@ def test_misaligned_rows_are_refused_when_read(labelled, tmp_path):
 def test_stale_or_mismatched_soft_labels_are_refused(labelled, tmp_path):
   workdir = _copy(labelled, tmp_path)
   soft_dir, dataset_dir = os.path.join(workdir, "soft_labels"), os.path.join(workdir, "dataset")
-  sha_path = os.path.join(soft_dir, "train", "sha256.npy")
-  full = np.load(sha_path)
-  np.save(sha_path, full[:-1])
-  with pytest.raises(ValueError, match="hold 23 rows"):
-    soft_labels.open_split(soft_dir, dataset_dir, "train")
-  np.save(sha_path, full)
+  for name, message in (("probs", f"probs.npy holds {EPOCHS * TRAIN - 1} rows"),
+                        ("sha256", f"sha256.npy holds {TRAIN - 1} sha256 entries")):
+    path = os.path.join(soft_dir, "train", f"{name}.npy")
+    full = np.load(path)
+    np.save(path, full[:-1])
+    with pytest.raises(ValueError, match=message):
+      soft_labels.open_split(soft_dir, dataset_dir, "train")
+    np.save(path, full)
+  soft_labels.open_split(soft_dir, dataset_dir, "train")  # restored
   manifest = os.path.join(dataset_dir, "manifest.json")
   with open(manifest, "a") as f:
     f.write("\n")
   with pytest.raises(ValueError, match="another dataset"):
     soft_labels.open_split(soft_dir, dataset_dir, "train")
   # The stage says the same, before any training.
-  result = helpers.run_main("configs/student_distill.py:demo", workdir, *COMMON)
+  result = helpers.run_main("configs/student_distill.py:demo", workdir, *COMMON, *STUDENT)
   assert result.returncode != 0 and "another dataset" in result.stderr
 
 
@@ -278,8 +469,9 @@ def test_soft_labels_resume_from_finished_chunks(labelled, tmp_path, cache_env):
   os.makedirs(chunks)
   with open(os.path.join(chunks, "fingerprint"), "w") as f:
     f.write(meta["fingerprint"])
-  # A finished first chunk (16 records) with marked contents: a resumed run must keep it.
-  first = {a: np.load(os.path.join(soft_dir, "train", f"{a}.npy"))[:16] for a in soft_labels.ARRAYS}
+  # A finished first chunk (16 rows) with marked contents: a resumed run must keep it. Chunks
+  # hold a sha256 per row (here rows 0..15 = epoch 0's positions 0..15).
+  first = {a: v[:16] for a, v in _stored(workdir, "train").items()}
   first["rest"] = np.full(16, 0.125, np.float32)
   np.savez(os.path.join(chunks, "train-0000000000.npz"), **first)
   os.remove(os.path.join(soft_dir, "meta.json"))  # the interrupted run never finished
@@ -287,17 +479,40 @@ def test_soft_labels_resume_from_finished_chunks(labelled, tmp_path, cache_env):
   assert result.returncode == 0, result.stderr[-3000:]
   rest = np.load(os.path.join(soft_dir, "train", "rest.npy"))
   original = np.load(os.path.join(labelled, "soft_labels", "train", "rest.npy"))
+  assert len(rest) == EPOCHS * TRAIN  # E × N rows, N sha256 entries
+  assert np.load(os.path.join(soft_dir, "train", "sha256.npy")).shape == (TRAIN, 32)
   np.testing.assert_array_equal(rest[:16], 0.125)
   np.testing.assert_allclose(rest[16:], original[16:])
   assert json.load(open(os.path.join(soft_dir, "meta.json")))["fingerprint"] == meta["fingerprint"]
+  assert "rows an image" in result.stderr  # the storage report, at the plan's scale too
+
+
+def test_centre_view_soft_labels_still_join_by_record(labelled, tmp_path, cache_env):
+  workdir = _copy(labelled, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "soft_labels"))
+  result = helpers.run_main("configs/soft_labels.py:demo", workdir, *SOFT,
+                            "--config.replay_epochs=0", **cache_env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  meta = json.load(open(os.path.join(workdir, "soft_labels", "meta.json")))
+  assert meta["replay"] is None and meta["counts"] == {"train": TRAIN, "val": VAL}
+  stored = _stored(workdir, "train")
+  assert stored["sha256"].shape == (TRAIN, 32)  # N rows = N positions: one entry per record
+  # Centre views describe no crop: any crops are accepted (with a warning), rows are records.
+  batches = _distill_batches(workdir, 6, _student_config(crop_scale=(0.08, 1.0)))
+  for batch in batches:
+    np.testing.assert_array_equal(batch["teacher_classes"], stored["classes"][batch["index"]])
+  assert {int(e) for b in batches for e in b["epoch"]} == {0, 1}
+  # The val rows are the centre view either way.
+  np.testing.assert_array_equal(_stored(workdir, "val")["classes"],
+                                _stored(labelled, "val")["classes"])
 
 
 # ---------------------------------------------------------------- distillation end to end
 
 
-DISTILL = COMMON + ["--config.num_train_steps=16", "--config.checkpoint.every_steps=4",
-                    "--config.eval_every_steps=2", "--config.log_every_steps=4",
-                    "--config.tensorboard=False"]
+DISTILL = COMMON + STUDENT + ["--config.num_train_steps=16",
+                              "--config.checkpoint.every_steps=4", "--config.eval_every_steps=2",
+                              "--config.log_every_steps=4", "--config.tensorboard=False"]
 
 
 def _latest_params(workdir, stage="student/distill"):
@@ -340,12 +555,17 @@ def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
   a, b = _latest_params(straight), _latest_params(killed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
-  result = helpers.run_main("configs/student_finetune.py:demo", straight, *COMMON,
+  result = helpers.run_main("configs/student_finetune.py:demo", straight, *COMMON, *STUDENT,
                             "--config.num_train_steps=4", "--config.eval_every_steps=4",
                             "--config.tensorboard=False", **cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.load(open(os.path.join(straight, "student/finetune/config.json")))
   assert config["init_from_stage"] == "student/distill"
+  distilled = json.load(open(os.path.join(straight, "student/distill/config.json")))
+  # Whatever runs/pretrained/ holds: the pinned student, from scratch, the same in both stages.
+  assert config["model"] == distilled["model"]
+  assert (distilled["model"]["name"], distilled["model"]["kwargs"]) == STUDENT_MODEL
+  assert not distilled["model"]["init_from"] and not distilled["optimizer"]["frozen"]
   assert os.path.isdir(os.path.join(straight, "student/finetune/best"))
 
 

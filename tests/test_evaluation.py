@@ -296,11 +296,12 @@ def trained_workdir(tmp_path_factory):
   import jax  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import checkpointing, loop  # pylint: disable=g-import-not-at-top
   from configs import teacher_global  # pylint: disable=g-import-not-at-top
-  from tests import tiny_dataset  # pylint: disable=g-import-not-at-top
+  from tests import helpers, tiny_dataset  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("evaluate")
   tiny_dataset.write_tiny_dataset(str(workdir / "dataset"), num_classes=3, size=32,
                                   per_class={"train": 2, "val": 8, "test": 8})
-  config = teacher_global.get_config("demo")
+  config = helpers.use_model(teacher_global.get_config("demo"), kwargs={
+      "width_coefficient": 0.5, "depth_coefficient": 0.34, "dropout_rate": 0.1, "bn_momentum": 0.9})
   config.input.image_size = 32
   config = loop.resolve_config(config, 3)
   stage_dir = workdir / "teacher_global"

@@ -14,6 +14,7 @@ from aplantida_jax.export import parity
 from aplantida_jax.export import serving
 from aplantida_jax.export import sizes
 from aplantida_jax.export import stage
+from aplantida_jax.train import input_pipeline
 from configs import export_tfjs as export_config
 from tests import tfjs_fixture
 
@@ -177,3 +178,46 @@ def test_node_parity(workdir):
   assert result["passed"]
   written = _json(os.path.join(workdir, "tfjs", "parity.json"))  # the stage's own check
   assert written["passed"] and set(written["backends"]) == set(parity.BACKENDS)
+  for got in written["backends"].values():
+    assert {"top1_agreement", "top1_agreement_raw", "n_decided", "max_abs_diff"} <= set(got)
+  # The stage checked 8 val images (tfjs_fixture): it reports each side's accuracy on them.
+  labels = parity.split_labels(os.path.join(workdir, "dataset"), "val", 8)
+  shipped = parity.split_images(os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875)
+  assert len(labels) == len(shipped) == 8
+  assert written["jax_top1_accuracy"] == pytest.approx(
+      np.mean(tfjs_fixture.jax_probabilities(workdir, shipped).argmax(-1) == labels))
+  cpu = parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), shipped, ("cpu",))["cpu"]
+  assert written["backends"]["cpu"]["top1_accuracy"] == pytest.approx(
+      np.mean(cpu["probabilities"].argmax(-1) == labels))
+
+
+def test_margin_aware_parity_passes_a_near_uniform_model_with_rounding_flips():
+  """FP16-sized noise on near-tied probabilities flips argmaxes; that is not a mismatch."""
+  rng = np.random.default_rng(0)
+  reference = 1 / 20 + rng.normal(0, 1e-4, (64, 20))  # an unsure model: 20 near-ties
+  reference /= reference.sum(-1, keepdims=True)
+  candidate = reference + rng.normal(0, 3e-5, reference.shape)
+  got = parity.compare(reference, candidate)
+  assert got["top1_agreement_raw"] < 0.99  # raw agreement would fail it ...
+  assert got["n_decided"] == 0 and got["top1_agreement"] == 1.0 and got["max_abs_diff"] < 1e-3
+  report = parity.report(reference, {"cpu": {"probabilities": candidate, "median_ms": 1.0}})
+  assert report["passed"]  # ... the margin-aware check does not
+  flipped = reference.copy()  # a decided image whose answer flips is still a mismatch
+  flipped[0] = 0.0
+  flipped[0, :2] = (0.9, 0.1)
+  swapped = flipped.copy()
+  swapped[0, :2] = (0.1, 0.9)
+  assert not parity.report(flipped, {"cpu": {"probabilities": swapped, "median_ms": 1.0}})["passed"]
+
+
+@pytest.mark.skipif(parity.node_missing_reason() is not None, reason=str(parity.node_missing_reason()))
+def test_parity_fails_when_tfjs_sees_wrongly_normalised_input(workdir):
+  """Real TF.js fed the ImageNet-normalised pixels instead of 0-255 RGB: the check must fail."""
+  images = parity.split_images(os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875)
+  expected = tfjs_fixture.jax_probabilities(workdir, images)
+  wrong = ((images / 255 - np.asarray(input_pipeline.IMAGENET_MEAN))
+           / np.asarray(input_pipeline.IMAGENET_STD)).astype(np.float32)
+  result = parity.report(expected, parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), wrong,
+                                                             ("cpu",)))
+  assert not result["passed"], result
+  assert result["backends"]["cpu"]["max_abs_diff"] > parity.TARGET["max_abs_diff"]

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -105,3 +106,25 @@ def test_merge_refuses_weights_of_another_architecture(imported):
 def test_missing_weights_folder_says_how_to_create_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="import_pretrained.py"):
     pretrained.load_pretrained(str(tmp_path))
+
+
+def test_default_student_starts_from_the_import_with_only_its_head_replaced(imported, tmp_path):
+  """configs/student_distill.py's default: Lite0 from ImageNet through the train loop's init."""
+  from aplantida_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from configs import student_distill  # pylint: disable=g-import-not-at-top
+  config = student_distill.get_config()
+  assert config.model.name == ARCH and config.model.init_from.endswith(ARCH)
+  config.model.init_from = str(imported)
+  config.input.image_size = 32
+  config = loop.resolve_config(config, 12)
+  assert config.model.init_from == str(imported)  # recorded in config.json: the license checker reads it
+  model = loop.create_model(config)
+  variables = loop.initial_variables(config, model, str(tmp_path), jax.random.PRNGKey(0))
+  source, _ = pretrained.load_pretrained(str(imported))
+  flat = flax.traverse_util.flatten_dict(variables)
+  want = flax.traverse_util.flatten_dict(source)
+  head = {k for k in flat if k[1] == "head"}
+  assert head == {("params", "head", "logits", "kernel"), ("params", "head", "logits", "bias")}
+  assert flat[("params", "head", "logits", "kernel")].shape == (1280, 12)
+  for key in set(flat) - head:
+    np.testing.assert_array_equal(flat[key], want[key], err_msg="/".join(key))

@@ -1,10 +1,14 @@
 """Grain input pipeline on real ArrayRecord shards of a tiny shapes dataset."""
 import collections
+import io
 import itertools
 
+import grain
 import numpy as np
 import pytest
+from PIL import Image
 
+from aplantida_jax.data import shards
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import steps
 from configs import training
@@ -60,22 +64,85 @@ def test_same_seed_same_batches_other_seed_other_batches(dataset_dir):
 
 def test_two_worker_processes_resume_exactly_and_augment_like_one(dataset_dir):
   config = _config(worker_count=2)
-  straight = _batches(dataset_dir, config, 6)
+  straight = _batches(dataset_dir, config, 12)  # two epochs of 48 records
   iterator = iter(input_pipeline.train_loader(config, dataset_dir, BATCH, num_samples=400))
-  head = [next(iterator) for _ in range(3)]
+  head = [next(iterator) for _ in range(4)]
   state = iterator.get_state()
   resumed = iter(input_pipeline.train_loader(config, dataset_dir, BATCH, num_samples=400))
   resumed.set_state(state)
-  for want, got in zip(straight, head + [next(resumed) for _ in range(3)]):
-    np.testing.assert_array_equal(want["image"], got["image"])
-    np.testing.assert_array_equal(want["index"], got["index"])
+  for want, got in zip(straight, head + [next(resumed) for _ in range(8)]):  # across the epoch
+    for key in ("image", "index", "epoch", "position"):
+      np.testing.assert_array_equal(want[key], got[key])
   # Workers batch their own records, so batches group differently than in
-  # one process, but each record's crop depends only on the seed and its
-  # position: one epoch (48 records) holds the same pixels either way.
-  def by_record(batches):
-    return {int(i): image.tobytes() for b in batches for i, image in zip(b["index"], b["image"])}
-  inline = by_record(_batches(dataset_dir, _config(), 6))
-  assert len(inline) == 48 and by_record(straight) == inline
+  # one process, but each record's crop depends only on the seed, its epoch
+  # and its position: two epochs hold the same pixels either way.
+  def by_crop(batches):
+    return {(int(e), int(i)): image.tobytes() for b in batches
+            for e, i, image in zip(b["epoch"], b["index"], b["image"])}
+  inline = by_crop(_batches(dataset_dir, _config(), 12))
+  assert len(inline) == 96 and by_crop(straight) == inline
+
+
+def _jpegs(dataset_dir, split="train"):
+  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, split))
+  return [shards.decode(source[i]["data"])["jpeg"] for i in range(len(source))]
+
+
+def test_crops_are_a_pure_function_of_seed_epoch_and_position(dataset_dir):
+  """The loader's pixels are Augment(seed).image(record, epoch, position): what a replay redraws."""
+  config = _config(seed=3)
+  batches = _batches(dataset_dir, config, 12)
+  epoch, index, position = (np.concatenate([b[k] for b in batches])
+                            for k in ("epoch", "index", "position"))
+  np.testing.assert_array_equal(epoch, np.repeat([0, 1], 48))  # keys ≥ len(source) survive Grain
+  np.testing.assert_array_equal(position, index)  # no view: position = record
+  assert sorted(index[:48]) == sorted(index[48:]) == list(range(48))
+  assert list(index[:48]) != list(index[48:])  # reshuffled each epoch
+  augment = input_pipeline.Augment.of(config.input, config.seed)
+  jpegs = _jpegs(dataset_dir)
+  images = np.concatenate([b["image"] for b in batches])
+  for e, i, image in zip(epoch, index, images):
+    np.testing.assert_array_equal(image, augment.image(jpegs[i], e, i, SIZE))
+  crops = {(e, i): image for e, i, image in zip(epoch, index, images)}
+  assert sum(not np.array_equal(crops[0, i], crops[1, i]) for i in range(48)) > 40
+
+
+def test_epoch_index_sampler_keys_carry_this_shards_epoch():
+  sampler = input_pipeline.EpochIndexSampler(
+      num_records=10, shard_options=grain.sharding.ShardOptions(1, 2), shuffle=True, seed=5)
+  assert repr(sampler).startswith("EpochIndexSampler(num_records=10, ")
+  keys = [sampler[1 + 2 * n].record_key for n in range(15)]  # shard 1's first 3 epochs
+  epochs, records = np.divmod(keys, 10)
+  np.testing.assert_array_equal(epochs, np.repeat([0, 1, 2], 5))
+  for e in range(3):
+    assert sorted(records[5 * e:5 * e + 5]) == [5, 6, 7, 8, 9]  # shard 1 holds records 5..9
+  assert sampler[1].rng is None  # randomness comes from (seed, epoch, position) alone
+
+
+def test_crop_box_is_the_same_view_at_every_output_size():
+  """The box is in source pixels: drafted (1/4) and full decodes show the same part of the photo."""
+  width, height = 256, 192
+  x, y = np.meshgrid(np.arange(width), np.arange(height))
+  ramp = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.full_like(x, 128.0)], -1)
+  out = io.BytesIO()
+  Image.fromarray(np.rint(ramp).astype(np.uint8)).save(out, format="JPEG", quality=95)
+  jpeg = out.getvalue()
+  box = (40, 30, 120, 96)
+  for size in (24, 48, 100):  # drafted at 1/4, 1/2, not at all
+    image = Image.open(io.BytesIO(jpeg))
+    pixels = input_pipeline.render(image, input_pipeline.AugmentParams(box, False, ()), size)
+    centres = (np.arange(size) + 0.5) / size  # output pixel centres, as a fraction of the box
+    want_r = (box[0] + centres * box[2] - 0.5) * 255 / (width - 1)
+    want_g = (box[1] + centres * box[3] - 0.5) * 255 / (height - 1)
+    inner = slice(1, size - 1)  # the filter's support is clipped at the box edges
+    np.testing.assert_allclose(pixels[inner, inner, 0], np.broadcast_to(want_r, (size, size))[
+        inner, inner], atol=3)
+    np.testing.assert_allclose(pixels[inner, inner, 1], np.broadcast_to(want_g[:, None], (
+        size, size))[inner, inner], atol=3)
+  flipped = input_pipeline.render(Image.open(io.BytesIO(jpeg)),
+                                  input_pipeline.AugmentParams(box, True, ()), 48)
+  np.testing.assert_array_equal(flipped, input_pipeline.render(
+      Image.open(io.BytesIO(jpeg)), input_pipeline.AugmentParams(box, False, ()), 48)[:, ::-1])
 
 
 def test_eval_pass_sees_every_record_exactly_once(dataset_dir):
@@ -94,16 +161,24 @@ def test_eval_pass_sees_every_record_exactly_once(dataset_dir):
 
 
 class TwiceIndex:
-  """A join: extra per-record field computed in the loader from the record index."""
+  """A join: extra per-record fields computed in the loader from the record and its crop."""
 
-  def __call__(self, index, record):
-    return {"twice": np.int64(2 * index), "label_copy": np.int32(record["label"])}
+  def __call__(self, index, epoch, position, record):
+    return {"twice": np.int64(2 * index), "label_copy": np.int32(record["label"]),
+            "epoch_copy": np.int32(epoch), "position_copy": np.int32(position)}
 
 
 def test_join_fn_adds_fields_aligned_with_each_record(dataset_dir):
-  batch = _batches(dataset_dir, _config(), 1, join_fn=TwiceIndex())[0]
-  np.testing.assert_array_equal(batch["twice"], 2 * batch["index"])
-  np.testing.assert_array_equal(batch["label_copy"], batch["label"])
+  config = _config(region_filter=["ES"])  # a view: positions are not record indices
+  batches = _batches(dataset_dir, config, 4, join_fn=TwiceIndex())  # 16 records, two epochs
+  view = input_pipeline.train_view(config.input, dataset_dir, "train", 400, config.seed)
+  for batch in batches:
+    np.testing.assert_array_equal(batch["twice"], 2 * batch["index"])
+    np.testing.assert_array_equal(batch["label_copy"], batch["label"])
+    np.testing.assert_array_equal(batch["epoch_copy"], batch["epoch"])
+    np.testing.assert_array_equal(batch["position_copy"], batch["position"])
+    np.testing.assert_array_equal(view[batch["position"]], batch["index"])
+  assert {int(e) for b in batches for e in b["epoch"]} == {0, 1}
 
 
 def _drawn(dataset_dir, config, n=10):

@@ -136,3 +136,40 @@ def test_other_seed_gives_different_outputs(runs):
   assert shards_a != shards_c
   assert all(params_a[stage] != params_c[stage] for stage in params_a)
   assert tfjs_a != tfjs_c
+
+
+def test_a_failing_stage_prints_one_line_and_keeps_the_traceback_in_its_log(tmp_path):
+  """The console gets the stage, the error's last line and the log path; the log gets the rest."""
+  configs = tmp_path / "configs"
+  configs.mkdir()
+  missing = tmp_path / "no_such_catalog.jsonl"
+  (configs / "audit.py").write_text(
+      "from configs import audit\n\n\ndef get_config(arg=None):\n"
+      f"  c = audit.get_config()\n  c.catalog.path = {str(missing)!r}\n  return c\n")
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "aplantida_jax.repro.pipeline", "--configs", str(configs),
+                         "--workdir", str(workdir)], cwd=ROOT, env=cli_env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stdout + proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(errors) == 1 and errors[0].startswith("error: stage audit failed (exit 1): "), errors
+  assert str(missing) in errors[0] and "logs/audit.log" in errors[0]
+  assert "FAILED" in next(line for line in proc.stdout.splitlines() if " audit " in line)
+  log = (workdir / "logs" / "audit.log").read_text()
+  assert str(missing) in log and len(log.splitlines()) > 1
+
+
+def test_demo_starts_every_network_from_the_weights_its_pretrained_stage_imports():
+  configs = os.path.join(ROOT, "configs")
+  imported = pipeline.load_config(os.path.join(configs, "pretrained.py"), "demo")
+  for name in ("teacher_global.py", "student_distill.py"):
+    config = pipeline.load_config(os.path.join(configs, name), "demo")
+    assert config.model.name in imported.archs, name
+    assert config.model.init_from == os.path.join(imported.out_dir, config.model.name), name
+  for name, upstream in (("teacher_regional.py", "teacher_global"),
+                         ("student_finetune.py", "student/distill")):
+    config = pipeline.load_config(os.path.join(configs, name), "demo")
+    assert config.init_from_stage == upstream and not config.model.init_from, name
+  stages = {s.name: s for s in pipeline.STAGES}
+  assert "pretrained" in stages["teacher_global"].deps and "pretrained" in stages["distill"].deps

@@ -38,9 +38,7 @@ TINY_MODEL = {"width_coefficient": 0.25, "depth_coefficient": 0.1, "dropout_rate
 STEPS = 12
 LEARNING_RATE = 0.03
 # The same overrides for both teachers: identical programs, compiled once.
-TINY = ["--config.model.name=efficientnet_lite0",
-        "--config.model.kwargs.width_coefficient=0.25",
-        "--config.model.kwargs.depth_coefficient=0.1",
+TINY = [*helpers.model_overrides(),
         "--config.input.image_size=32", "--config.batch_size=8", "--config.eval_batch_size=8",
         f"--config.num_train_steps={STEPS}", "--config.checkpoint.every_steps=2",
         "--config.eval_every_steps=6", "--config.log_every_steps=2",

@@ -4,17 +4,32 @@ Only the `steps.Task` differs from teacher training; pipeline, sharding, orbax
 checkpoints (resume included), metrics and evaluation are train/loop.py's.
 
   distill.mode = "precomputed"  targets are soft_labels/ rows joined to each
-                                record in the Grain workers (sha256-checked)
+                                crop in the Grain workers (sha256-checked).
+                                When soft_labels replayed the train split
+                                (meta.json "replay"), row (e % E) * N + j is
+                                the teachers' view of the very crop the
+                                student draws at view position j in epoch e
+                                ("consistent teaching", Beyer et al. 2022,
+                                precomputed as in TinyViT); epochs ≥ E reuse
+                                the crops of epoch e % E. The student's
+                                config.seed, input.crop_scale/crop_ratio/
+                                color_jitter and view (input.sampling,
+                                region_filter) must equal the recorded ones:
+                                a difference is refused, not overridden, so
+                                that flags and config.json say which crops
+                                the run trained on. Centre-view sets
+                                (replay_epochs=0) still work, with a warning.
   distill.mode = "online"       the teachers run inside the jitted step on the
-                                student's own augmented crop ("consistent
-                                teaching", Beyer et al. 2022); costs a teacher
+                                student's own augmented crop; costs a teacher
                                 forward pass per teacher per step
 Both minimise losses.kd_loss against a top-k + remaining-mass target.
 """
+import json
 import os
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
@@ -24,6 +39,13 @@ from aplantida_jax.train import loop as train_loop
 from aplantida_jax.train import steps
 
 MODES = ("precomputed", "online")
+# (student config field, meta.json "replay" key, soft_labels config field): what the replayed
+# crops depend on.
+CROP_FIELDS = (("seed", "seed", "seed"), ("input.crop_scale", "crop_scale", "replay.crop_scale"),
+               ("input.crop_ratio", "crop_ratio", "replay.crop_ratio"),
+               ("input.color_jitter", "color_jitter", "replay.color_jitter"),
+               ("input.sampling", "sampling", "replay.sampling"),
+               ("input.region_filter", "region_filter", "replay.region_filter"))
 
 
 def kd_objective(distill_config, label_smoothing):
@@ -41,7 +63,7 @@ def kd_objective(distill_config, label_smoothing):
 
 
 def precomputed_task(config, join_fn) -> steps.Task:
-  """KD against soft_labels/ rows joined to each record (see soft_labels.SoftLabelJoin)."""
+  """KD against soft_labels/ rows joined to each crop (see soft_labels.SoftLabelJoin)."""
   objective = kd_objective(config.distill, config.optimizer.label_smoothing)
 
   def loss_fn(apply_fn, variables, batch, rng, aux):
@@ -74,16 +96,49 @@ def online_task(config, teachers) -> steps.Task:
                     aux=[t.variables for t in teachers])
 
 
+def _flag_value(like, value) -> str:
+  """`value` written as a --config flag parses it for a field that holds `like`."""
+  if isinstance(like, tuple):
+    return repr(tuple(value))
+  return value if isinstance(like, str) else json.dumps(value)
+
+
+def check_crops(config, meta, soft_labels_dir):
+  """Refuses a student whose crops are not the ones the soft labels' train rows describe."""
+  replay = meta.get("replay")
+  if not replay or replay["split"] != config.train_split:
+    logging.warning(
+        "soft labels in %s describe the teachers' centre view of each %s record, not the "
+        "student's crops (input.crop_scale=%s): wide crops learn targets for what they do not "
+        "show. Re-run soft_labels with --config.replay_epochs=16 for targets of the crops.",
+        soft_labels_dir, config.train_split, tuple(config.input.crop_scale))
+    return
+  for field, key, soft_field in CROP_FIELDS:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if json.loads(json.dumps(value)) != replay[key]:  # tuples → lists, as meta.json holds them
+      theirs = _flag_value(value, replay[key])
+      raise ValueError(
+          f"config.{field}={_flag_value(value, value)} but the soft labels in {soft_labels_dir} "
+          f"hold the teachers' view of crops made with {key}={theirs}: set "
+          f"--config.{field}='{theirs}', or re-run soft_labels with "
+          f"--config.{soft_field}='{_flag_value(value, value)}'.")
+  logging.info("precomputed targets of the student's own crops: %d epochs × %d positions "
+               "replayed", replay["epochs"], replay["num_positions"])
+
+
 def build_task(config, workdir) -> steps.Task:
   d = config.distill
   dataset_dir = os.path.join(workdir, config.dataset_dir)
   if d.mode == "precomputed":
-    join_fn, meta = soft_labels.open_split(os.path.join(workdir, d.soft_labels_dir), dataset_dir,
-                                           config.train_split)
+    soft_dir = os.path.join(workdir, d.soft_labels_dir)
+    join_fn, meta = soft_labels.open_split(soft_dir, dataset_dir, config.train_split)
     if meta["temperature"] != d.temperature:
       raise ValueError(f"config.distill.temperature={d.temperature} but the soft labels were "
                        f"made at T={meta['temperature']}: set distill.temperature to it or "
                        "re-run soft_labels with --config.temperature.")
+    check_crops(config, meta, soft_dir)
     return precomputed_task(config, join_fn)
   if d.mode == "online":
     num_classes = len(train_loop.load_classes(dataset_dir))

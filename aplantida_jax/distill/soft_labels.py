@@ -1,28 +1,52 @@
 """Stage "soft_labels": the teacher ensemble's tempered predictions, stored sparse.
 
-For every record of the train split (and val, for monitoring) each teacher
-sees the eval crop (plus K−1 augmented views when config.num_views = K) at its
-own resolution; its probabilities at temperature T are averaged over views,
-then over teachers with per-image weights (a regional teacher counts
+What the teachers see:
+  replayed split (config.replay.split, "train"; config.replay_epochs = E > 0):
+      the student's own crops ("consistent teaching", Beyer et al. 2022, with
+      targets precomputed as TinyViT stores its teachers' logits). Row
+      e * N + j (e < E) is view position j of epoch e: record view[j] of the
+      student's train view (input_pipeline.train_view of config.replay's
+      sampling and region_filter; N = len(view)), cropped, flipped and jittered
+      by input_pipeline.Augment(config.replay's crops, seed) at (e, j), exactly
+      as the student's train loader draws it. The box is in source pixels, so
+      every teacher sees the same view at its own resolution.
+  other splits (val, for monitoring), and train when E = 0: the eval crop
+      (plus K−1 augmented views when config.num_views = K; view v of record i
+      is Augment(config.augment, config.seed) at (v, i)). Row i = record i.
+Each teacher's probabilities at temperature T are averaged over views, then
+over teachers with per-image weights (a regional teacher counts
 `region_weight` times more on images of its region: image country, else the
 species' regions, as stored in the shards). Only the top-k probabilities
-(float16), their classes (int32) and the remaining mass are kept: dense
-storage is N × C × 2 bytes (900k images × 9,000 classes ≈ 16 GB) against the
-user's 3.3 GB budget.
+(float16), their classes (int32) and the remaining mass are kept per row
+(k × 6 + 4 bytes), plus the record sha256 once per view position (32 bytes:
+every epoch's row e * N + j shows record view[j]). Dense storage is N × C × 2
+bytes (900k images × 9,000 classes ≈ 16 GB a row per image) against the
+user's 3.3 GB budget; replaying E = 16 epochs sparse is ≈ 0.95 GB at k = 10
+(14.4M rows × 64 bytes + 900k positions × 32 bytes).
 
-  <workdir>/soft_labels/meta.json                 T, k, teachers, dataset hash, counts
-  <workdir>/soft_labels/<split>/probs.npy         [N, k] float16 (teacher probabilities at T)
-                               classes.npy        [N, k] int32
-                               rest.npy           [N] float32 (1 − Σ probs)
-                               sha256.npy         [N, 32] uint8 (record sha256, for alignment)
-  <workdir>/soft_labels/chunks/                   resumable work (atomic .npz per chunk)
+  <workdir>/soft_labels/meta.json                 T, k, teachers, dataset hash, rows per split
+                                                  ("counts"), and "replay": what the crops
+                                                  depend on (split, epochs, num_positions,
+                                                  view_sha256, seed, crop_scale, crop_ratio,
+                                                  color_jitter, sampling, region_filter);
+                                                  null for centre views only
+  <workdir>/soft_labels/<split>/probs.npy         [rows, k] float16 (teacher probabilities at T)
+                               classes.npy        [rows, k] int32
+                               rest.npy           [rows] float32 (1 − Σ probs)
+                               sha256.npy         [N, 32] uint8: position j's record sha256
+                                                  (view[j]; for centre views N rows = N
+                                                  records), for alignment
+  <workdir>/soft_labels/chunks/                   resumable work (atomic .npz per chunk of rows)
 
-Row i belongs to record i of the split; `open_split` refuses a set made for
-another dataset and `SoftLabelJoin` checks every record's sha256 when it is
-read, so a misaligned set fails instead of training on the wrong targets.
+`open_split` refuses a set made for another dataset or of another size (rows
+or positions), `SoftLabelJoin` checks the sha256 of each row's position
+against the record it is joined to, and distill/loop.py refuses a student
+whose seed, crops or view differ from meta.json "replay", so a misaligned set
+fails instead of training on the wrong targets.
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -126,42 +150,48 @@ class TeacherWeights:
     return cls([t.weight for t in teachers], [t.countries for t in teachers],
                [t.region_weight for t in teachers])
 
-  def __call__(self, index, record):
-    del index
+  def __call__(self, index, epoch, position, record):
+    del index, epoch, position
     w = [w * (rw if c and records.in_region(record["regions"], c) else 1.0)
          for w, c, rw in zip(self.weights, self.countries, self.region_weights)]
     return {"teacher_weights": np.asarray(w, np.float32)}
 
 
 class TeacherViews(grain.transforms.Map):
-  """A record → its eval crop and K−1 augmented views at each teacher resolution.
+  """A row's element → the images its teachers see, per distinct teacher input (size, crop).
 
-  View v of record i is drawn from rng (seed, v, i): the same crop for every
-  teacher and independent of chunking, batch size and workers.
+  replay (an input_pipeline.Augment): the student's crop of the element's
+  (epoch, position), one view. Otherwise the eval crop plus num_views − 1
+  views of `augment` at (view, record index). Either way the same crop for
+  every teacher, independent of chunking, batch size and workers.
   """
 
-  def __init__(self, crops, num_views, crop_scale, crop_ratio, color_jitter, seed, weights):
-    # (image_size, eval transform, augmenting transform) per distinct teacher input.
-    self.transforms = tuple(
-        (size, input_pipeline.EvalTransform(size, fraction),
-         input_pipeline.TrainTransform(size, crop_scale, crop_ratio, color_jitter))
-        for size, fraction in crops)
-    self.num_views = num_views
-    self.seed = seed
+  def __init__(self, crops, weights, *, num_views=1, augment=None, replay=None):
+    self.crops = tuple(crops)  # (image_size, eval_crop_fraction) per distinct teacher input
     self.weights = weights
+    self.num_views = num_views
+    self.augment = augment
+    self.replay = replay
 
   def map(self, element):
     record = shards.decode(element["data"])
-    out = {"index": np.int32(element["index"]), "label": np.int32(record["label"]),
+    epoch, position, index = element["epoch"], element["position"], element["index"]
+    out = {"index": np.int32(index), "epoch": np.int32(epoch), "position": np.int32(position),
+           "label": np.int32(record["label"]),
            "sha256": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8),
-           **self.weights(element["index"], record)}
-    for size, eval_transform, augment in self.transforms:
-      out[view_key(size, eval_transform.crop_fraction, 0)] = eval_transform.map(element)["image"]
+           **self.weights(index, epoch, position, record)}
+    jpeg = record["jpeg"]
+    for size, fraction in self.crops:
+      if self.replay is not None:
+        out[view_key(size, fraction, 0)] = self.replay.image(jpeg, epoch, position, size)
+        continue
+      out[view_key(size, fraction, 0)] = input_pipeline.centre_crop(jpeg, size, fraction)
       for v in range(1, self.num_views):
-        rng = np.random.default_rng((self.seed, v, element["index"]))
-        out[view_key(size, eval_transform.crop_fraction, v)] = augment.random_map(
-            element, rng)["image"]
+        out[view_key(size, fraction, v)] = self.augment.image(jpeg, v, index, size)
     return out
+
+
+_HOST_FIELDS = ("index", "epoch", "position", "label", "sha256")  # TeacherViews' non-device fields
 
 
 def view_key(image_size, crop_fraction, view):
@@ -196,20 +226,55 @@ def _pad(batch, size):
 
 def _atomic_save(path, **arrays):
   with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
-    if len(arrays) == 1 and "array" in arrays:
-      np.save(f, arrays["array"])
-    else:
-      np.savez(f, **arrays)
+    np.savez(f, **arrays)
 
 
-def fingerprint(config, teachers, manifest_sha256, num_classes):
+def replay_spec(config, dataset_dir):
+  """(meta["replay"], view) of the replayed split; (None, None) when replay_epochs = 0.
+
+  The view is the student's train view (input_pipeline.train_view), so row
+  e * N + j is the crop the student draws at position j in epoch e.
+  """
+  epochs = config.replay_epochs
+  if not epochs:
+    return None, None
+  r = config.replay
+  if r.sampling != "uniform":
+    raise ValueError(
+        f"config.replay.sampling={r.sampling!r}: only 'uniform' (with or without "
+        "replay.region_filter) can be replayed; weighted samplings draw the whole run's records "
+        "up front, not epoch by epoch. Distill with config.input.sampling='uniform', or set "
+        "--config.replay_epochs=0 for centre-view targets.")
+  if config.num_views != 1:
+    raise ValueError(
+        f"config.num_views={config.num_views} with replay_epochs={epochs}: a replayed row is "
+        "the teachers' view of one exact student crop, so extra random views would describe "
+        "other crops. Set --config.num_views=1 (or --config.replay_epochs=0).")
+  if r.split not in config.splits:
+    raise ValueError(f"config.replay.split={r.split!r} is not in "
+                     f"config.splits={list(config.splits)}.")
+  view = input_pipeline.train_view(r, dataset_dir, r.split, num_samples=0, seed=config.seed)
+  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, r.split), view)
+  positions = np.asarray(source.record_index(np.arange(source.num_positions)), np.int64)
+  spec = {"split": r.split, "epochs": int(epochs), "num_positions": source.num_positions,
+          "view_sha256": hashlib.sha256(positions.tobytes()).hexdigest(), "seed": int(config.seed),
+          "crop_scale": [float(x) for x in r.crop_scale],
+          "crop_ratio": [float(x) for x in r.crop_ratio], "color_jitter": float(r.color_jitter),
+          "sampling": r.sampling, "region_filter": list(r.region_filter)}
+  return spec, view
+
+
+def fingerprint(config, teachers, manifest_sha256, num_classes, replay=None):
   """What the soft labels depend on; chunks of another fingerprint are stale."""
-  return hashing.sha256_json({
+  fields = {
       "temperature": config.temperature, "top_k": config.top_k, "num_views": config.num_views,
       "seed": config.seed, "augment": config.augment.to_dict(), "manifest": manifest_sha256,
       "num_classes": num_classes, "teachers": [
           (t.dir, t.checkpoint_sha256, t.weight, t.countries, t.region_weight, t.image_size,
-           t.eval_crop_fraction) for t in teachers]})
+           t.eval_crop_fraction) for t in teachers]}
+  if replay:  # absent for centre views, so sets made before replaying keep their fingerprint
+    fields["replay"] = replay
+  return hashing.sha256_json(fields)
 
 
 def manifest_sha256(dataset_dir):
@@ -223,58 +288,113 @@ def split_count(dataset_dir, split):
   return len(grain.sources.ArrayRecordDataSource(shards.shard_paths(dataset_dir, split)))
 
 
-def _chunk_loader(config, dataset_dir, split, start, stop, transform, batch_size):
-  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, split),
-                                       np.arange(start, stop))
-  sampler = grain.samplers.IndexSampler(num_records=len(source),
+class _Rows(grain.sources.RandomAccessDataSource):
+  """Rows start..stop−1 of a RecordSource (row = epoch * N + position): one chunk's work.
+
+  Forwards keys itself: Grain would take them modulo the RecordSource's length.
+  """
+
+  def __init__(self, source, start, stop):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self):
+    return self.stop - self.start
+
+  def __getitem__(self, key):
+    return self.source[self.start + int(key)]
+
+  def __repr__(self):
+    return f"_Rows({self.source!r}, {self.start}, {self.stop})"
+
+
+def _chunk_loader(config, source, start, stop, transform, batch_size):
+  rows = _Rows(source, start, stop)
+  sampler = grain.samplers.IndexSampler(num_records=len(rows),
                                         shard_options=grain.sharding.NoSharding(),
                                         shuffle=False, num_epochs=1, seed=config.seed)
   return input_pipeline.data_loader(
-      source, sampler, [transform, grain.transforms.Batch(batch_size, drop_remainder=False)],
+      rows, sampler, [transform, grain.transforms.Batch(batch_size, drop_remainder=False)],
       config.input)
 
 
-def label_split(config, dataset_dir, chunk_dir, split, compute, transform, mesh):
-  """Writes chunk files of one split (skipping finished ones) → merged arrays."""
-  count = split_count(dataset_dir, split)
+def label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh):
+  """Writes the chunk files of a split's epochs × source.num_positions rows (skipping
+  finished ones) → their paths, in row order."""
+  num_positions = source.num_positions
+  count = epochs * num_positions
   chunk = config.chunk_size
-  parts = []
+  paths = []
   with tqdm(total=count, desc=f"soft labels {split}", unit="img", disable=None) as bar:
     for start in range(0, count, chunk):
       stop = min(start + chunk, count)
       path = os.path.join(chunk_dir, f"{split}-{start:010d}.npz")
-      if not os.path.exists(path):
-        out = {name: [] for name in ("index",) + ARRAYS}
-        for batch in _chunk_loader(config, dataset_dir, split, start, stop, transform,
-                                   config.batch_size):
-          real = len(batch["index"])
-          device_batch = sharding.global_batch(
-              mesh, _pad({k: v for k, v in batch.items() if k not in ("index", "sha256", "label")},
-                         config.batch_size))
-          probs, classes, rest = jax.device_get(compute(device_batch))
-          out["probs"].append(probs[:real].astype(np.float16))
-          out["classes"].append(classes[:real].astype(np.int32))
-          out["rest"].append(rest[:real].astype(np.float32))
-          out["sha256"].append(batch["sha256"])
-          out["index"].append(batch["index"])
-          bar.update(real)
-        arrays = {name: np.concatenate(v) for name, v in out.items()}
-        if not np.array_equal(arrays.pop("index"), np.arange(start, stop)):
-          raise RuntimeError(f"soft labels {split} [{start}, {stop}): records came back out of "
-                             "order; this is a bug, please report it.")
-        _atomic_save(path, **arrays)
-      else:
+      paths.append(path)
+      if os.path.exists(path):
         bar.update(stop - start)
-      with np.load(path) as saved:
-        parts.append({name: saved[name] for name in ARRAYS})
-  return {name: np.concatenate([p[name] for p in parts]) for name in ARRAYS}
+        continue
+      out = {name: [] for name in ("row",) + ARRAYS}
+      for batch in _chunk_loader(config, source, start, stop, transform, config.batch_size):
+        real = len(batch["index"])
+        device_batch = sharding.global_batch(
+            mesh, _pad({k: v for k, v in batch.items() if k not in _HOST_FIELDS},
+                       config.batch_size))
+        probs, classes, rest = jax.device_get(compute(device_batch))
+        out["probs"].append(probs[:real].astype(np.float16))
+        out["classes"].append(classes[:real].astype(np.int32))
+        out["rest"].append(rest[:real].astype(np.float32))
+        out["sha256"].append(batch["sha256"])
+        out["row"].append(batch["epoch"].astype(np.int64) * num_positions + batch["position"])
+        bar.update(real)
+      arrays = {name: np.concatenate(v) for name, v in out.items()}
+      if not np.array_equal(arrays.pop("row"), np.arange(start, stop)):
+        raise RuntimeError(f"soft labels {split} rows [{start}, {stop}): records came back out "
+                           "of order; this is a bug, please report it.")
+      _atomic_save(path, **arrays)
+  return paths
 
 
-def _write_split(out_dir, split, arrays):
+def _write_split(out_dir, split, chunk_paths, rows, num_positions):
+  """<split>/<array>.npy from the chunks, one array at a time (memory: one chunk).
+
+  The chunks hold each row's record sha256; sha256.npy keeps it once per view
+  position (row e * N + j → entry j, set by epoch 0's rows), after checking
+  that every later epoch's row of a position read the same record.
+  """
   split_dir = os.path.join(out_dir, split)
   os.makedirs(split_dir, exist_ok=True)
   for name in ARRAYS:
-    _atomic_save(os.path.join(split_dir, f"{name}.npy"), array=arrays[name])
+    with fileio.atomic_path(os.path.join(split_dir, f"{name}.npy")) as tmp:
+      merged, at = None, 0
+      if name == "sha256":
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                           shape=(num_positions, 32))
+      for path in chunk_paths:
+        with np.load(path) as saved:
+          part = saved[name]
+        if name == "sha256":
+          _merge_positions(merged, part, at, split)
+        else:
+          if merged is None:
+            merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=part.dtype,
+                                               shape=(rows,) + part.shape[1:])
+          merged[at:at + len(part)] = part
+        at += len(part)
+      merged.flush()
+      del merged
+
+
+def _merge_positions(positions, part, start, split):
+  """Rows start.. of a chunk (sha256 [n, 32]) into positions [N, 32]: epoch 0 sets, others check.
+
+  Chunks come in row order, so every position is set before a later epoch reads it.
+  """
+  num_positions = len(positions)
+  rows = start + np.arange(len(part))
+  first = rows < num_positions
+  positions[rows[first]] = part[first]
+  if not np.array_equal(positions[rows[~first] % num_positions], part[~first]):
+    raise RuntimeError(f"soft labels {split} rows [{start}, {start + len(part)}): a view position "
+                       "read another record than in epoch 0; this is a bug, please report it.")
 
 
 def _folder_bytes(folder):
@@ -282,17 +402,26 @@ def _folder_bytes(folder):
              for f in files)
 
 
-def storage_report(out_dir, splits, counts, num_classes):
+def storage_report(out_dir, splits, counts, num_classes, k, replay):
   """Disk size of the sparse set vs dense fp16 storage, here and at the user's scale."""
   sparse = sum(_folder_bytes(os.path.join(out_dir, s)) for s in splits)
   dense = sum(counts.values()) * num_classes * 2
-  reference = REFERENCE["images"] * REFERENCE["classes"] * 2
-  logging.info("soft labels on disk: %.3f MB sparse; dense N×C×fp16 would be %.3f MB. "
-               "At the plan's scale (%d images × %d classes) dense fp16 is %.1f GB against the "
-               "%.1f GB budget.", sparse / 1e6, dense / 1e6, REFERENCE["images"],
-               REFERENCE["classes"], reference / 1e9, REFERENCE["budget_bytes"] / 1e9)
+  row_bytes = k * (2 + 4) + 4  # fp16 probs + int32 classes, float32 rest
+  position_bytes = 32          # the record sha256, once per view position (not per row)
+  rows_per_image = replay["epochs"] if replay else 1
+  reference = REFERENCE["images"] * (rows_per_image * row_bytes + position_bytes)
+  reference_dense = REFERENCE["images"] * rows_per_image * REFERENCE["classes"] * 2
+  what = (f"{replay['split']}: {replay['epochs']} epochs × {replay['num_positions']} student "
+          "crops" if replay else "one centre view per image")
+  logging.info("soft labels on disk: %.3f MB sparse (%s; %d bytes a row: k=%d × (fp16 + int32) "
+               "+ rest, and %d bytes a position: sha256); dense N×C×fp16 would be %.3f MB. At "
+               "the plan's scale (%d images × %d classes, %d rows an image) sparse is %.2f GB "
+               "against the %.1f GB budget, dense fp16 %.1f GB.", sparse / 1e6, what, row_bytes,
+               k, position_bytes, dense / 1e6, REFERENCE["images"], REFERENCE["classes"],
+               rows_per_image, reference / 1e9, REFERENCE["budget_bytes"] / 1e9,
+               reference_dense / 1e9)
   return {"sparse_bytes": sparse, "dense_fp16_bytes": dense,
-          "reference_dense_fp16_bytes": reference,
+          "reference_sparse_bytes": reference, "reference_dense_fp16_bytes": reference_dense,
           "reference_budget_bytes": REFERENCE["budget_bytes"]}
 
 
@@ -314,11 +443,14 @@ def run(config, workdir) -> dict:
   num_classes = len(loop.load_classes(dataset_dir))
   k = min(config.top_k, num_classes)
   dataset_hash = manifest_sha256(dataset_dir)
+  replay, view = replay_spec(config, dataset_dir)
   teachers = load_teachers(config, workdir, num_classes)
-  run_fingerprint = fingerprint(config, teachers, dataset_hash, num_classes)
+  run_fingerprint = fingerprint(config, teachers, dataset_hash, num_classes, replay)
   meta = read_meta(out_dir)
   if meta and meta.get("fingerprint") == run_fingerprint and all(
-      os.path.exists(os.path.join(out_dir, s, f"{a}.npy")) for s in meta["splits"] for a in ARRAYS):
+      os.path.exists(os.path.join(out_dir, s, f"{a}.npy")) for s in meta["splits"] for a in ARRAYS
+  ) and all(stored_lengths(os.path.join(out_dir, s)) == expected_lengths(
+      meta["counts"][s], split_positions(meta, s)) for s in meta["splits"]):
     logging.info("soft labels in %s are up to date", out_dir)
     return {"metric": meta["metric"], **meta["storage"]}
 
@@ -337,24 +469,33 @@ def run(config, workdir) -> dict:
   sharding.process_batch_size(config.batch_size, mesh)  # checks divisibility
   replicated = sharding.replicated(mesh)
   variables = jax.device_put([t.variables for t in teachers], replicated)
-  compute = jax.jit(functools.partial(
+  compute = functools.partial(jax.jit(functools.partial(
       ensemble_topk, teachers=teachers, num_views=config.num_views,
-      temperature=config.temperature, k=k), out_shardings=replicated)
+      temperature=config.temperature, k=k), out_shardings=replicated), variables)
   crops = sorted({(t.image_size, t.eval_crop_fraction) for t in teachers})
-  aug = config.augment
-  transform = TeacherViews(crops, config.num_views, tuple(aug.crop_scale), tuple(aug.crop_ratio),
-                           aug.color_jitter, config.seed, TeacherWeights.of(teachers))
+  weights = TeacherWeights.of(teachers)
+  centre = TeacherViews(crops, weights, num_views=config.num_views,
+                        augment=input_pipeline.Augment.of(config.augment, config.seed))
 
   counts, ensemble_top1 = {}, {}
   for split in config.splits:
-    arrays = label_split(config, dataset_dir, chunk_dir, split,
-                         functools.partial(compute, variables), transform, mesh)
+    replayed = replay is not None and split == replay["split"]
+    source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, split),
+                                         view if replayed else None)
+    epochs = replay["epochs"] if replayed else 1
+    transform = (TeacherViews(crops, weights,
+                              replay=input_pipeline.Augment.of(config.replay, config.seed))
+                 if replayed else centre)
+    paths = label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh)
+    rows = epochs * source.num_positions
+    _write_split(out_dir, split, paths, rows, source.num_positions)
     labels = input_pipeline.read_metadata(dataset_dir, split)["labels"]
-    counts[split] = len(labels)
-    ensemble_top1[split] = float(np.mean(arrays["classes"][:, 0] == labels)) if len(labels) else 0.0
-    _write_split(out_dir, split, arrays)
+    row_labels = labels[source.record_index(np.arange(rows) % source.num_positions)]
+    top1 = np.load(os.path.join(out_dir, split, "classes.npy"), mmap_mode="r")[:, 0]
+    counts[split] = rows
+    ensemble_top1[split] = float(np.mean(top1 == row_labels)) if rows else 0.0
 
-  storage = storage_report(out_dir, config.splits, counts, num_classes)
+  storage = storage_report(out_dir, config.splits, counts, num_classes, k, replay)
   metric = ", ".join(f"{s} ensemble top-1 {v:.3f}" for s, v in ensemble_top1.items())
   metric += (f"; {storage['sparse_bytes'] / 1e3:.1f} kB on disk "
              f"(dense fp16 {storage['dense_fp16_bytes'] / 1e3:.1f} kB)")
@@ -362,6 +503,7 @@ def run(config, workdir) -> dict:
       "temperature": config.temperature, "top_k": k, "num_views": config.num_views,
       "num_classes": num_classes, "dataset_manifest_sha256": dataset_hash, "counts": counts,
       "splits": list(config.splits), "ensemble_top1": ensemble_top1, "storage": storage,
+      "replay": replay,
       "teachers": [{"dir": t.dir, "name": t.name, "checkpoint_sha256": t.checkpoint_sha256,
                     "weight": t.weight, "countries": list(t.countries),
                     "region_weight": t.region_weight, "image_size": t.image_size}
@@ -373,17 +515,25 @@ def run(config, workdir) -> dict:
 
 
 class SoftLabelJoin:
-  """join_fn: record index → its soft labels, after checking the record's sha256.
+  """join_fn(index, epoch, position, record) → that crop's soft labels, sha256-checked.
 
-  Picklable (Grain workers); the arrays are memory-mapped on first use.
+  Centre views (crop_epochs = 0): row = record index, and sha256.npy entry
+  `index` is that record's. Replayed crops (crop_epochs = E): row = epoch *
+  num_positions + position, the targets of the crop the train loader draws at
+  (epoch, position), and sha256.npy entry `position` is record view[position]'s
+  (one entry per position, shared by its E rows); `crop_epochs` also makes the
+  loader draw epoch e ≥ E as e % E (input_pipeline.train_loader). Picklable
+  (Grain workers); the arrays are memory-mapped on first use.
   """
 
-  def __init__(self, split_dir):
+  def __init__(self, split_dir, crop_epochs=0, num_positions=0):
     self.split_dir = split_dir
+    self.crop_epochs = crop_epochs
+    self.num_positions = num_positions
     self._arrays = None
 
   def __getstate__(self):
-    return {"split_dir": self.split_dir, "_arrays": None}
+    return {**self.__dict__, "_arrays": None}
 
   def arrays(self):
     if self._arrays is None:
@@ -391,20 +541,50 @@ class SoftLabelJoin:
                       for name in ARRAYS}
     return self._arrays
 
-  def __call__(self, index, record):
+  def __call__(self, index, epoch, position, record):
     a = self.arrays()
-    if a["sha256"][index].tobytes().hex() != record["sha256"]:
+    if not self.crop_epochs:
+      row, entry, what = index, index, f"record {index}"
+    elif 0 <= epoch < self.crop_epochs and 0 <= position < self.num_positions:
+      row, entry = epoch * self.num_positions + position, position
+      what = f"epoch {epoch}, position {position}"
+    else:
+      raise ValueError(f"Soft labels in {self.split_dir} replay {self.crop_epochs} epochs × "
+                       f"{self.num_positions} positions; the loader asked for epoch {epoch}, "
+                       f"position {position}: use input_pipeline.train_loader, which wraps epochs.")
+    made_for = a["sha256"][entry].tobytes().hex()
+    if made_for != record["sha256"]:
       raise ValueError(
-          f"Soft labels in {self.split_dir} are misaligned: row {index} was made for image "
-          f"{a['sha256'][index].tobytes().hex()[:12]}…, the dataset's record {index} is "
-          f"{record['sha256'][:12]}…. Re-run the soft_labels stage on this dataset.")
-    return {"teacher_probs": np.asarray(a["probs"][index]),
-            "teacher_classes": np.asarray(a["classes"][index]),
-            "teacher_rest": np.float32(a["rest"][index])}
+          f"Soft labels in {self.split_dir} are misaligned: row {row} ({what}) was made for "
+          f"image {made_for[:12]}… (sha256.npy entry {entry}), the record joined to it (record "
+          f"{index}) is {record['sha256'][:12]}…. Re-run the soft_labels stage on this dataset "
+          "(with the student's view: --config.replay.sampling / region_filter).")
+    return {"teacher_probs": np.asarray(a["probs"][row]),
+            "teacher_classes": np.asarray(a["classes"][row]),
+            "teacher_rest": np.float32(a["rest"][row])}
+
+
+def stored_lengths(split_dir):
+  """{array: first dimension} of a stored split, from the .npy headers."""
+  return {name: len(np.load(os.path.join(split_dir, f"{name}.npy"), mmap_mode="r"))
+          for name in ARRAYS}
+
+
+def expected_lengths(rows, positions):
+  """What stored_lengths must say: `rows` of targets, one sha256 per view position."""
+  return {name: positions if name == "sha256" else rows for name in ARRAYS}
+
+
+def split_positions(meta, split):
+  """View positions (sha256.npy entries) of a stored split: replayed N, else its rows."""
+  replay = meta.get("replay")  # absent in sets made before crops were replayed
+  if replay and replay["split"] == split:
+    return replay["num_positions"]
+  return meta["counts"][split]
 
 
 def open_split(soft_labels_dir, dataset_dir, split):
-  """(SoftLabelJoin, meta) of a split, refusing a set made for another dataset."""
+  """(SoftLabelJoin, meta) of a split, refusing a set made for another dataset or size."""
   meta = read_meta(soft_labels_dir)
   fix = "re-run the soft_labels stage (configs/soft_labels.py) on this workdir"
   if meta is None:
@@ -417,9 +597,28 @@ def open_split(soft_labels_dir, dataset_dir, split):
     raise ValueError(f"Soft labels in {soft_labels_dir} have no {split!r} split "
                      f"(have {meta['splits']}): add it to config.splits and {fix}.")
   count = split_count(dataset_dir, split)
-  stored = len(np.load(os.path.join(soft_labels_dir, split, "sha256.npy"), mmap_mode="r"))
-  if not meta["counts"][split] == stored == count:
-    raise ValueError(f"Soft labels in {soft_labels_dir}/{split} hold {stored} rows "
-                     f"(meta.json says {meta['counts'][split]}), the dataset's {split} split "
-                     f"{count} records: {fix}.")
-  return SoftLabelJoin(os.path.join(soft_labels_dir, split)), meta
+  replay = meta.get("replay")
+  split_dir = os.path.join(soft_labels_dir, split)
+  if replay and replay["split"] == split:
+    epochs, positions = replay["epochs"], replay["num_positions"]
+    # A region-filtered view is smaller than the split; the sha256 check it when read.
+    if not replay["region_filter"] and positions != count:
+      raise ValueError(f"Soft labels in {soft_labels_dir}/{split} replay {positions} positions, "
+                       f"the dataset's {split} split has {count} records: {fix}.")
+    join = SoftLabelJoin(split_dir, epochs, positions)
+    expected, what = epochs * positions, f"{epochs} epochs × {positions} crops"
+  else:
+    join = SoftLabelJoin(split_dir)
+    positions, expected, what = count, count, f"{count} records"
+  if meta["counts"][split] != expected:
+    raise ValueError(f"Soft labels in {soft_labels_dir}/{split}: meta.json counts "
+                     f"{meta['counts'][split]} rows, the dataset's {split} split needs "
+                     f"{expected} ({what}): {fix}.")
+  lengths = stored_lengths(split_dir)
+  for name, want in expected_lengths(expected, positions).items():
+    if lengths[name] != want:
+      unit = "sha256 entries (one per view position)" if name == "sha256" else "rows"
+      raise ValueError(f"Soft labels in {soft_labels_dir}/{split}/{name}.npy holds "
+                       f"{lengths[name]} {unit}, the dataset's {split} split needs {want} "
+                       f"({what}): {fix}.")
+  return join, meta

@@ -132,8 +132,9 @@ def to_markdown(report, max_class_rows=25):
     out += ["## Student vs teacher", "",
             f"Teacher: `{agreement['teacher_dir']}`. Top-5 agree = the teacher's top-1 is in the student's top 5 "
             "(as big_vision's distillation evaluator); KL(teacher ‖ student) in nats.", "",
-            _table(["top-1 agree", "top-5 agree", "KL(teacher ‖ student)"],
-                   [(agreement["top1_agree"], agreement["top5_agree"], agreement["kl_teacher_student"])]), ""]
+            _table(["teacher top-1", "student top-1", "top-1 agree", "top-5 agree", "KL(teacher ‖ student)"],
+                   [(agreement["teacher_top1"], before["top1"], agreement["top1_agree"],
+                     agreement["top5_agree"], agreement["kl_teacher_student"])]), ""]
   out += ["## Most confused species", "",
           _table(["true species", "predicted as", "images", "share of true species"],
                   [(c["true_species"], c["predicted_species"], c["count"], c["fraction_of_true"])

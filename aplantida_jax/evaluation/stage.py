@@ -108,6 +108,8 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
       raise ValueError(f"The teacher {e.teacher_dir}/ and the evaluated checkpoint predicted different images "
                        f"on {report_split}; both must read the same dataset/ shards.")
     result["teacher_agreement"] = {"teacher_dir": e.teacher_dir,
+                                   "teacher_top1": metrics.topk_accuracy(teacher["logits"], test["labels"], 1),
+                                   "teacher_top5": metrics.topk_accuracy(teacher["logits"], test["labels"], 5),
                                    **metrics.teacher_agreement(test["logits"], teacher["logits"])}
   result["criteria"] = report.criteria_table(test_after, config.criteria)
   result["criteria_passed"] = all(r["passed"] for r in result["criteria"] if r["passed"] is not None)
@@ -152,6 +154,8 @@ def run(config, workdir):
   return {"metric": (f"{report_split} top1 {before['top1']:.3f} top5 {before['top5']:.3f} "
                      f"ECE {before['ece']:.3f}->{after['ece']:.3f} T {cal['temperature']:.2f} "
                      f"threshold {cal['threshold']['threshold']:.3f} "
-                     f"coverage {cal['report_split']['coverage']:.2f}"),
+                     f"coverage {cal['report_split']['coverage']:.2f}"
+                     + (f"; teacher top1 {result['teacher_agreement']['teacher_top1']:.3f}"
+                        if result["teacher_agreement"] else "")),
           "report": os.path.join(workdir, "eval", "report.json"),
           "criteria_passed": result["criteria_passed"]}

@@ -132,8 +132,9 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
     images = parity.split_images(dataset_dir, e.parity_split, e.parity_images, image_size,
                                  float(train_config.input.eval_crop_fraction))
     jax_probs = serving.jax_probabilities(serving.serving_fn(model, cal["temperature"]), variables, images)
-    parity_report = parity.report(jax_probs, parity.tfjs_probabilities(tmp_dir, images,
-                                                                       tuple(e.parity_backends)))
+    parity_report = parity.report(
+        jax_probs, parity.tfjs_probabilities(tmp_dir, images, tuple(e.parity_backends)),
+        parity.split_labels(dataset_dir, e.parity_split, e.parity_images))
     parity_report["split"] = e.parity_split
     fileio.write_json(os.path.join(tmp_dir, "parity.json"), parity_report)
     logging.info("export_tfjs: parity %s", parity_report)
@@ -164,8 +165,10 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
   metric = f"{result['tfjs_mb']:.2f} MB {e.quantize or 'float32'}, {counts['params']:,} params"
   if parity_report:
     worst = min(parity_report["backends"].values(), key=lambda b: b["top1_agreement"])
-    metric += (f", TF.js top-1 agreement {worst['top1_agreement']:.3f}, max |Δp| "
-               f"{max(b['max_abs_diff'] for b in parity_report['backends'].values()):.4f}")
+    metric += (f", TF.js top-1 agreement {worst['top1_agreement']:.3f} on {worst['n_decided']}/"
+               f"{worst['n']} decided images (raw {worst['top1_agreement_raw']:.3f}), max |Δp| "
+               f"{max(b['max_abs_diff'] for b in parity_report['backends'].values()):.4f}, "
+               f"TF.js {e.parity_split} top-1 {worst['top1_accuracy']:.3f}")
   return {"metric": metric, "out_dir": out_dir, "size": size, "parity": parity_report,
           "estimates_mb": {k: v["mb"] for k, v in estimates.items()}}
 

@@ -115,8 +115,10 @@ def read_provenance(import_dir: str):
 
 
 def describe_provenance(provenance: dict) -> str:
-  package = provenance.get("package") or provenance.get("source_package") or "unknown package"
-  version = provenance.get("version") or provenance.get("source_version") or "?"
+  package = (provenance.get("package") or provenance.get("source_package")
+             or provenance.get("source") or "unknown package")  # PyPI package, or a Keras file
+  version = (provenance.get("version") or provenance.get("source_version")
+             or f"sha256 {provenance.get('weight_sha256', '?')[:12]}")
   return f"{package} {version} ({provenance.get('license') or 'no license recorded'})"
 
 

@@ -15,7 +15,6 @@ from importlib import metadata
 from aplantida_jax import fileio
 from aplantida_jax.data import sources
 from aplantida_jax.repro import hashing
-from aplantida_jax.train import checkpointing
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
             "tensorflow", "tensorflowjs", "tf-keras", "numpy", "pillow", "pymongo", "torch")
@@ -77,6 +76,9 @@ def _jax_devices() -> dict:
 
 def _outputs(workdir: str) -> dict:
   """Hashes of the artefacts people ship or audit."""
+  # Imported here: orbax and grain log warnings when imported, and the runner's console shows
+  # only its stage lines (repro/pipeline.py); by now the stages are done.
+  from aplantida_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   out = {}
   dataset_manifest = os.path.join(workdir, "dataset", "manifest.json")
   if os.path.exists(dataset_manifest):

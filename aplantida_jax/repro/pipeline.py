@@ -11,14 +11,18 @@ in `<workdir>/manifest.json` (see repro/manifest.py).
       [--from STAGE] [--only STAGE] [--force]
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+
+from absl import logging as absl_logging
 
 from aplantida_jax.repro import hashing
 from aplantida_jax.repro import manifest as manifest_lib
@@ -30,25 +34,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class Stage:
   name: str
   config: str        # file in the configs folder
-  output: str        # folder (or single file) under the workdir that the stage writes
+  output: str        # folder (or single file) under the workdir that the stage writes;
+                     # "" = the folder its config names in `out_dir` (shared by every workdir)
   deps: tuple = ()   # upstream stage names whose outputs this stage reads
   serves_demo: bool = False  # the demo CDN must be up while it runs
+
+  def output_path(self, config, workdir):
+    return os.path.join(workdir, self.output) if self.output else os.path.join(ROOT, config.out_dir)
 
 
 STAGES = (
     Stage("audit", "audit.py", "audit", serves_demo=True),
     Stage("export", "export.py", "dataset", serves_demo=True),
-    Stage("teacher_global", "teacher_global.py", "teacher_global", ("export",)),
+    Stage("pretrained", "pretrained.py", ""),
+    Stage("teacher_global", "teacher_global.py", "teacher_global", ("export", "pretrained")),
     Stage("teacher_regional", "teacher_regional.py", "teacher_regional", ("export", "teacher_global")),
     Stage("soft_labels", "soft_labels.py", "soft_labels", ("export", "teacher_global", "teacher_regional")),
-    Stage("distill", "student_distill.py", "student/distill", ("export", "soft_labels")),
+    Stage("distill", "student_distill.py", "student/distill", ("export", "pretrained", "soft_labels")),
     Stage("finetune", "student_finetune.py", "student/finetune", ("export", "distill")),
     Stage("evaluate", "evaluate.py", "eval", ("export", "finetune")),
     Stage("export_tfjs", "export_tfjs.py", "tfjs", ("export", "finetune", "evaluate")),
     Stage("license_check", "license_check.py", "license_report.json", (
-        "export", "teacher_global", "teacher_regional", "soft_labels", "distill", "finetune",
-        "export_tfjs")),
+        "export", "pretrained", "teacher_global", "teacher_regional", "soft_labels", "distill",
+        "finetune", "export_tfjs")),
 )
+
+
+class StageFailed(Exception):
+  """A stage exited non-zero; the message is the one line the console shows."""
 
 
 def available_stages(configs_dir):
@@ -64,21 +77,80 @@ def load_config(path, arg):
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
-def _run_stage(stage, config_arg, workdir, log_path):
-  """Runs one stage in a subprocess, teeing its output to a log; returns its summary."""
+_PROGRESS = re.compile(r"\bstep (\d+)/(\d+)\b|(\d+)%\|")
+_ERROR = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)\b|error:)")
+
+
+def shown(path):
+  """A path as the user's shell would name it: relative below the current folder, else absolute."""
+  rel = os.path.relpath(path)
+  return path if rel.startswith("..") else rel
+
+
+def last_error_line(lines):
+  """The line of a failed stage's log that says why: the exception, else its last line."""
+  lines = [line.strip() for line in lines if line.strip()]
+  errors = [line for line in lines if _ERROR.match(line)]
+  return (errors or lines or ["(no output)"])[-1]
+
+
+class Console:
+  """One line per stage on the terminal; every byte of the stage's output goes to its log.
+
+  On a terminal the running stage's line shows its latest progress (train step,
+  progress bar percentage) and is rewritten in place; elsewhere (CI, a pipe) only
+  the finished line is printed.
+  """
+
+  def __init__(self, total, stream=None):
+    self.total = total
+    self.stream = stream or sys.stdout
+    self.live = self.stream.isatty()
+    self.index = 0
+
+  def _head(self, name):
+    return f"[{self.index:>2}/{self.total}] {name:<17}"
+
+  def start(self, name):
+    self.index += 1
+    self.progress(name, "")
+
+  def progress(self, name, detail):
+    if self.live:
+      self.stream.write(f"\r\033[K{self._head(name)} running   {detail}")
+      self.stream.flush()
+
+  def finish(self, name, status, wall, metric):
+    prefix = "\r\033[K" if self.live else ""
+    self.stream.write(f"{prefix}{self._head(name)} {status:<9} {wall:6.1f}s  {metric}\n")
+    self.stream.flush()
+
+
+def _run_stage(stage, config_arg, workdir, log_path, console):
+  """Runs one stage in a subprocess, its output to a log only; returns its summary.
+
+  Raises StageFailed with the stage, the error's last line and the log path.
+  """
   cmd = [sys.executable, "-m", "aplantida_jax.main", f"--config={config_arg}", f"--workdir={workdir}"]
-  print(f"[pipeline] {stage.name}: {' '.join(cmd[1:])}", flush=True)
-  summary = {}
-  with open(log_path, "w") as log, subprocess.Popen(
-      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, bufsize=1) as proc:
+  summary, tail = {}, collections.deque(maxlen=200)
+  env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress reaches the log (and console) as it happens
+  with open(log_path, "w", buffering=1) as log, subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+      bufsize=1) as proc:
+    log.write(f"$ {' '.join(cmd)}\n")
     for line in proc.stdout:
-      sys.stdout.write(line)
       log.write(line)
+      tail.append(line)
+      for part in line.split("\r"):
+        match = _PROGRESS.search(part)
+        if match:
+          console.progress(stage.name, match.group(0).rstrip("|"))
       if line.startswith("{") and '"stage"' in line:
         with contextlib.suppress(json.JSONDecodeError):
           summary = json.loads(line)
   if proc.returncode != 0:
-    raise RuntimeError(f"stage {stage.name} failed (exit {proc.returncode}); log: {log_path}")
+    raise StageFailed(f"{stage.name} failed (exit {proc.returncode}): {last_error_line(tail)}  "
+                      f"[full log: {shown(log_path)}]")
   return summary
 
 
@@ -99,8 +171,10 @@ def _ensure_demo_data(demo_dir, port):
     with open(catalog) as f:
       if f"http://127.0.0.1:{port}/" in f.readline():
         return
+  print(f"drawing the demo catalog into {shown(demo_dir)}/", flush=True)
   subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", demo_dir,
-                  "--base-url", f"http://127.0.0.1:{port}"], check=True, cwd=ROOT)
+                  "--base-url", f"http://127.0.0.1:{port}"], check=True, cwd=ROOT,
+                 stdout=subprocess.DEVNULL)
 
 
 def select(stages, start=None, only=None):
@@ -135,26 +209,35 @@ def main(argv=None):
   if demo:
     _ensure_demo_data(demo_dir, common.DEMO_PORT)
 
-  stages = available_stages(configs_dir)
+  stages = select(available_stages(configs_dir), args.start, args.only)
   manifest = manifest_lib.load(workdir)
+  console = Console(len(stages))
+  print(f"pipeline → {shown(workdir)} (stage logs in {shown(workdir)}/logs/)", flush=True)
   rows = []
-  for stage in select(stages, args.start, args.only):
+  for stage in stages:
     path = os.path.join(configs_dir, stage.config)
     arg = "demo" if demo else None
     config = load_config(path, arg)
     record = manifest["stages"].get(stage.name, {})
     deps = {d: manifest["stages"].get(d, {}).get("output_hash") for d in stage.deps}
     fingerprint = hashing.sha256_json({"config": manifest_lib.redacted(config.to_dict()), "deps": deps})
-    out_dir = os.path.join(workdir, stage.output)
+    out_dir = stage.output_path(config, workdir)
+    console.start(stage.name)
     unchanged = (record.get("status") == "done" and record.get("fingerprint") == fingerprint
                  and os.path.exists(out_dir) and hashing.output_hash(out_dir) == record.get("output_hash"))
     if unchanged and not args.force:
       rows.append((stage.name, "skipped", 0.0, record.get("metric", "")))
+      console.finish(*rows[-1])
       continue
     start = time.time()
-    with _demo_cdn(demo and stage.serves_demo, demo_dir, common.DEMO_PORT):
-      summary = _run_stage(stage, path + (":demo" if demo else ""), workdir,
-                           os.path.join(workdir, "logs", f"{stage.name}.log"))
+    try:
+      with _demo_cdn(demo and stage.serves_demo, demo_dir, common.DEMO_PORT):
+        summary = _run_stage(stage, path + (":demo" if demo else ""), workdir,
+                             os.path.join(workdir, "logs", f"{stage.name}.log"), console)
+    except StageFailed as e:
+      console.finish(stage.name, "FAILED", time.time() - start, "")
+      print(f"error: stage {e}", file=sys.stderr)
+      return 1
     wall = time.time() - start
     manifest["stages"][stage.name] = {
         "status": "done", "fingerprint": fingerprint, "config": manifest_lib.redacted(config.to_dict()),
@@ -163,13 +246,15 @@ def main(argv=None):
     }
     manifest_lib.save(workdir, manifest)  # after every stage: a crash keeps what completed
     rows.append((stage.name, "ran", wall, summary.get("metric", "")))
+    console.finish(*rows[-1])
 
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/grain import chatter, not results
   manifest_lib.finalize(workdir, manifest)
   print("\nstage               status    time      key metric")
   for name, status, wall, metric in rows:
     print(f"{name:<19} {status:<9} {wall:7.1f}s  {metric}")
-  print(f"manifest: {os.path.join(workdir, 'manifest.json')}")
-
+  print(f"{sum(r[2] for r in rows):.0f}s in all; manifest: {shown(workdir)}/manifest.json")
+  return 0
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

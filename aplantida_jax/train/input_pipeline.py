@@ -3,17 +3,30 @@
 Batches hold `image` (uint8 NHWC; `steps.normalize_images` applies the ImageNet
 mean/std on device, so 4x fewer bytes cross process and PCIe boundaries),
 `label` (int32), `index` (int32 record index in the split) and whatever a
-task's `join_fn(index, record)` adds per record (e.g. soft labels). Eval
-batches also hold `mask` (1 real, 0 padding).
+task's `join_fn(index, epoch, position, record)` adds per record (e.g. soft
+labels). Train batches also hold `epoch` and `position` (the record's position
+in the train view); eval batches hold `mask` (1 real, 0 padding).
+
+Train randomness is a pure function of (config.seed, epoch, view position):
+`EpochIndexSampler` puts the epoch into the record key, `RecordSource` splits
+it back, and `Augment` draws crop, flip and jitter from
+rng (seed, epoch, position). Batches therefore depend on the seed and the
+sampler position only (not on worker count or timing), the iterator state is
+checkpointable, and the soft-label stage can replay the very crops the student
+will see (distill/soft_labels.py). A join_fn with a `crop_epochs` attribute
+E > 0 holds targets for the crops of epochs 0..E−1 only: the train loader then
+draws epoch e's crops as those of epoch e % E and hands the join that epoch.
+Eval elements are epoch 0 at position = record index.
 
 Worker processes start with spawn, so everything handed to a DataLoader is a
-top-level, picklable class. Randomness comes from Grain's per-record rng,
-seeded from config.seed: batches depend on the seed and the record position
-only, not on worker count or timing, and the iterator state is checkpointable.
+top-level, picklable class.
 """
+import dataclasses
 import hashlib
 import io
 import math
+import sys
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -30,95 +43,190 @@ SAMPLINGS = ("uniform", "class_balanced", "region_weighted")
 
 
 class RecordSource(grain.sources.RandomAccessDataSource):
-  """The split's records, optionally seen through `view` (record indices).
+  """The split's records seen through `view` (record indices), keyed by epoch and position.
 
-  A view selects (region filter) or resamples (weighted sampling) records
-  without copying them; each element carries its record index so that joins
-  and predictions line up with the shards.
+  Key k reads position j = k mod len(view) of epoch k // len(view): record
+  view[j] (record j without a view). A view selects (region filter) or
+  resamples (weighted sampling) records without copying them. Elements carry
+  `index` (the record index in the split, so that joins and predictions line up
+  with the shards), `epoch`, `position` and the record bytes; keys below
+  `num_positions` are epoch 0.
+
+  Grain reads `data_source[key % len(data_source)]`, which would fold every
+  epoch back into epoch 0: `epoch_keys=True` (for EpochIndexSampler) makes
+  len() unbounded; otherwise len() is the number of positions.
   """
 
-  def __init__(self, paths, view=None):
+  def __init__(self, paths, view=None, *, epoch_keys=False):
     self._source = grain.sources.ArrayRecordDataSource(list(paths))
     self._view = None if view is None else np.asarray(view, np.int64)
+    self._epoch_keys = epoch_keys
+
+  @property
+  def num_positions(self):
+    return len(self._source) if self._view is None else len(self._view)
 
   def __len__(self):
-    return len(self._source) if self._view is None else len(self._view)
+    return sys.maxsize if self._epoch_keys else self.num_positions
 
   def __repr__(self):
     # Grain compares this with the checkpointed iterator's: a resumed run must
     # read the same shards through the same view.
     view = "all" if self._view is None else hashlib.sha256(self._view.tobytes()).hexdigest()[:16]
-    return f"RecordSource({self._source!r}, view={view})"
+    keys = ", epoch_keys" if self._epoch_keys else ""
+    return f"RecordSource({self._source!r}, view={view}{keys})"
+
+  def record_index(self, position):
+    """Record index (or indices, for an array) in the split at view position(s)."""
+    return position if self._view is None else self._view[position]
 
   def __getitem__(self, key):
-    index = int(key if self._view is None else self._view[key])
-    return {"index": index, "data": self._source[index]}
+    epoch, position = divmod(int(key), self.num_positions)
+    index = int(self.record_index(position))
+    return {"index": index, "epoch": epoch, "position": position, "data": self._source[index]}
 
 
-def _open_jpeg(data: bytes, crop_box, size: int):
-  """Decodes only as many pixels as the crop needs (JPEG draft mode)."""
-  image = Image.open(io.BytesIO(data))
+class EpochIndexSampler(grain.samplers.IndexSampler):
+  """Grain's IndexSampler (shuffle, sharding, state) whose keys carry the epoch.
+
+  record_key = epoch * num_records + record, where epoch is that of the
+  position in this process's shard (IndexSampler repeats the shard, reshuffled
+  each epoch; `_record_keys` holds one shard-epoch). Pair it with
+  RecordSource(epoch_keys=True). There is no per-record rng: randomness comes
+  from (seed, epoch, position) in the transforms.
+  """
+
+  def __getitem__(self, index):
+    metadata = super().__getitem__(index)
+    epoch = index // self._shard_options.shard_count // len(self._record_keys)
+    return dataclasses.replace(metadata, record_key=epoch * self._num_records + metadata.record_key,
+                               rng=None)
+
+  def __repr__(self):
+    return "Epoch" + super().__repr__()  # EpochIndexSampler(num_records=..., seed=...)
+
+
+class AugmentParams(NamedTuple):
+  box: tuple      # (left, top, width, height) of the crop, in source pixels
+  flip: bool      # mirror left-right
+  jitter: tuple   # (brightness, contrast, saturation) factors; () = none
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Random-resized crop + horizontal flip + mild colour jitter of (seed, epoch, position).
+
+  `params` is the only place these draws happen: the train loader and the
+  soft-label replay both call it, so the same (seed, epoch, position) is the
+  same view. The box is in source pixels, so it is the same view at any output
+  size (the student's, each teacher's).
+  """
+  crop_scale: tuple = (0.08, 1.0)
+  crop_ratio: tuple = (3 / 4, 4 / 3)
+  color_jitter: float = 0.2
+  seed: int = 0
+
+  @classmethod
+  def of(cls, crops, seed):
+    """From a config with crop_scale, crop_ratio and color_jitter (config.input)."""
+    return cls(tuple(crops.crop_scale), tuple(crops.crop_ratio), float(crops.color_jitter),
+               int(seed))
+
+  def params(self, epoch, position, width, height) -> AugmentParams:
+    """Inception-style crop (area fraction, aspect ratio), then flip, then jitter factors."""
+    rng = np.random.default_rng((self.seed, int(epoch), int(position)))
+    box = None
+    log_ratio = np.log(self.crop_ratio)
+    for _ in range(10):
+      target = width * height * rng.uniform(*self.crop_scale)
+      ratio = np.exp(rng.uniform(*log_ratio))
+      w = round(math.sqrt(target * ratio))
+      h = round(math.sqrt(target / ratio))
+      if 0 < w <= width and 0 < h <= height:
+        box = (int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
+        break
+    if box is None:  # fallback: centre square
+      side = min(width, height)
+      box = ((width - side) // 2, (height - side) // 2, side, side)
+    flip = bool(rng.random() < 0.5)
+    jitter = ()
+    if self.color_jitter:
+      jitter = tuple(rng.uniform(1 - self.color_jitter, 1 + self.color_jitter, size=3))
+    return AugmentParams(box, flip, jitter)
+
+  def image(self, jpeg: bytes, epoch, position, size) -> np.ndarray:
+    """The view of (epoch, position) of this JPEG, uint8 [size, size, 3]."""
+    image = Image.open(io.BytesIO(jpeg))
+    return render(image, self.params(epoch, position, *image.size), size)
+
+
+def resized_crop(image: Image.Image, box, size: int) -> Image.Image:
+  """`box` (source pixels) resized to size×size, decoding only the pixels it needs.
+
+  JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when the output allows; the
+  box is scaled into the drafted image, so it covers the same part of the
+  photo whatever the output size.
+  """
   width, height = image.size
-  left, top, crop_w, crop_h = crop_box(width, height)
-  image.draft("RGB", (math.ceil(width * size / crop_w),
-                      math.ceil(height * size / crop_h)))
+  left, top, crop_w, crop_h = box
+  image.draft("RGB", (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
   scale_x, scale_y = image.size[0] / width, image.size[1] / height
-  box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x,
-         (top + crop_h) * scale_y)
-  return image.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+  scaled = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
+  return image.convert("RGB").resize((size, size), Image.BILINEAR, box=scaled)
 
 
-def _fields(element, record, image, join_fn):
+def render(image: Image.Image, params: AugmentParams, size: int) -> np.ndarray:
+  """Applies drawn AugmentParams to an opened (not yet decoded) image → uint8 [size, size, 3]."""
+  pixels = np.asarray(resized_crop(image, params.box, size), np.float32)
+  if params.flip:
+    pixels = pixels[:, ::-1]
+  if params.jitter:
+    brightness, contrast, saturation = params.jitter
+    pixels = pixels * brightness
+    pixels = (pixels - pixels.mean()) * contrast + pixels.mean()
+    gray = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+    pixels = (pixels - gray[..., None]) * saturation + gray[..., None]
+  return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def centre_crop(jpeg: bytes, size: int, crop_fraction: float) -> np.ndarray:
+  """Centre square of `crop_fraction` of the short side, resized: uint8 [size, size, 3]."""
+  image = Image.open(io.BytesIO(jpeg))
+  width, height = image.size
+  side = max(1, round(min(width, height) * crop_fraction))
+  box = ((width - side) // 2, (height - side) // 2, side, side)
+  return np.asarray(resized_crop(image, box, size), np.uint8)
+
+
+def _fields(element, record, image, join_fn, epoch):
   out = {"image": np.asarray(image, np.uint8),
          "label": np.int32(record["label"]),
          "index": np.int32(element["index"])}
   if join_fn is not None:
-    out.update(join_fn(element["index"], record))
+    out.update(join_fn(element["index"], epoch, element["position"], record))
   return out
 
 
-class TrainTransform(grain.transforms.RandomMap):
-  """Decode + random-resized crop + horizontal flip + mild colour jitter."""
+class TrainTransform(grain.transforms.Map):
+  """Decode + Augment of the element's (epoch, position) with `seed`, then the join.
 
-  def __init__(self, image_size, crop_scale=(0.08, 1.0),
-               crop_ratio=(3 / 4, 4 / 3), color_jitter=0.2, join_fn=None):
+  crop_epochs = E > 0: epoch e draws the crops of epoch e % E, and the join
+  sees that epoch (the crops a replayed soft-label set has targets for).
+  """
+
+  def __init__(self, image_size, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+               color_jitter=0.2, join_fn=None, *, seed=0, crop_epochs=0):
     self.image_size = image_size
-    self.crop_scale = tuple(crop_scale)
-    self.crop_ratio = tuple(crop_ratio)
-    self.color_jitter = color_jitter
+    self.augment = Augment(tuple(crop_scale), tuple(crop_ratio), float(color_jitter), int(seed))
+    self.crop_epochs = crop_epochs
     self.join_fn = join_fn
 
-  def _crop_box(self, rng):
-    """Inception-style crop: area fraction and aspect ratio drawn in `rng`."""
-    def box(width, height):
-      area = width * height
-      log_ratio = np.log(self.crop_ratio)
-      for _ in range(10):
-        target = area * rng.uniform(*self.crop_scale)
-        ratio = np.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-          return (rng.integers(0, width - w + 1), rng.integers(0, height - h + 1), w, h)
-      side = min(width, height)  # fallback: centre square
-      return ((width - side) // 2, (height - side) // 2, side, side)
-    return box
-
-  def random_map(self, element, rng: np.random.Generator):
+  def map(self, element):
     record = shards.decode(element["data"])
-    image = _open_jpeg(record["jpeg"], self._crop_box(rng), self.image_size)
-    pixels = np.asarray(image, np.float32)
-    if rng.random() < 0.5:
-      pixels = pixels[:, ::-1]
-    if self.color_jitter:
-      low, high = 1 - self.color_jitter, 1 + self.color_jitter
-      brightness, contrast, saturation = rng.uniform(low, high, size=3)
-      pixels = pixels * brightness
-      pixels = (pixels - pixels.mean()) * contrast + pixels.mean()
-      gray = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
-      pixels = (pixels - gray[..., None]) * saturation + gray[..., None]
-    pixels = np.clip(np.rint(pixels), 0, 255)
-    return _fields(element, record, pixels, self.join_fn)
+    epoch = element["epoch"] % self.crop_epochs if self.crop_epochs else element["epoch"]
+    image = self.augment.image(record["jpeg"], epoch, element["position"], self.image_size)
+    return {**_fields(element, record, image, self.join_fn, epoch),
+            "epoch": np.int32(element["epoch"]), "position": np.int32(element["position"])}
 
 
 class EvalTransform(grain.transforms.Map):
@@ -129,14 +237,10 @@ class EvalTransform(grain.transforms.Map):
     self.crop_fraction = crop_fraction
     self.join_fn = join_fn
 
-  def _crop_box(self, width, height):
-    side = max(1, round(min(width, height) * self.crop_fraction))
-    return ((width - side) // 2, (height - side) // 2, side, side)
-
   def map(self, element):
     record = shards.decode(element["data"])
-    image = _open_jpeg(record["jpeg"], self._crop_box, self.image_size)
-    return _fields(element, record, image, self.join_fn)
+    image = centre_crop(record["jpeg"], self.image_size, self.crop_fraction)
+    return _fields(element, record, image, self.join_fn, element["epoch"])
 
 
 def read_metadata(dataset_dir: str, split: str) -> dict:
@@ -207,15 +311,25 @@ def train_loader(config, dataset_dir, process_batch_size, *, num_samples, join_f
 
   `num_samples` (records the whole run consumes, all processes) sizes the
   weighted-sampling draw. ShardByJaxProcess gives each host a disjoint part.
+  Crops are drawn from (config.seed, epoch, view position); see the module doc
+  for a join_fn's `crop_epochs`.
   """
   inp = config.input
   view = train_view(inp, dataset_dir, config.train_split, num_samples, config.seed)
-  source = RecordSource(shards.shard_paths(dataset_dir, config.train_split), view)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+  source = RecordSource(shards.shard_paths(dataset_dir, config.train_split), view, epoch_keys=True)
+  sampler = EpochIndexSampler(
+      num_records=source.num_positions,
+      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
       shuffle=True, num_epochs=None, seed=config.seed)
-  transform = TrainTransform(inp.image_size, tuple(inp.crop_scale), tuple(inp.crop_ratio),
-                             inp.color_jitter, join_fn)
+  crop_epochs = getattr(join_fn, "crop_epochs", 0)
+  epochs = num_samples / source.num_positions
+  if crop_epochs and epochs > crop_epochs:
+    logging.warning("this run draws %.1f epochs but its targets cover the crops of %d: epoch e "
+                    "reuses the crops (and targets) of epoch e %% %d. Re-run soft_labels with "
+                    "--config.replay_epochs=%d for fresh crops every epoch.", epochs, crop_epochs,
+                    crop_epochs, math.ceil(epochs))
+  transform = TrainTransform(inp.image_size, inp.crop_scale, inp.crop_ratio, inp.color_jitter,
+                             join_fn, seed=config.seed, crop_epochs=crop_epochs)
   return data_loader(
       source, sampler, [transform, grain.transforms.Batch(process_batch_size, drop_remainder=True)],
       inp)

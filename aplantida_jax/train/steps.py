@@ -49,8 +49,13 @@ class Task:
 
   loss_fn(apply_fn, variables, batch, rng, aux) -> (loss, (batch_stats, metrics))
     with a scalar loss to minimise, the updated batch stats and scalar metrics.
-  join_fn: picklable (record_index, record) -> {name: np.ndarray}, extra batch
-    fields per record (e.g. soft labels); runs in the Grain workers.
+  join_fn: picklable (index, epoch, position, record) -> {name: np.ndarray}, extra
+    batch fields per element (e.g. soft labels): index is the record index in the
+    split, (epoch, position) the crop's epoch and train-view position (eval: 0 and
+    the record index); runs in the Grain workers. An optional `crop_epochs`
+    attribute E > 0 (soft_labels.SoftLabelJoin of replayed crops) makes
+    input_pipeline.train_loader draw epoch e's crops as those of epoch e % E and
+    hand the join that epoch.
   aux: pytree handed to loss_fn every step, replicated (e.g. online teachers).
   """
   loss_fn: Callable
