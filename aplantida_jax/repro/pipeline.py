@@ -172,9 +172,12 @@ def _ensure_demo_data(demo_dir, port):
       if f"http://127.0.0.1:{port}/" in f.readline():
         return
   print(f"drawing the demo catalog into {shown(demo_dir)}/", flush=True)
-  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", demo_dir,
-                  "--base-url", f"http://127.0.0.1:{port}"], check=True, cwd=ROOT,
-                 stdout=subprocess.DEVNULL)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out",
+                         demo_dir, "--base-url", f"http://127.0.0.1:{port}"], cwd=ROOT,
+                        capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise StageFailed(f"drawing the demo catalog failed (exit {proc.returncode}): "
+                      f"{last_error_line(proc.stderr.splitlines())}")
 
 
 def select(stages, start=None, only=None):
@@ -207,7 +210,11 @@ def main(argv=None):
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
   demo_dir = os.path.join(ROOT, common.DEMO_DATA_DIR)
   if demo:
-    _ensure_demo_data(demo_dir, common.DEMO_PORT)
+    try:
+      _ensure_demo_data(demo_dir, common.DEMO_PORT)
+    except StageFailed as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
 
   stages = select(available_stages(configs_dir), args.start, args.only)
   manifest = manifest_lib.load(workdir)
