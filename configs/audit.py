@@ -18,12 +18,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
-  unknown = (variants - {"demo"}) | set(overrides)
-  if unknown:
-    raise ValueError(f"configs/audit.py: unknown argument(s) {sorted(unknown)}; the only variant is "
-                     "':demo'. Set fields with --config.KEY=VALUE instead.")
-  demo = "demo" in variants
+  demo = common.demo_only(arg, "configs/audit.py")
   config = ml_collections.ConfigDict()
   config.stage = "audit"
   config.seed = 0

@@ -26,6 +26,16 @@ def parse_arg(arg):
   return variants, kv
 
 
+def demo_only(arg, config_file):
+  """True for `:demo`, False for no argument; anything else is an error naming the argument."""
+  variants, overrides = parse_arg(arg)
+  unknown = (variants - {"demo"}) | set(overrides)
+  if unknown:
+    raise ValueError(f"{config_file}: unknown argument(s) {sorted(unknown)}; the only variant is "
+                     "':demo'. Set fields with --config.KEY=VALUE instead.")
+  return "demo" in variants
+
+
 def catalog_config(demo: bool = False) -> ml_collections.ConfigDict:
   """Where image records come from and how document fields map onto them."""
   c = ml_collections.ConfigDict()

@@ -19,17 +19,13 @@ OUT_DIR = "runs/pretrained"  # configs/training.py PRETRAINED_DIR is <OUT_DIR>/<
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
-  unknown = (variants - {"demo"}) | set(overrides)
-  if unknown:
-    raise ValueError(f"configs/pretrained.py: unknown argument(s) {sorted(unknown)}; the only "
-                     "variant is ':demo'. Set fields with --config.KEY=VALUE instead.")
+  demo = common.demo_only(arg, "configs/pretrained.py")
   config = ml_collections.ConfigDict()
   config.stage = "import_pretrained"
   config.seed = 0  # nothing random; kept so every stage records one
   config.out_dir = OUT_DIR
   # The real run's global teacher (Lite2) and student (Lite0).
   config.archs = ("efficientnet_lite0", "efficientnet_lite2")
-  if "demo" in variants:
+  if demo:
     config.archs = ("efficientnet_lite0",)
   return config
