@@ -77,7 +77,7 @@ def load_config(path, arg):
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
-_PROGRESS = re.compile(r"\bstep (\d+)/(\d+)\b|(\d+)%\|")
+_PROGRESS = re.compile(r"\bstep \d+/\d+\b")  # the train loop's log line
 _ERROR = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)\b|error:)")
 
 
@@ -97,8 +97,8 @@ def last_error_line(lines):
 class Console:
   """One line per stage on the terminal; every byte of the stage's output goes to its log.
 
-  On a terminal the running stage's line shows its latest progress (train step,
-  progress bar percentage) and is rewritten in place; elsewhere (CI, a pipe) only
+  On a terminal the running stage's line shows its latest train step and is
+  rewritten in place; elsewhere (CI, a pipe) only
   the finished line is printed.
   """
 
@@ -141,10 +141,9 @@ def _run_stage(stage, config_arg, workdir, log_path, console):
     for line in proc.stdout:
       log.write(line)
       tail.append(line)
-      for part in line.split("\r"):
-        match = _PROGRESS.search(part)
-        if match:
-          console.progress(stage.name, match.group(0).rstrip("|"))
+      match = _PROGRESS.search(line)
+      if match:
+        console.progress(stage.name, match.group(0))
       if line.startswith("{") and '"stage"' in line:
         with contextlib.suppress(json.JSONDecodeError):
           summary = json.loads(line)
