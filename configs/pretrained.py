@@ -14,8 +14,7 @@ not to the workdir. Same as `tools/import_pretrained.py --arch A --out DIR`.
 import ml_collections
 
 from configs import common
-
-OUT_DIR = "runs/pretrained"  # configs/training.py PRETRAINED_DIR is <OUT_DIR>/<model>
+from configs import training
 
 
 def get_config(arg=None):
@@ -23,7 +22,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.stage = "import_pretrained"
   config.seed = 0  # nothing random; kept so every stage records one
-  config.out_dir = OUT_DIR
+  config.out_dir = training.PRETRAINED_ROOT  # the training configs' model.init_from folders
   # The real run's global teacher (Lite2) and student (Lite0).
   config.archs = ("efficientnet_lite0", "efficientnet_lite2")
   if demo:

@@ -9,7 +9,8 @@ import ml_collections
 from configs import common
 
 # Where configs/pretrained.py (tools/import_pretrained.py --out) puts each arch's ImageNet weights.
-PRETRAINED_DIR = "runs/pretrained/{model}"
+PRETRAINED_ROOT = "runs/pretrained"
+PRETRAINED_DIR = PRETRAINED_ROOT + "/{model}"
 # Fine-tuning on 2 CPU cores: EfficientNet-Lite0's stem and first 8 blocks stay as imported
 # (XLA then skips their backward pass); the later blocks adapt to plants.
 DEMO_FROZEN = "^(stem|block[0-7])/"
