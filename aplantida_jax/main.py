@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aplantida_jax import errors
 from aplantida_jax import stages
 
 FLAGS = flags.FLAGS
@@ -61,7 +62,10 @@ def main(argv):
     sys.exit(f"error: {e}")
   if config.stage in ("train", "finetune", "distill", "soft_labels", "evaluate", "export_tfjs"):
     _hide_gpus_from_tensorflow()
-  summary = run(config, FLAGS.workdir)
+  try:
+    summary = run(config, FLAGS.workdir)
+  except errors.StageError as e:
+    sys.exit(f"error: {config.stage}: {e}")
   logging.info("stage %s done: %s", config.stage, json.dumps(summary, default=str))
   print(json.dumps({"stage": config.stage, **(summary or {})}, default=str))
 

@@ -9,6 +9,7 @@ devices, 2 processes) is tests/test_multidevice.py.
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -280,7 +281,13 @@ def test_resume_after_sigkill_gives_bitwise_identical_params(straight, tmp_path,
   killed_at = latest.latest.latest_step()
   latest.close()
   assert 4 <= killed_at < STEPS
-  _checked(helpers.run_main("configs/teacher_global.py:demo", workdir, *TINY, **cache_env))
+  rerun = helpers.run_main("configs/teacher_global.py:demo", workdir, *TINY, **cache_env)
+  _checked(rerun)
+  # A resume, not a restart from step 0 (orbax would skip the saves it already holds, and
+  # the metrics rows would be rewritten, so equal results alone could not tell).
+  assert re.findall(r"resumed \S+ at step (\d+)", rerun.stderr) == [str(killed_at)]
+  trained = [int(s) for s in re.findall(r"\bstep (\d+)/%d\b" % STEPS, rerun.stderr)]
+  assert trained and min(trained) > killed_at and max(trained) == STEPS
   for which in ("latest", "best"):
     got = _flat(checkpointing.load_variables(os.path.join(workdir, "teacher_global"), which))
     want = _flat(checkpointing.load_variables(os.path.join(reference, "teacher_global"), which))
@@ -289,6 +296,36 @@ def test_resume_after_sigkill_gives_bitwise_identical_params(straight, tmp_path,
       np.testing.assert_array_equal(got[key], want[key], err_msg=f"{which} {key}")
   resumed = [r for r in _metrics(workdir) if "val_top1" in r]
   assert resumed == [r for r in _metrics(reference) if "val_top1" in r]
+
+
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing_after(tmp_path, cache_env):
+  """loss NaN: the stage exits 1 naming the step and the learning rate, and saves, logs and
+  evaluates nothing from then on (the programs of `straight`; only the learning rate differs)."""
+  workdir = _new_workdir(tmp_path)
+  result = helpers.run_main("configs/teacher_global.py:demo", workdir, *TINY,
+                            "--config.optimizer.learning_rate=1e12", **cache_env)
+  assert result.returncode == 1, result.stderr[-4000:]
+  last = result.stderr.strip().splitlines()[-1]
+  # Steps 1-2 are finite (warmup starts at 0); update 2 at 5e11 blows up the loss of step 3,
+  # seen at the next log step, 4, before its checkpoint is written.
+  assert re.fullmatch(r"error: train: training diverged: grad_norm nan, loss nan, param_norm nan "
+                      r"in the steps up to 4 \(learning rate 9\.76e\+11\); the latest checkpoint "
+                      r"is step 2 \(the rerun resumes there\)\. Lower "
+                      r"--config\.optimizer\.learning_rate .*", last), last
+  assert "Traceback" not in result.stderr
+  stage = os.path.join(workdir, "teacher_global")
+  assert os.listdir(os.path.join(stage, "checkpoints")) == ["2"]
+  assert not os.path.isdir(os.path.join(stage, "best")) or not os.listdir(
+      os.path.join(stage, "best"))  # no evaluation ran (the first is at step 6)
+  assert [r["step"] for r in _metrics(workdir) if "train_loss" in r] == [2]
+
+
+def test_non_finite_logits_are_never_correct():
+  logits = jnp.array([[0.0, 1.0, 2.0], [jnp.nan] * 3, [1.0, jnp.inf, 0.0], [3.0, 2.0, 1.0]])
+  labels = jnp.array([2, 0, 1, 0])
+  np.testing.assert_array_equal(steps.topk_correct(logits, labels, 1), [1, 0, 0, 1])
+  np.testing.assert_array_equal(steps.topk_correct(logits, labels, 3), [1, 0, 0, 1])
+  np.testing.assert_array_equal(steps.top1_agrees(logits, labels), [1, 0, 0, 1])
 
 
 @pytest.mark.parametrize("mode", ["region_only", "region_weighted"])

@@ -58,7 +58,7 @@ def kd_objective(distill_config, label_smoothing):
                                   label_smoothing=label_smoothing)
     return loss.mean(), {
         "top1": steps.topk_correct(logits, labels, 1).mean(), "kl": kl.mean(), "ce": ce.mean(),
-        "teacher_agree": jnp.mean(jnp.argmax(logits, -1) == classes[:, 0])}
+        "teacher_agree": steps.top1_agrees(logits, classes[:, 0]).mean()}
   return objective
 
 
@@ -164,7 +164,7 @@ def teacher_agreement(config, workdir, stage_dir) -> dict:
     classes, mask = batch["teacher_classes"], batch["mask"]
     kl = losses.sparse_kl(logits, batch["teacher_probs"], classes, batch["teacher_rest"],
                           meta["temperature"])
-    return {"top1_agree": jnp.sum((jnp.argmax(logits, -1) == classes[:, 0]) * mask),
+    return {"top1_agree": jnp.sum(steps.top1_agrees(logits, classes[:, 0]) * mask),
             "top5_agree": jnp.sum(steps.topk_correct(logits, classes[:, 0], 5) * mask),
             "kl": jnp.sum(jnp.where(mask > 0, kl, 0.0)), "count": jnp.sum(mask)}
 

@@ -60,6 +60,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from aplantida_jax import errors
 from aplantida_jax import fileio
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
@@ -339,6 +340,11 @@ def label_split(config, chunk_dir, split, source, epochs, compute, transform, me
             mesh, _pad({k: v for k, v in batch.items() if k not in _HOST_FIELDS},
                        config.batch_size))
         probs, classes, rest = jax.device_get(compute(device_batch))
+        if not (np.isfinite(probs[:real]).all() and np.isfinite(rest[:real]).all()):
+          raise errors.StageError(
+              f"soft labels {split}: the teachers give NaN/inf probabilities for rows "
+              f"[{start}, {stop}); a teacher checkpoint diverged. Re-train it (lower "
+              "--config.optimizer.learning_rate) or point --config.teachers.*.dir elsewhere.")
         out["probs"].append(probs[:real].astype(np.float16))
         out["classes"].append(classes[:real].astype(np.int32))
         out["rest"].append(rest[:real].astype(np.float32))

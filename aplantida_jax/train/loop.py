@@ -14,8 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
+from aplantida_jax import errors
 from aplantida_jax import fileio
 from aplantida_jax import models
 from aplantida_jax.models import pretrained
@@ -205,8 +207,13 @@ def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, che
     else:
       timed_steps += 1
     last = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or last:
+    log_due = step % config.log_every_steps == 0 or last
+    eval_due = step % config.eval_every_steps == 0 or last
+    save_due = step % config.checkpoint.every_steps == 0 or last
+    if log_due or eval_due or save_due:  # never evaluate or save a diverged state
       means = {k: float(v) / (window_steps * accum) for k, v in jax.device_get(window).items()}
+      check_finite(means, step, float(schedule(step - 1)), checkpoints)
+    if log_due:
       elapsed = max(time.time() - timer, 1e-9)
       images_per_s = timed_steps * config.batch_size / elapsed
       eta = (time.strftime("%H:%M:%S", time.gmtime((config.num_train_steps - step) * elapsed
@@ -217,18 +224,34 @@ def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, che
       log.write(step, {**{f"train_{k}": v for k, v in means.items()},
                        "learning_rate": schedule(step - 1), "images_per_s": images_per_s})
       window, window_steps, timer, timed_steps = None, 0, time.time(), 0
-    if step % config.eval_every_steps == 0 or last:
+    if eval_due:
       eval_metrics = evaluate(eval_step, state, config, dataset_dir, mesh)
       logging.info("eval step %d: %s", step, eval_metrics)
       log.write(step, {f"{config.eval_split}_{k}": v for k, v in eval_metrics.items()})
       checkpoints.maybe_save_best(step, state, eval_metrics["top1"])
-    if step % config.checkpoint.every_steps == 0 or last:
+    if save_due:
       checkpoints.save(step, state, train_iter)
-    if step % config.eval_every_steps == 0 or step % config.checkpoint.every_steps == 0:
+    if eval_due or save_due:
       timer, timed_steps = time.time(), 0  # keep eval and saving out of images/s
   if eval_metrics is None:  # nothing left to train: the run was already complete
     eval_metrics = evaluate(eval_step, state, config, dataset_dir, mesh)
   return eval_metrics
+
+
+def check_finite(means, step, learning_rate, checkpoints):
+  """Raises errors.DivergedError when the window's loss or norms are NaN/inf."""
+  bad = {k: v for k, v in means.items() if k in ("loss", "grad_norm", "param_norm")
+         and not np.isfinite(v)}
+  if not bad:
+    return
+  latest = checkpoints.latest.latest_step()
+  saved = (f"the latest checkpoint is step {latest} (the rerun resumes there)" if latest
+           else "no checkpoint was saved")
+  raise errors.DivergedError(
+      f"training diverged: {', '.join(f'{k} {v}' for k, v in bad.items())} in the steps up to "
+      f"{step} (learning rate {learning_rate:.3g}); {saved}. Lower "
+      "--config.optimizer.learning_rate (or raise warmup_steps) and rerun; delete the stage "
+      "folder to start over.")
 
 
 def run(config, workdir) -> dict:

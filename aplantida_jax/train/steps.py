@@ -37,10 +37,21 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
 
 def topk_correct(logits, labels, k):
-  """1.0 where the label is among the k highest logits."""
+  """1.0 where the label is among the k highest logits; 0.0 for any row holding NaN/inf.
+
+  Without the finiteness term a NaN row would count as a hit: no logit compares greater
+  than a NaN label logit.
+  """
   k = min(k, logits.shape[-1])
   label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+  hit = jnp.sum(logits > label_logit, axis=-1) < k
+  return (hit & jnp.all(jnp.isfinite(logits), axis=-1)).astype(jnp.float32)
+
+
+def top1_agrees(logits, classes):
+  """1.0 where argmax(logits) == classes (ties to the lower index); 0.0 for non-finite rows."""
+  agree = jnp.argmax(logits, -1) == classes
+  return (agree & jnp.all(jnp.isfinite(logits), axis=-1)).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +94,9 @@ def train_step(state, batch, rng, aux, *, loss_fn):
 
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params)
-  return state.apply_gradients(grads, batch_stats), {"loss": loss, **metrics}
+  new_state = state.apply_gradients(grads, batch_stats)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                     "param_norm": optax.global_norm(new_state.params), **metrics}
 
 
 def eval_step(state, batch):
