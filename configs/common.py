@@ -12,28 +12,42 @@ DEMO_PORT = int(os.environ.get("APLANTIDA_DEMO_PORT", "8765"))
 DEMO_DATA_DIR = "runs/demo_data"
 
 
-def parse_arg(arg):
-  """`configs/x.py:demo,key=value` → ("demo" in variants, {key: value})."""
-  variants, kv = set(), {}
+def parse_arg(arg, config_file, *, variants=("demo",), keys=None):
+  """`configs/x.py:demo,key=value` → (set of variants, {key: value}), strictly.
+
+  `variants` are the bare words the file knows, `keys` {key: allowed values, or None for
+  any}; anything else is an error naming it and what the file knows (as big_vision's
+  parse_arg: a mistyped variant must not silently train something else).
+  """
+  keys = keys or {}
+  words, kv = set(), {}
   for part in (arg or "").split(","):
     if not part:
       continue
     if "=" in part:
       k, v = part.split("=", 1)
+      if k not in keys:
+        raise ValueError(f"{config_file}: unknown argument {k}={v!r}; it takes "
+                         f"{_known(variants, keys)}. Set other fields with --config.KEY=VALUE.")
+      if keys[k] is not None and v not in keys[k]:
+        raise ValueError(f"{config_file}: {k}={v!r} is not one of {tuple(keys[k])}.")
       kv[k] = v
+    elif part in variants:
+      words.add(part)
     else:
-      variants.add(part)
-  return variants, kv
+      raise ValueError(f"{config_file}: unknown variant {part!r}; it takes "
+                       f"{_known(variants, keys)}. Set other fields with --config.KEY=VALUE.")
+  return words, kv
+
+
+def _known(variants, keys):
+  known = [f"':{v}'" for v in variants] + [f"'{k}='" for k in keys]
+  return ", ".join(known) if known else "no argument"
 
 
 def demo_only(arg, config_file):
   """True for `:demo`, False for no argument; anything else is an error naming the argument."""
-  variants, overrides = parse_arg(arg)
-  unknown = (variants - {"demo"}) | set(overrides)
-  if unknown:
-    raise ValueError(f"{config_file}: unknown argument(s) {sorted(unknown)}; the only variant is "
-                     "':demo'. Set fields with --config.KEY=VALUE instead.")
-  return "demo" in variants
+  return "demo" in parse_arg(arg, config_file)[0]
 
 
 def catalog_config(demo: bool = False) -> ml_collections.ConfigDict:

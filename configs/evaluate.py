@@ -15,7 +15,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
+  variants, overrides = common.parse_arg(
+      arg, "configs/evaluate.py", keys={"checkpoint_dir": None, "teacher_dir": None})
   config = ml_collections.ConfigDict()
   config.stage = "evaluate"
   config.seed = 0  # evaluation is deterministic; kept so every stage records one

@@ -13,8 +13,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  variants, _ = common.parse_arg(arg)
-  demo = "demo" in variants
+  demo = common.demo_only(arg, "configs/export.py")
   config = ml_collections.ConfigDict()
   config.stage = "export"
   config.seed = 0  # drives the split

@@ -20,7 +20,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
+  variants, overrides = common.parse_arg(arg, "configs/export_tfjs.py",
+                                         keys={"checkpoint_dir": None})
   config = ml_collections.ConfigDict()
   config.stage = "export_tfjs"
   config.seed = 0  # the export is deterministic; kept so every stage records one

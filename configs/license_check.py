@@ -14,7 +14,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  common.parse_arg(arg)  # only "demo", which changes nothing here
+  common.demo_only(arg, "configs/license_check.py")  # :demo changes nothing here
   config = ml_collections.ConfigDict()
   config.stage = "license_check"
   config.seed = 0  # nothing random; kept so every stage records one

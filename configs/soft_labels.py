@@ -63,7 +63,7 @@ def replay_config(demo=False) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  variants, _ = common.parse_arg(arg)
+  variants, _ = common.parse_arg(arg, "configs/soft_labels.py")
   config = ml_collections.ConfigDict()
   config.stage = "soft_labels"
   config.seed = 0                 # = the student's config.seed: draws the replayed crops (and num_views)

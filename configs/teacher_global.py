@@ -16,7 +16,8 @@ from configs import training
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
+  variants, overrides = common.parse_arg(arg, "configs/teacher_global.py",
+                                         keys={"model": None})
   model = overrides.get("model", "efficientnet_lite2")
   config = training.training_config(output_dir="teacher_global", model_name=model, image_size=260)
   training.from_imagenet(config, model)

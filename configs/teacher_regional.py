@@ -8,24 +8,22 @@ Variants (`configs/teacher_regional.py:demo,mode=region_weighted,region=europe`)
           "region_weighted": all images, the region's drawn input.region_weight times more often
   region  "spain" (default, ES) or "europe" (configs.common.regions_config().europe)
 Reads <workdir>/dataset/ and <workdir>/teacher_global/best/, writes <workdir>/teacher_regional/.
-Same model and classes as the global teacher, so its weights load one to one.
+The network (model.name, model.kwargs) and input.image_size are the ones
+teacher_global/config.json recorded, so its weights load one to one.
 """
 from configs import common
-from configs import teacher_global
+from configs import training
 
 MODES = ("region_only", "region_weighted")
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg)
+  variants, overrides = common.parse_arg(arg, "configs/teacher_regional.py", variants=("demo",),
+                                         keys={"mode": MODES, "region": ("spain", "europe")})
   mode = overrides.get("mode", "region_only")
   region = overrides.get("region", "spain")
-  if mode not in MODES:
-    raise ValueError(f"teacher_regional mode={mode!r}; choose one of {MODES}.")
-  config = teacher_global.get_config(arg)
-  config.output_dir = "teacher_regional"
+  config = training.training_config(output_dir="teacher_regional", model_name="", image_size=0)
   config.init_from_stage = "teacher_global"
-  config.model.init_from = ""
   config.regions = common.regions_config()
   countries = list(config.regions[region])
   if mode == "region_only":
@@ -39,7 +37,9 @@ def get_config(arg=None):
   config.input.crop_scale = (0.25, 1.0)
   config.num_train_steps = 10_000
   if "demo" in variants:
-    config.num_train_steps = 20
+    training.demo_overrides(config, steps=20)
+    config.input.image_size = 0
+    config.optimizer.frozen = training.DEMO_FROZEN
     config.eval_every_steps = 10
     config.optimizer.learning_rate = 0.02
     config.optimizer.warmup_steps = 2

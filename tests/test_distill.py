@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 
 from aplantida_jax import fileio
+from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import shards
 from aplantida_jax.distill import loop as distill_loop
 from aplantida_jax.distill import losses
@@ -151,7 +153,7 @@ def _save_teacher(workdir, name, seed):
   """
   config = _teacher_config()
   config.output_dir = name
-  model = loop.create_model(config)
+  model = models.from_config(config.model)
   variables = loop.initial_variables(config, model, workdir, jax.random.PRNGKey(seed))
   batch = next(input_pipeline.eval_batches(_input(), os.path.join(workdir, "dataset"), "train",
                                            64))
@@ -166,7 +168,7 @@ def _save_teacher(workdir, name, seed):
   head["bias"] = jnp.asarray(np.random.default_rng(seed).normal(0, 2, NUM_CLASSES), jnp.float32)
   stage_dir = os.path.join(workdir, name)
   os.makedirs(stage_dir)
-  fileio.write_json(os.path.join(stage_dir, loop.CONFIG_FILE), config.to_dict())
+  fileio.write_json(os.path.join(stage_dir, workdir_lib.CONFIG_FILE), config.to_dict())
   state = state_lib.create_train_state(model, variables, config.optimizer, 8, 10)
   ckpt = checkpointing.StageCheckpoints(stage_dir, config.checkpoint)
   ckpt.maybe_save_best(1, state, 0.5)
@@ -209,7 +211,7 @@ def _numpy_ensemble(workdir, images, regions):
   → (weighted mix, plain mean) of the tempered probabilities."""
   probs = []
   for name in ("teacher_global", "teacher_regional"):
-    model = loop.create_model(_teacher_config())
+    model = models.from_config(_teacher_config().model)
     variables = checkpointing.load_variables(os.path.join(workdir, name))
     logits = model.apply(variables, _normalized(images), train=False)
     probs.append(_softmax(np.asarray(logits, np.float64) / 3.0))
@@ -555,15 +557,24 @@ def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
   a, b = _latest_params(straight), _latest_params(killed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
-  result = helpers.run_main("configs/student_finetune.py:demo", straight, *COMMON, *STUDENT,
-                            "--config.num_train_steps=4", "--config.eval_every_steps=4",
-                            "--config.tensorboard=False", **cache_env)
+  # Fine-tune names no network: it trains the one student/distill/config.json recorded.
+  finetune = ["--config.batch_size=8", "--config.eval_batch_size=8", "--config.optimizer.frozen=",
+              "--config.num_train_steps=4", "--config.eval_every_steps=4",
+              "--config.tensorboard=False"]
+  result = helpers.run_main("configs/student_finetune.py:demo", straight, *finetune,
+                            '--config.model.kwargs={"width": 0.5}', **cache_env)
+  assert result.returncode == 1
+  assert ("student/finetune starts from student/distill/, which trained another network: "
+          "model.kwargs.width=0.5 (recorded: 0.35)") in result.stderr
+  assert not os.path.exists(os.path.join(straight, "student/finetune/checkpoints"))
+  result = helpers.run_main("configs/student_finetune.py:demo", straight, *finetune, **cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.load(open(os.path.join(straight, "student/finetune/config.json")))
   assert config["init_from_stage"] == "student/distill"
   distilled = json.load(open(os.path.join(straight, "student/distill/config.json")))
   # Whatever runs/pretrained/ holds: the pinned student, from scratch, the same in both stages.
   assert config["model"] == distilled["model"]
+  assert config["input"]["image_size"] == distilled["input"]["image_size"] == SIZE
   assert (distilled["model"]["name"], distilled["model"]["kwargs"]) == STUDENT_MODEL
   assert not distilled["model"]["init_from"] and not distilled["optimizer"]["frozen"]
   assert os.path.isdir(os.path.join(straight, "student/finetune/best"))

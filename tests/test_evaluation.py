@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from aplantida_jax import fileio
+from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.evaluation import calibration
 from aplantida_jax.evaluation import metrics
 from aplantida_jax.evaluation import plots
@@ -306,8 +308,8 @@ def trained_workdir(tmp_path_factory):
   config = loop.resolve_config(config, 3)
   stage_dir = workdir / "teacher_global"
   stage_dir.mkdir()
-  fileio.write_json(str(stage_dir / loop.CONFIG_FILE), config.to_dict())
-  shapes = jax.eval_shape(lambda: loop.create_model(config).init(
+  fileio.write_json(str(stage_dir / workdir_lib.CONFIG_FILE), config.to_dict())
+  shapes = jax.eval_shape(lambda: models.from_config(config.model).init(
       jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map_with_path(lambda path, leaf: _he_init(path, leaf, rng), shapes)

@@ -118,7 +118,7 @@ def test_default_student_starts_from_the_import_with_only_its_head_replaced(impo
   config.input.image_size = 32
   config = loop.resolve_config(config, 12)
   assert config.model.init_from == str(imported)  # recorded in config.json: the license checker reads it
-  model = loop.create_model(config)
+  model = models.from_config(config.model)
   variables = loop.initial_variables(config, model, str(tmp_path), jax.random.PRNGKey(0))
   source, _ = pretrained.load_pretrained(str(imported))
   flat = flax.traverse_util.flatten_dict(variables)

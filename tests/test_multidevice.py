@@ -202,10 +202,11 @@ def _flatten(tree, prefix=()):
 def _initial_params():
   """The variables every run starts from (the loop's own init, from the config seed)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import loop  # pylint: disable=g-import-not-at-top
   config = loop.resolve_config(tiny_config(), NUM_CLASSES)
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = loop.initial_variables(config, loop.create_model(config), "", init_rng)
+  variables = loop.initial_variables(config, models.from_config(config.model), "", init_rng)
   return {"/".join(map(str, path)): np.asarray(leaf) for path, leaf in _flatten(variables)}
 
 

@@ -27,6 +27,7 @@ from aplantida_jax import models
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import inference
 from aplantida_jax.train import input_pipeline
+from aplantida_jax.train import loop
 from aplantida_jax.train import state as state_lib
 from aplantida_jax.train import steps
 from configs import training
@@ -318,6 +319,20 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_after(tmp_path, ca
   assert not os.path.isdir(os.path.join(stage, "best")) or not os.listdir(
       os.path.join(stage, "best"))  # no evaluation ran (the first is at step 6)
   assert [r["step"] for r in _metrics(workdir) if "train_loss" in r] == [2]
+
+
+def test_a_stage_start_refuses_a_checkpoint_with_another_head(straight):
+  """From a stage every tensor must fit: a class-count change is an error, not a silently
+  re-initialised head (ImageNet imports replace it; stages do not)."""
+  from configs import teacher_regional  # pylint: disable=g-import-not-at-top
+  workdir, _ = straight
+  config = loop.inherit_from_stage(teacher_regional.get_config("demo"), workdir)
+  config = loop.resolve_config(config, NUM_CLASSES + 1)
+  with pytest.raises(ValueError, match=r"teacher_global's best checkpoint does not fit "
+                                       r"teacher_regional's network: 2 tensors differ "
+                                       r"\(e\.g\. \['params/head/"):
+    loop.initial_variables(config, models.from_config(config.model), workdir,
+                           jax.random.PRNGKey(0))
 
 
 def test_non_finite_logits_are_never_correct():

@@ -20,11 +20,11 @@ import numpy as np
 
 from aplantida_jax import fileio
 from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.export import parity
 from aplantida_jax.export import serving
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
-from aplantida_jax.train import loop
 from configs import training
 from tests import helpers
 from tests import tiny_dataset
@@ -77,7 +77,7 @@ def _write_workdir(workdir):
     csv.writer(f).writerows([["sha256", "species", "author", "license"], ["ab12", "Rosa rubra", "test", "CC0-1.0"]])
   student = os.path.join(workdir, STUDENT)
   os.makedirs(student)
-  fileio.write_json(os.path.join(student, loop.CONFIG_FILE), _train_config().to_dict())
+  fileio.write_json(os.path.join(student, workdir_lib.CONFIG_FILE), _train_config().to_dict())
   checkpoints = checkpointing.StageCheckpoints(student, _train_config().checkpoint)
   checkpoints.maybe_save_best(1, _EvalState(_variables(dataset_dir)), 0.5)
   checkpoints.close()

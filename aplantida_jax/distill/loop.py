@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
 from aplantida_jax.train import checkpointing
@@ -141,7 +143,7 @@ def build_task(config, workdir) -> steps.Task:
     check_crops(config, meta, soft_dir)
     return precomputed_task(config, join_fn)
   if d.mode == "online":
-    num_classes = len(train_loop.load_classes(dataset_dir))
+    num_classes = len(workdir_lib.read_classes(dataset_dir))
     return online_task(config, soft_labels.load_teachers(d, workdir, num_classes))
   raise ValueError(f"Unknown config.distill.mode={d.mode!r}; choose one of {MODES}.")
 
@@ -154,8 +156,7 @@ def teacher_agreement(config, workdir, stage_dir) -> dict:
     join_fn, meta = soft_labels.open_split(soft_dir, dataset_dir, config.eval_split)
   except (FileNotFoundError, ValueError) as e:  # monitoring only: say why it is skipped
     return {"skipped": str(e)}
-  model = train_loop.create_model(train_loop.resolve_config(
-      config, len(train_loop.load_classes(dataset_dir))))
+  model = models.from_config(workdir_lib.TrainedStage(stage_dir).config.model)
   variables = jax.device_put(checkpointing.load_variables(stage_dir, "best"))
 
   @jax.jit

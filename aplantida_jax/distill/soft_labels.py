@@ -55,20 +55,20 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from aplantida_jax import errors
 from aplantida_jax import fileio
+from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 from aplantida_jax.distill import losses
 from aplantida_jax.repro import hashing
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
-from aplantida_jax.train import loop
 from aplantida_jax.train import sharding
 from aplantida_jax.train import steps
 
@@ -111,20 +111,19 @@ def load_teachers(config, workdir, num_classes):
   teachers = []
   for name, t in active_teachers(config):
     stage_dir = os.path.join(workdir, t.dir)
-    config_path = os.path.join(stage_dir, loop.CONFIG_FILE)
-    if not os.path.exists(config_path):
-      raise FileNotFoundError(f"Teacher {name!r}: {config_path} is missing; train it first "
-                              f"or clear config.teachers.{name}.dir.")
+    stage = workdir_lib.TrainedStage(stage_dir)
+    if not stage.trained:
+      raise FileNotFoundError(f"Teacher {name!r}: {stage_dir}/{workdir_lib.CONFIG_FILE} is "
+                              f"missing; train it first or clear config.teachers.{name}.dir.")
     if t.weight <= 0 or t.region_weight <= 0:
       raise ValueError(f"config.teachers.{name}: weight={t.weight} and region_weight="
                        f"{t.region_weight} must be > 0 (clear .dir to leave the teacher out).")
-    with open(config_path) as f:
-      teacher_config = ml_collections.ConfigDict(json.load(f))
+    teacher_config = stage.config
     if teacher_config.model.num_classes != num_classes:
       raise ValueError(f"Teacher {name!r} ({stage_dir}) has {teacher_config.model.num_classes} "
                        f"classes, the dataset {num_classes}: retrain it on this dataset.")
     teachers.append(Teacher(
-        name=name, dir=t.dir, model=loop.create_model(teacher_config),
+        name=name, dir=t.dir, model=models.from_config(teacher_config.model),
         variables=checkpointing.load_variables(stage_dir, "best"),
         image_size=teacher_config.input.image_size,
         eval_crop_fraction=teacher_config.input.eval_crop_fraction, weight=float(t.weight),
@@ -446,7 +445,7 @@ def run(config, workdir) -> dict:
                      "without config.mesh.coordinator_address.")
   dataset_dir = os.path.join(workdir, config.dataset_dir)
   out_dir = os.path.join(workdir, config.output_dir)
-  num_classes = len(loop.load_classes(dataset_dir))
+  num_classes = len(workdir_lib.read_classes(dataset_dir))
   k = min(config.top_k, num_classes)
   dataset_hash = manifest_sha256(dataset_dir)
   replay, view = replay_spec(config, dataset_dir)

@@ -16,8 +16,8 @@ from aplantida_jax.evaluation import calibration
 from aplantida_jax.evaluation import metrics
 from aplantida_jax.evaluation import plots
 from aplantida_jax.evaluation import report
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.train import inference
-from aplantida_jax.train import loop
 
 
 def _checkpoint_dir(config, workdir):
@@ -26,21 +26,19 @@ def _checkpoint_dir(config, workdir):
   A stage counts as trained when it holds the train loop's config.json.
   """
   wanted = config.eval.checkpoint_dir
-
-  def trained(stage):
-    return os.path.exists(os.path.join(workdir, stage, loop.CONFIG_FILE))
-
-  if trained(wanted):
+  chain = [wanted, *config.eval.fallback_checkpoint_dirs]
+  found = workdir_lib.first_trained(workdir, chain)
+  if found is None:
+    raise FileNotFoundError(
+        f"No trained stage ({', '.join(f'{d}/' for d in chain)} with {workdir_lib.CONFIG_FILE}) "
+        f"under {workdir}. Train it first, or point --config.eval.checkpoint_dir at a trained "
+        "stage folder (e.g. teacher_global).")
+  name = os.path.relpath(found.path, workdir)
+  if name == os.path.normpath(wanted):
     return wanted, ""
-  for fallback in config.eval.fallback_checkpoint_dirs:
-    if trained(fallback):
-      note = f"{wanted}/ holds no trained stage in the workdir, so {fallback}/ was evaluated instead."
-      logging.warning("evaluate: %s", note)
-      return fallback, note
-  tried = ", ".join(f"{d}/" for d in [wanted, *config.eval.fallback_checkpoint_dirs])
-  raise FileNotFoundError(
-      f"No trained stage ({tried} with {loop.CONFIG_FILE}) under {workdir}. Train it first, or point "
-      "--config.eval.checkpoint_dir at a trained stage folder (e.g. teacher_global).")
+  note = f"{wanted}/ holds no trained stage in the workdir, so {name}/ was evaluated instead."
+  logging.warning("evaluate: %s", note)
+  return name, note
 
 
 def _has_split(dataset_dir, split):
@@ -128,7 +126,7 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
 def run(config, workdir):
   e = config.eval
   dataset_dir = os.path.join(workdir, "dataset")
-  names = [c["species"] for c in sorted(loop.load_classes(dataset_dir), key=lambda c: c["index"])]
+  names = [c["species"] for c in sorted(workdir_lib.read_classes(dataset_dir), key=lambda c: c["index"])]
   checkpoint, checkpoint_note = _checkpoint_dir(config, workdir)
 
   def predict(stage, split):

@@ -15,12 +15,8 @@ from aplantida_jax.export import convert
 from aplantida_jax.export import parity
 from aplantida_jax.export import serving
 from aplantida_jax.export import sizes
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.train import inference
-from aplantida_jax.train import loop
-
-
-def _trained(stage_dir: str) -> bool:
-  return os.path.exists(os.path.join(stage_dir, loop.CONFIG_FILE))
 
 
 def _read_calibration(workdir: str):
@@ -31,23 +27,25 @@ def _read_calibration(workdir: str):
 def _checkpoint_dir(e, workdir: str, checkpoint: str = None) -> str:
   """What to export: --checkpoint, else the stage eval/ calibrated, else the configured chain."""
   if checkpoint:
-    if not _trained(checkpoint):
-      raise FileNotFoundError(f"--checkpoint {checkpoint} holds no trained stage ({loop.CONFIG_FILE}); "
+    if not workdir_lib.TrainedStage(checkpoint).trained:
+      raise FileNotFoundError(f"--checkpoint {checkpoint} holds no trained stage "
+                              f"({workdir_lib.CONFIG_FILE}); "
                               "pass a stage folder such as <workdir>/student/finetune.")
     return checkpoint
   _, cal = _read_calibration(workdir)
   calibrated = ((cal or {}).get("checkpoint") or {}).get("stage_dir")
-  if calibrated and _trained(os.path.join(workdir, calibrated)):
+  if calibrated and workdir_lib.TrainedStage(os.path.join(workdir, calibrated)).trained:
     return os.path.join(workdir, calibrated)
   chain = [e.checkpoint_dir, *e.fallback_checkpoint_dirs]
-  for stage in chain:
-    if _trained(os.path.join(workdir, stage)):
-      if stage != e.checkpoint_dir:
-        logging.warning("export_tfjs: %s/ holds no trained stage; exporting %s/ instead",
-                        e.checkpoint_dir, stage)
-      return os.path.join(workdir, stage)
+  found = workdir_lib.first_trained(workdir, chain)
+  if found is not None:
+    if os.path.relpath(found.path, workdir) != os.path.normpath(e.checkpoint_dir):
+      logging.warning("export_tfjs: %s/ holds no trained stage; exporting %s instead",
+                      e.checkpoint_dir, found.path)
+    return found.path
   raise FileNotFoundError(
-      f"No trained stage ({', '.join(f'{d}/' for d in chain)} with {loop.CONFIG_FILE}) under {workdir}. "
+      f"No trained stage ({', '.join(f'{d}/' for d in chain)} with {workdir_lib.CONFIG_FILE}) "
+      f"under {workdir}. "
       "Train the student first (configs/student_distill.py, configs/student_finetune.py) or pass "
       "--checkpoint.")
 
@@ -76,12 +74,9 @@ def _calibration(workdir: str, stage_dir: str, default_threshold: float) -> dict
 
 
 def _classes(dataset_dir: str, num_classes: int) -> list:
-  path = os.path.join(dataset_dir, "classes.json")
-  classes = fileio.read_json(path)
-  if classes is None:
-    raise FileNotFoundError(f"{path} is missing: the export needs the class names. "
-                            "Run the export (dataset) stage into this workdir first.")
+  classes = workdir_lib.read_classes(dataset_dir)
   if len(classes) != num_classes:
+    path = os.path.join(dataset_dir, "classes.json")
     raise ValueError(f"{path} lists {len(classes)} classes but the checkpoint predicts {num_classes}; "
                      "the checkpoint was trained on another dataset/.")
   return classes

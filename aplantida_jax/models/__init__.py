@@ -53,6 +53,12 @@ def get_model(name: str, num_classes: int, **kwargs):
   return _BUILDERS[name](num_classes, **kwargs)
 
 
+def from_config(model_config):
+  """The module a config's `model` section names (num_classes resolved, > 0)."""
+  return get_model(model_config.name, model_config.num_classes, dtype=model_config.dtype,
+                   **model_config.kwargs.to_dict())
+
+
 def default_resolution(name: str) -> int:
   _check_name(name)
   return DEFAULT_RESOLUTION[name]

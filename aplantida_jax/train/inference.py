@@ -4,27 +4,15 @@ The evaluation, soft-label and export stages read checkpoints only through
 here, so a stage folder is the whole interface: config.json says which model
 was trained (num_classes resolved), orbax holds the variables.
 """
-import json
-import os
-
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
-from aplantida_jax.train import loop
 from aplantida_jax.train import steps
-
-
-def load_config(stage_dir):
-  path = os.path.join(stage_dir, loop.CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: {stage_dir} is not a trained stage folder "
-                            "(train it first; the folder is config.output_dir under the workdir).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def load_model(stage_dir, which="best"):
@@ -33,8 +21,8 @@ def load_model(stage_dir, which="best"):
   `which="best"` is the best val top-1 checkpoint, "latest" the last saved;
   EMA params are returned when the stage kept them.
   """
-  config = load_config(stage_dir)
-  return loop.create_model(config), checkpointing.load_variables(stage_dir, which), config
+  config = workdir_lib.TrainedStage(stage_dir).config
+  return models.from_config(config.model), checkpointing.load_variables(stage_dir, which), config
 
 
 def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best"):

@@ -20,6 +20,7 @@ from absl import logging
 from aplantida_jax import errors
 from aplantida_jax import fileio
 from aplantida_jax import models
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.models import pretrained
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
@@ -27,16 +28,6 @@ from aplantida_jax.train import sharding
 from aplantida_jax.train import state as state_lib
 from aplantida_jax.train import steps
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-
-
-def load_classes(dataset_dir):
-  path = os.path.join(dataset_dir, "classes.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing; run the export stage first (configs/export.py).")
-  with open(path) as f:
-    return json.load(f)
 
 
 def resolve_config(config, num_classes):
@@ -58,26 +49,61 @@ def resolve_config(config, num_classes):
   return resolved
 
 
-def create_model(config):
-  """The Flax module named by a resolved config."""
-  return models.get_model(config.model.name, config.model.num_classes, dtype=config.model.dtype,
-                          **config.model.kwargs.to_dict())
+def inherit_from_stage(config, workdir):
+  """The config with the upstream network filled in when it starts from a stage.
+
+  A stage-to-stage start (config.init_from_stage: fine-tune, regional teacher) trains the
+  network the upstream stage recorded in its config.json: model.name and model.kwargs come
+  from there (a config value that disagrees is an error naming both), and input.image_size
+  too unless the config sets one (> 0; resolution is not part of the weights).
+  """
+  if not config.init_from_stage:
+    return config
+  upstream = workdir_lib.TrainedStage(os.path.join(workdir, config.init_from_stage)).config
+  c = ml_collections.ConfigDict(config.to_dict())
+  given = {"name": c.model.name, **{f"kwargs.{k}": v for k, v in c.model.kwargs.items()}}
+  recorded = {"name": upstream.model.name,
+              **{f"kwargs.{k}": v for k, v in upstream.model.kwargs.items()}}
+  differ = [f"model.{k}={v!r} (recorded: {recorded.get(k)!r})" for k, v in given.items()
+            if v not in ("", None) and recorded.get(k) != v]
+  if differ:
+    raise ValueError(
+        f"{c.output_dir} starts from {c.init_from_stage}/, which trained another network: "
+        f"{', '.join(differ)}. The network comes from {c.init_from_stage}/config.json; drop "
+        f"these overrides, or retrain {c.init_from_stage} with them.")
+  c.model.name = upstream.model.name
+  c.model.kwargs = upstream.model.kwargs
+  c.input.image_size = c.input.image_size or upstream.input.image_size
+  return c
 
 
 def initial_variables(config, model, workdir, rng):
-  """Random init, then overwritten by the previous stage's best or imported weights."""
+  """Random init, then overwritten by the previous stage's best or imported weights.
+
+  From a stage every tensor must fit (the head included: same classes, same head_dim);
+  from ImageNet weights the head is replaced.
+  """
   variables = models.init_variables(model, {"params": rng, "dropout": rng}, config.input.image_size)
   if config.init_from_stage:
     source = os.path.join(workdir, config.init_from_stage)
-    loaded = checkpointing.load_variables(source, "best")
-  elif config.model.init_from:  # resolve_config kept it only if it exists
-    source = config.model.init_from
-    loaded, provenance = pretrained.load_pretrained(source)
-    logging.info("pretrained weights: %s", json.dumps(provenance))
-  else:
+    every_module = tuple({name for collection in variables.values() for name in collection})
+    merged, skipped = pretrained.merge_pretrained(
+        variables, checkpointing.load_variables(source, "best"), replaceable=every_module)
+    if skipped:
+      raise ValueError(
+          f"{source}'s best checkpoint does not fit {config.output_dir}'s network: "
+          f"{len(skipped)} tensors differ (e.g. {skipped[:3]}). A stage starts from another "
+          "with the same model, kwargs and classes (retrain the upstream stage on this "
+          "dataset).")
+    logging.info("initialised from %s (every tensor)", source)
+    return merged
+  if not config.model.init_from:  # resolve_config kept it only if it exists
     return variables
+  loaded, provenance = pretrained.load_pretrained(config.model.init_from)
+  logging.info("pretrained weights: %s", json.dumps(provenance))
   merged, skipped = pretrained.merge_pretrained(variables, loaded)
-  logging.info("initialised from %s; kept fresh: %s", source, skipped or "nothing")
+  logging.info("initialised from %s; kept fresh: %s", config.model.init_from,
+               skipped or "nothing")
   return merged
 
 
@@ -92,7 +118,7 @@ class MetricsLog:
       # so other runs, this module's steps and tools/gpu_check.sh (no TF there) skip it.
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self.writer = metric_writers.create_default_writer(stage_dir, asynchronous=False)
-    self.path = os.path.join(stage_dir, METRICS_FILE)
+    self.path = os.path.join(stage_dir, workdir_lib.METRICS_FILE)
     if self.is_main and os.path.exists(self.path):
       self._drop_rows_after(start_step)
 
@@ -144,16 +170,17 @@ def train_and_evaluate(config, workdir, *, task=None) -> dict:
   stage_dir = os.path.join(workdir, config.output_dir)
   dataset_dir = os.path.join(workdir, config.dataset_dir)
   os.makedirs(stage_dir, exist_ok=True)
-  config = resolve_config(config, len(load_classes(dataset_dir)))
+  config = resolve_config(inherit_from_stage(config, workdir),
+                          len(workdir_lib.read_classes(dataset_dir)))
   if jax.process_index() == 0:
-    fileio.write_json(os.path.join(stage_dir, CONFIG_FILE), config.to_dict())
+    fileio.write_json(os.path.join(stage_dir, workdir_lib.CONFIG_FILE), config.to_dict())
   task = task or steps.classification_task(config.optimizer.label_smoothing)
   mesh = sharding.create_mesh()
   accum = config.optimizer.grad_accum_steps
   micro_batch = _check_batch_config(config, mesh)
 
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  model = create_model(config)
+  model = models.from_config(config.model)
   variables = initial_variables(config, model, workdir, init_rng)
   state = state_lib.create_train_state(model, variables, config.optimizer, config.batch_size,
                                        config.num_train_steps)
