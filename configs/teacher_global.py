@@ -4,7 +4,7 @@ r"""Global teacher: EfficientNet-Lite2 on every class, from ImageNet weights whe
 
 Variants (`configs/teacher_global.py:demo,model=efficientnet_lite0`):
   demo   EfficientNet-Lite0 from ImageNet (configs/pretrained.py:demo), 96 px, lower blocks
-         frozen, 120 steps for 2 CPU cores
+         frozen, 100 steps for 2 CPU cores
   model  any aplantida_jax.models name (default efficientnet_lite2; demo: efficientnet_lite0)
 Reads <workdir>/dataset/, writes <workdir>/teacher_global/ (orbax checkpoints,
 metrics.jsonl, TensorBoard events, config.json). Rerun the same command to resume.
@@ -25,7 +25,7 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 0.1
   config.num_train_steps = 30_000
   if "demo" in variants:
-    training.demo_imagenet_overrides(config, steps=120)
+    training.demo_imagenet_overrides(config, steps=training.DEMO_STEPS)
     if "model" in overrides:
       training.from_imagenet(config, overrides["model"])
   return config

@@ -24,7 +24,7 @@ SHRINK = {
     "audit": ["c.catalog.path = CATALOG"],
     "export": ["c.catalog.path = CATALOG", "c.export.image_size = 40", "c.export.min_per_class = 4"],
     "teacher_global": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
-                       "c.input.image_size = 32", "c.batch_size = 8"],
+                       "c.input.image_size = 32", "c.batch_size = 8", "c.tensorboard = True"],
     "teacher_regional": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
                          "c.input.image_size = 32", "c.batch_size = 8"],
     "student_distill": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
@@ -115,7 +115,7 @@ def test_every_stage_runs_and_the_run_is_recorded(runs):
   assert criteria["licence check passes"]["passed"] is True
   assert criteria["model size (MB)"]["value"] > 0
   assert "license_check" in stdout and "ran" in stdout
-  # The demo configs keep TensorBoard on (clu's writer, the one path that imports TF in training).
+  # TensorBoard on (clu's writer, the one path that imports TF in training; :demo turns it off).
   assert glob.glob(os.path.join(workdir, "teacher_global", "events.out.tfevents.*"))
 
 
