@@ -13,8 +13,55 @@ import ml_collections
 
 from aplantida_jax import fileio
 
-CONFIG_FILE = "config.json"
+# The run's folders and files; no other module spells these names.
+DATASET = "dataset"            # export: shards, classes.json, manifest.json, attributions.csv
+EVAL = "eval"                  # evaluate: report.{json,md}, calibration.json, plots
+TFJS = "tfjs"                  # export_tfjs: the model the PWA ships
+CONFIG_FILE = "config.json"    # in every trained stage folder
 METRICS_FILE = "metrics.jsonl"
+LICENSE_REPORT = "license_report.json"  # license_check
+
+
+class Workdir:
+  """The folders and files of one pipeline run under `root`."""
+
+  def __init__(self, root: str):
+    self.root = root
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def dataset(self) -> str:
+    return self.path(DATASET)
+
+  @property
+  def eval(self) -> str:
+    return self.path(EVAL)
+
+  @property
+  def tfjs(self) -> str:
+    return self.path(TFJS)
+
+  @property
+  def dataset_manifest(self) -> str:
+    return self.path(DATASET, "manifest.json")
+
+  @property
+  def calibration(self) -> str:
+    return self.path(EVAL, "calibration.json")
+
+  @property
+  def eval_report(self) -> str:
+    return self.path(EVAL, "report.json")
+
+  @property
+  def export_report(self) -> str:
+    return self.path(TFJS, "export_report.json")
+
+  @property
+  def license_report(self) -> str:
+    return self.path(LICENSE_REPORT)
 
 
 class TrainedStage:

@@ -70,6 +70,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
 def checkpoint_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 1000   # also at the last step
+  c.best_metric = "top1"  # best/ keeps the highest: "top1", "top5" or "<eval region>_top1"
   c.keep = 3             # latest checkpoints kept (for resuming); the best is kept apart
   c.async_save = True    # write in the background while training continues
   return c
@@ -94,6 +95,8 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c.train_split = "train"
   c.eval_split = "val"
   c.init_from_stage = ""           # start from this stage folder's best checkpoint (e.g. teacher_global)
+  c.regions = common.regions_config()
+  c.eval_regions = ("spain", "europe")  # each evaluation also reports these regions' top-1/5
   c.model = model_config(model_name)
   c.input = input_config(image_size)
   c.optimizer = optimizer_config()

@@ -34,6 +34,7 @@ from aplantida_jax.data import shards
 from aplantida_jax.distill import loop as distill_loop
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
+from aplantida_jax.models import preprocess
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import loop
@@ -140,7 +141,7 @@ def _teacher_config():
 
 
 def _normalized(images):
-  return np.asarray((images / 255.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD,
+  return np.asarray((images / 255.0 - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD,
                     np.float32)
 
 
@@ -171,7 +172,7 @@ def _save_teacher(workdir, name, seed):
   fileio.write_json(os.path.join(stage_dir, workdir_lib.CONFIG_FILE), config.to_dict())
   state = state_lib.create_train_state(model, variables, config.optimizer, 8, 10)
   ckpt = checkpointing.StageCheckpoints(stage_dir, config.checkpoint)
-  ckpt.maybe_save_best(1, state, 0.5)
+  ckpt.maybe_save_best(1, state, {"top1": 0.5})
   ckpt.close()
 
 

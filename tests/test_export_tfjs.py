@@ -14,7 +14,7 @@ from aplantida_jax.export import parity
 from aplantida_jax.export import serving
 from aplantida_jax.export import sizes
 from aplantida_jax.export import stage
-from aplantida_jax.train import input_pipeline
+from aplantida_jax.models import preprocess
 from configs import export_tfjs as export_config
 from tests import tfjs_fixture
 
@@ -215,8 +215,8 @@ def test_parity_fails_when_tfjs_sees_wrongly_normalised_input(workdir):
   """Real TF.js fed the ImageNet-normalised pixels instead of 0-255 RGB: the check must fail."""
   images = parity.split_images(os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875)
   expected = tfjs_fixture.jax_probabilities(workdir, images)
-  wrong = ((images / 255 - np.asarray(input_pipeline.IMAGENET_MEAN))
-           / np.asarray(input_pipeline.IMAGENET_STD)).astype(np.float32)
+  wrong = ((images / 255 - np.asarray(preprocess.IMAGENET_MEAN))
+           / np.asarray(preprocess.IMAGENET_STD)).astype(np.float32)
   result = parity.report(expected, parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), wrong,
                                                              ("cpu",)))
   assert not result["passed"], result

@@ -28,6 +28,7 @@ import tf_keras
 from aplantida_jax import fileio
 from aplantida_jax import models
 from aplantida_jax.models import blocks
+from aplantida_jax.models import preprocess
 from aplantida_jax.models import pretrained
 from tests import test_models
 
@@ -75,7 +76,7 @@ def _keras_input(pixels):
 
 
 def _pipeline_input(pixels):
-  mean, std = np.float32(pretrained.IMAGENET_MEAN), np.float32(pretrained.IMAGENET_STD)
+  mean, std = np.float32(preprocess.IMAGENET_MEAN), np.float32(preprocess.IMAGENET_STD)
   return (pixels / 255 - mean) / std
 
 

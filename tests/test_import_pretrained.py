@@ -15,6 +15,7 @@ from PIL import Image
 
 from aplantida_jax import fileio
 from aplantida_jax import models
+from aplantida_jax.models import preprocess
 from aplantida_jax.models import pretrained
 from tests import test_models
 
@@ -43,7 +44,7 @@ def _eval_image(path, res):
   image = image.resize([round(s * scale) for s in image.size], Image.BICUBIC)
   left, top = (image.width - res) // 2, (image.height - res) // 2
   x = np.asarray(image.crop((left, top, left + res, top + res)), np.float32)
-  return (x / 255 - pretrained.IMAGENET_MEAN) / pretrained.IMAGENET_STD
+  return (x / 255 - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD
 
 
 def test_provenance_records_source_hash_and_license(imported):

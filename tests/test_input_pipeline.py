@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from aplantida_jax.data import shards
+from aplantida_jax.models import preprocess
 from aplantida_jax.train import input_pipeline
-from aplantida_jax.train import steps
 from configs import training
 from tests.tiny_dataset import write_tiny_dataset
 
@@ -45,7 +45,7 @@ def test_train_batches_are_augmented_uint8_crops_with_labels(dataset_dir):
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1, 2}
   assert len(set(batch["index"])) == BATCH  # a shuffled epoch has no repeats
-  normalized = np.asarray(steps.normalize_images(batch["image"]))
+  normalized = np.asarray(preprocess.normalize(batch["image"]))
   assert normalized.dtype == np.float32
   assert -2.2 < normalized.min() < 0 < normalized.max() < 2.7
   centre = next(input_pipeline.eval_batches(_config().input, dataset_dir, "train", 48))

@@ -23,8 +23,8 @@ from aplantida_jax import models
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.export import parity
 from aplantida_jax.export import serving
+from aplantida_jax.models import preprocess
 from aplantida_jax.train import checkpointing
-from aplantida_jax.train import input_pipeline
 from configs import training
 from tests import helpers
 from tests import tiny_dataset
@@ -61,8 +61,8 @@ def _variables(dataset_dir):
   model = models.get_model("mobilenet_v2", NUM_CLASSES, **MODEL_KWARGS)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False)
   images = parity.split_images(dataset_dir, "train", 32, IMAGE_SIZE, 0.875)
-  mean = np.asarray(input_pipeline.IMAGENET_MEAN) * 255
-  std = np.asarray(input_pipeline.IMAGENET_STD) * 255
+  mean = np.asarray(preprocess.IMAGENET_MEAN) * 255
+  std = np.asarray(preprocess.IMAGENET_STD) * 255
   stats_model = models.get_model("mobilenet_v2", NUM_CLASSES, bn_momentum=0.0, **MODEL_KWARGS)
   _, updated = jax.jit(functools.partial(stats_model.apply, train=True, mutable=["batch_stats"]))(
       variables, (images - mean) / std, rngs={"dropout": jax.random.PRNGKey(1)})
@@ -79,7 +79,7 @@ def _write_workdir(workdir):
   os.makedirs(student)
   fileio.write_json(os.path.join(student, workdir_lib.CONFIG_FILE), _train_config().to_dict())
   checkpoints = checkpointing.StageCheckpoints(student, _train_config().checkpoint)
-  checkpoints.maybe_save_best(1, _EvalState(_variables(dataset_dir)), 0.5)
+  checkpoints.maybe_save_best(1, _EvalState(_variables(dataset_dir)), {"top1": 0.5})
   checkpoints.close()
   os.makedirs(os.path.join(workdir, "eval"))
   with open(os.path.join(workdir, "eval", "calibration.json"), "w") as f:

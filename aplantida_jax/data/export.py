@@ -23,6 +23,7 @@ from absl import logging
 import tqdm
 
 from aplantida_jax import fileio
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import fetch
 from aplantida_jax.data import imaging
 from aplantida_jax.data import licenses
@@ -233,7 +234,7 @@ def _resolved_config(config) -> dict:
 
 def run(config, workdir: str) -> dict:
   """Runs the export into `<workdir>/dataset/`; returns a summary for the run table."""
-  out_dir = os.path.join(workdir, "dataset")
+  out_dir = workdir_lib.Workdir(workdir).dataset
   splits_dir = os.path.join(out_dir, "splits")
   os.makedirs(splits_dir, exist_ok=True)
   manifest_path = os.path.join(out_dir, "manifest.json")

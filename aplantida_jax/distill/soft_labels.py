@@ -61,12 +61,12 @@ from tqdm import tqdm
 
 from aplantida_jax import errors
 from aplantida_jax import fileio
+from aplantida_jax import hashing
 from aplantida_jax import models
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 from aplantida_jax.distill import losses
-from aplantida_jax.repro import hashing
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import sharding

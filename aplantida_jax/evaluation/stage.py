@@ -11,12 +11,12 @@ import os
 from absl import logging
 
 from aplantida_jax import fileio
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import shards
 from aplantida_jax.evaluation import calibration
 from aplantida_jax.evaluation import metrics
 from aplantida_jax.evaluation import plots
 from aplantida_jax.evaluation import report
-from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.train import inference
 
 
@@ -74,7 +74,7 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
   sha256); `provenance` = {"checkpoint": {...}, "splits": {...}} for the report.
   """
   e = config.eval
-  eval_dir = os.path.join(workdir, "eval")
+  eval_dir = workdir_lib.Workdir(workdir).eval
   os.makedirs(eval_dir, exist_ok=True)
   report_split = provenance["splits"]["report"]
   fit = calibration.fit_temperature(val["logits"], val["labels"], e.t_min, e.t_max)
@@ -125,7 +125,7 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
 
 def run(config, workdir):
   e = config.eval
-  dataset_dir = os.path.join(workdir, "dataset")
+  dataset_dir = workdir_lib.Workdir(workdir).dataset
   names = [c["species"] for c in sorted(workdir_lib.read_classes(dataset_dir), key=lambda c: c["index"])]
   checkpoint, checkpoint_note = _checkpoint_dir(config, workdir)
 
@@ -155,5 +155,5 @@ def run(config, workdir):
                      f"coverage {cal['report_split']['coverage']:.2f}"
                      + (f"; teacher top1 {result['teacher_agreement']['teacher_top1']:.3f}"
                         if result["teacher_agreement"] else "")),
-          "report": os.path.join(workdir, "eval", "report.json"),
+          "report": workdir_lib.Workdir(workdir).eval_report,
           "criteria_passed": result["criteria_passed"]}

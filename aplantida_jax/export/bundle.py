@@ -12,7 +12,7 @@ import shutil
 
 from aplantida_jax import fileio
 from aplantida_jax.export import serving
-from aplantida_jax.train import input_pipeline
+from aplantida_jax.models import preprocess
 
 MODEL_FILES = ("model.json",)  # plus the *.bin shards listed in model.json
 
@@ -62,8 +62,8 @@ def metadata(*, image_size, num_classes, temperature, threshold, model_info, tfj
                 "dtype": "float32", "channels": "RGB", "range": [0, 255],
                 "preprocess": "centre square crop, bilinear resize to input size; no normalisation",
                 "eval_crop_fraction": model_info.get("eval_crop_fraction")},
-      "normalisation": {"in_graph": True, "mean": list(input_pipeline.IMAGENET_MEAN),
-                        "std": list(input_pipeline.IMAGENET_STD),
+      "normalisation": {"in_graph": True, "mean": list(preprocess.IMAGENET_MEAN),
+                        "std": list(preprocess.IMAGENET_STD),
                         "formula": "(x / 255 - mean) / std"},
       "output": {"name": serving.OUTPUT_NAME, "shape": [1, num_classes],
                  "kind": "softmax(logits / temperature)"},

@@ -14,7 +14,7 @@ import tensorflow as tf
 from jax.experimental import jax2tf
 
 from aplantida_jax.models import blocks
-from aplantida_jax.train import input_pipeline
+from aplantida_jax.models import preprocess
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -72,8 +72,8 @@ def serving_fn(model, temperature: float = 1.0):
     model = model.clone(dtype=jnp.float32)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature} (eval/calibration.json)")
-  mean = np.asarray(input_pipeline.IMAGENET_MEAN, np.float32) * 255.0
-  inv_std = 1.0 / (np.asarray(input_pipeline.IMAGENET_STD, np.float32) * 255.0)
+  mean = preprocess.MEAN_255
+  inv_std = 1.0 / preprocess.STD_255
   inv_temperature = np.float32(1.0 / temperature)
 
   def serve(variables, images):

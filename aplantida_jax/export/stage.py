@@ -10,17 +10,17 @@ import shutil
 from absl import logging
 
 from aplantida_jax import fileio
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.export import bundle
 from aplantida_jax.export import convert
 from aplantida_jax.export import parity
 from aplantida_jax.export import serving
 from aplantida_jax.export import sizes
-from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.train import inference
 
 
 def _read_calibration(workdir: str):
-  path = os.path.join(workdir, "eval", "calibration.json")
+  path = workdir_lib.Workdir(workdir).calibration
   return path, fileio.read_json(path)
 
 
@@ -96,7 +96,7 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
   e = config.export
   stage_dir = _checkpoint_dir(e, workdir, checkpoint)
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, e.out_dir))
-  dataset_dir = os.path.join(workdir, "dataset")
+  dataset_dir = workdir_lib.Workdir(workdir).dataset
   model, variables, train_config = inference.load_model(stage_dir, which=e.which)
   num_classes = model.num_classes
   classes = _classes(dataset_dir, num_classes)
@@ -148,7 +148,7 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
                   "which": e.which, "calibration": cal["source"],
                   "eval_crop_fraction": float(train_config.input.eval_crop_fraction)})
   bundle.write_bundle(tmp_dir, meta=meta, classes=classes,
-                      report=fileio.read_json(os.path.join(workdir, "eval", "report.json")),
+                      report=fileio.read_json(workdir_lib.Workdir(workdir).eval_report),
                       size=size, attributions_path=os.path.join(dataset_dir, "attributions.csv"))
   fileio.write_json(os.path.join(tmp_dir, "export_report.json"),
                     {"size": size, "tfjs_ops": result["tfjs_ops"],

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from aplantida_jax import fileio
 from aplantida_jax import models
+from aplantida_jax.models import preprocess
 
 LICENSE = "Apache-2.0"
 CHECKPOINT_SUBDIR = "variables"
@@ -50,8 +51,6 @@ KERAS_ARCHS = ("mobilenet_v2",)
 # `(x / 255 - mean) / std` in RGB. The published TF Lite checkpoints were
 # trained on `(x - 127) / 128`, the Keras ones on `x / 127.5 - 1`; the
 # converters fold that difference into the stem (`_fold_input_normalisation`).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCE_MEAN, SOURCE_STD = 127.0, 128.0  # in 0..255 pixel units
 KERAS_SOURCE_MEAN, KERAS_SOURCE_STD = 127.5, 127.5  # x / 127.5 - 1
 
@@ -157,8 +156,7 @@ def _fold_input_normalisation(variables, source_mean=SOURCE_MEAN,
   reads as pixel value `source_mean` and the folded model as the ImageNet
   mean colour; only those stem outputs differ, by the padded taps' kernel · b.
   """
-  mean = np.asarray(IMAGENET_MEAN, np.float32) * 255
-  std = np.asarray(IMAGENET_STD, np.float32) * 255
+  mean, std = preprocess.MEAN_255, preprocess.STD_255
   a = std / source_std
   b = (mean - source_mean) / source_std
   kernel = variables["params"]["stem"]["conv"]["kernel"]  # (H, W, 3, O)
@@ -223,7 +221,7 @@ def import_weights(arch: str, out_dir: str) -> dict:
       "num_classes": 1000,
       "resolution": models.default_resolution(arch),
       "input_normalisation": {
-          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+          "mean": list(preprocess.IMAGENET_MEAN), "std": list(preprocess.IMAGENET_STD),
           "formula": "(x / 255 - mean) / std, RGB",
           "note": "source weights expect (x - 127) / 128; folded into the stem",
       },
@@ -416,7 +414,7 @@ def import_keras_weights(arch: str, path: str, out_dir: str, width=None,
       "num_classes": num_classes,
       "resolution": source.resolution,
       "input_normalisation": {
-          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+          "mean": list(preprocess.IMAGENET_MEAN), "std": list(preprocess.IMAGENET_STD),
           "formula": "(x / 255 - mean) / std, RGB",
           "note": "source weights expect x / 127.5 - 1; folded into the stem",
       },

@@ -30,10 +30,11 @@ import os
 from tqdm import tqdm
 
 from aplantida_jax import fileio
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import licenses
 from aplantida_jax.data import shards
 
-REPORT_FILE = "license_report.json"
+REPORT_FILE = workdir_lib.LICENSE_REPORT
 DEFAULT_POLICY = "commercial"
 PASS, FAIL, ABSENT = "pass", "fail", "not present"
 CHECKS = ("dataset_licenses", "attributions", "weights", "soft_labels", "model_card")
@@ -42,7 +43,7 @@ EXPECTED_STAGES = ("teacher_global", "teacher_regional", "student")
 WEIGHT_LICENSES = "Apache-2.0, MIT, BSD-*, CC0-1.0"
 ATTRIBUTIONS_FILE = "attributions.csv"
 SOFT_LABELS_DIR = "soft_labels"
-TFJS_DIR = "tfjs"
+TFJS_DIR = workdir_lib.TFJS
 MODEL_CARD = "MODEL_CARD.md"
 RERUN_EXPORT = "re-run the export stage (configs/export.py)"
 
@@ -157,7 +158,7 @@ def attribution_problems(record, row) -> list:
 
 def check_dataset(workdir: str, policy) -> tuple:
   """Checks 1 and 2 in one pass over the shards → ({check: result}, violations)."""
-  dataset_dir = os.path.join(workdir, "dataset")
+  dataset_dir = workdir_lib.Workdir(workdir).dataset
   manifest_path = os.path.join(dataset_dir, "manifest.json")
   attributions_path = os.path.join(dataset_dir, ATTRIBUTIONS_FILE)
   rel = functools.partial(os.path.relpath, start=workdir)
@@ -349,7 +350,7 @@ def check_model_card(workdir: str) -> tuple:
         found.append(violation("model_card", f"{TFJS_DIR}/{MODEL_CARD}", "attribution pointer",
                                f"does not point at {ATTRIBUTIONS_FILE}", fix))
   shipped = os.path.join(tfjs_dir, ATTRIBUTIONS_FILE)
-  dataset_copy = os.path.join(workdir, "dataset", ATTRIBUTIONS_FILE)
+  dataset_copy = os.path.join(workdir_lib.Workdir(workdir).dataset, ATTRIBUTIONS_FILE)
   if not os.path.exists(shipped):
     found.append(violation("model_card", f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}", "attributions",
                            "missing from the export", fix))

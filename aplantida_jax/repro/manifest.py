@@ -13,8 +13,9 @@ import sys
 from importlib import metadata
 
 from aplantida_jax import fileio
+from aplantida_jax import hashing
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import sources
-from aplantida_jax.repro import hashing
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
             "tensorflow", "tensorflowjs", "tf-keras", "numpy", "pillow", "pymongo", "torch")
@@ -80,10 +81,10 @@ def _outputs(workdir: str) -> dict:
   # only its stage lines (repro/pipeline.py); by now the stages are done.
   from aplantida_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   out = {}
-  dataset_manifest = os.path.join(workdir, "dataset", "manifest.json")
+  dataset_manifest = workdir_lib.Workdir(workdir).dataset_manifest
   if os.path.exists(dataset_manifest):
     out["dataset_manifest_sha256"] = fileio.sha256_file(dataset_manifest)
-  tfjs = os.path.join(workdir, "tfjs")
+  tfjs = workdir_lib.Workdir(workdir).tfjs
   if os.path.isdir(tfjs):
     out["tfjs_files"] = hashing.file_hashes(tfjs)
   params = {}
@@ -103,11 +104,11 @@ def _outputs(workdir: str) -> dict:
 
 def success_criteria(workdir: str):
   """The user's acceptance table: eval/report.json's rows, completed by later stages' outputs."""
-  report = fileio.read_json(os.path.join(workdir, "eval", "report.json"))
+  report = fileio.read_json(workdir_lib.Workdir(workdir).eval_report)
   if report is None:
     return None
-  export_report = fileio.read_json(os.path.join(workdir, "tfjs", "export_report.json"))
-  license_report = fileio.read_json(os.path.join(workdir, "license_report.json"))
+  export_report = fileio.read_json(workdir_lib.Workdir(workdir).export_report)
+  license_report = fileio.read_json(workdir_lib.Workdir(workdir).license_report)
   rows = []
   for row in report.get("criteria", []):
     row = dict(row)

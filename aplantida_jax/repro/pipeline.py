@@ -24,7 +24,8 @@ import time
 
 from absl import logging as absl_logging
 
-from aplantida_jax.repro import hashing
+from aplantida_jax import hashing
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.repro import manifest as manifest_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,16 +46,16 @@ class Stage:
 
 STAGES = (
     Stage("audit", "audit.py", "audit", serves_demo=True),
-    Stage("export", "export.py", "dataset", serves_demo=True),
+    Stage("export", "export.py", workdir_lib.DATASET, serves_demo=True),
     Stage("pretrained", "pretrained.py", ""),
     Stage("teacher_global", "teacher_global.py", "teacher_global", ("export", "pretrained")),
     Stage("teacher_regional", "teacher_regional.py", "teacher_regional", ("export", "teacher_global")),
     Stage("soft_labels", "soft_labels.py", "soft_labels", ("export", "teacher_global", "teacher_regional")),
     Stage("distill", "student_distill.py", "student/distill", ("export", "pretrained", "soft_labels")),
     Stage("finetune", "student_finetune.py", "student/finetune", ("export", "distill")),
-    Stage("evaluate", "evaluate.py", "eval", ("export", "finetune")),
-    Stage("export_tfjs", "export_tfjs.py", "tfjs", ("export", "finetune", "evaluate")),
-    Stage("license_check", "license_check.py", "license_report.json", (
+    Stage("evaluate", "evaluate.py", workdir_lib.EVAL, ("export", "finetune")),
+    Stage("export_tfjs", "export_tfjs.py", workdir_lib.TFJS, ("export", "finetune", "evaluate")),
+    Stage("license_check", "license_check.py", workdir_lib.LICENSE_REPORT, (
         "export", "pretrained", "teacher_global", "teacher_regional", "soft_labels", "distill",
         "finetune", "export_tfjs")),
 )

@@ -21,14 +21,12 @@ from flax import serialization
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
-BEST_METRIC = "top1"
-
-
-def _manager(directory, *, keep, async_save, best=False):
+def _manager(directory, *, keep, async_save, best_metric=None):
+  best = best_metric is not None
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save,
-      best_fn=(lambda metrics: metrics[BEST_METRIC]) if best else None, best_mode="max")
+      best_fn=(lambda metrics: metrics[best_metric]) if best else None, best_mode="max")
   item_names = ("state",) if best else ("state", "data")
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=item_names)
 
@@ -38,16 +36,22 @@ def _abstract(tree):
 
 
 class StageCheckpoints:
-  """The latest and best checkpoint managers of one stage folder."""
+  """The latest and best checkpoint managers of one stage folder.
+
+  `best/` keeps the eval variables of the highest `checkpoint_config.best_metric` (an
+  evaluation key: "top1", "spain_top1", ...; default "top1"), recorded under that name.
+  """
 
   def __init__(self, stage_dir, checkpoint_config):
     self.latest = _manager(os.path.join(stage_dir, "checkpoints"), keep=checkpoint_config.keep,
                            async_save=checkpoint_config.async_save)
+    self.best_metric = checkpoint_config.get("best_metric", "top1")
     self.best = _manager(os.path.join(stage_dir, "best"), keep=1,
-                         async_save=checkpoint_config.async_save, best=True)
+                         async_save=checkpoint_config.async_save, best_metric=self.best_metric)
     # Held in memory: an async save's metrics are not readable until it commits.
     step = self.best.best_step()
-    self.best_top1 = None if step is None else (self.best.metrics(step) or {}).get(BEST_METRIC)
+    self.best_value = (None if step is None
+                       else (self.best.metrics(step) or {}).get(self.best_metric))
 
   def restore_latest(self, state, data_iterator):
     """(state, data_iterator) of the latest checkpoint, or the inputs when there is none."""
@@ -64,13 +68,14 @@ class StageCheckpoints:
         state=ocp.args.StandardSave(serialization.to_state_dict(state)),
         data=grain.checkpoint.CheckpointSave(data_iterator)))
 
-  def maybe_save_best(self, step, state, top1) -> bool:
-    """Keeps the eval variables when `top1` beats every earlier evaluation."""
-    if self.best_top1 is not None and top1 <= self.best_top1:
+  def maybe_save_best(self, step, state, eval_metrics) -> bool:
+    """Keeps the eval variables when eval_metrics[best_metric] beats every earlier one."""
+    value = float(eval_metrics[self.best_metric])
+    if self.best_value is not None and value <= self.best_value:
       return False
     self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
-        state.eval_variables())), metrics={BEST_METRIC: float(top1)})
-    self.best_top1 = float(top1)
+        state.eval_variables())), metrics={self.best_metric: value})
+    self.best_value = value
     return True
 
   def close(self):

@@ -1,6 +1,6 @@
 """Grain input pipelines over the export stage's ArrayRecord shards.
 
-Batches hold `image` (uint8 NHWC; `steps.normalize_images` applies the ImageNet
+Batches hold `image` (uint8 NHWC; `models.preprocess.normalize` applies the ImageNet
 mean/std on device, so 4x fewer bytes cross process and PCIe boundaries),
 `label` (int32), `index` (int32 record index in the split) and whatever a
 task's `join_fn(index, epoch, position, record)` adds per record (e.g. soft
@@ -37,8 +37,6 @@ from tqdm import tqdm
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SAMPLINGS = ("uniform", "class_balanced", "region_weighted")
 
 

@@ -24,6 +24,7 @@ class TrainState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
   accum_steps: int = flax.struct.field(pytree_node=False, default=1)
+  frozen: str = flax.struct.field(pytree_node=False, default="")  # config.optimizer.frozen
 
   def apply_gradients(self, grads, batch_stats):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -36,6 +37,16 @@ class TrainState:
       ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
     return self.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
                         ema_params=ema_params)
+
+  def trained_leaves(self, tree):
+    """The leaves of a params-shaped tree that the optimizer trains (all when none is frozen).
+
+    Norms over these keep frozen layers' gradients unused, so XLA still drops their backward.
+    """
+    if not self.frozen:
+      return jax.tree.leaves(tree)
+    labels = jax.tree.leaves(frozen_labels(self.params, self.frozen))
+    return [leaf for leaf, label in zip(jax.tree.leaves(tree), labels) if label == "trained"]
 
   def eval_variables(self):
     """Variables for evaluation: EMA params when kept, else the live ones."""
@@ -113,4 +124,4 @@ def create_train_state(model, variables, opt_config, batch_size, num_train_steps
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
       ema_params=jax.tree.map(jnp.copy, params) if opt_config.ema_decay > 0 else None,
       apply_fn=model.apply, tx=tx, ema_decay=opt_config.ema_decay,
-      accum_steps=opt_config.grad_accum_steps)
+      accum_steps=opt_config.grad_accum_steps, frozen=opt_config.frozen)

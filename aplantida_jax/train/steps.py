@@ -11,21 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aplantida_jax.train import input_pipeline
-
-
-def normalize_images(images):
-  """uint8 RGB → float32 normalised with ImageNet mean/std (the model input contract)."""
-  mean = jnp.array(input_pipeline.IMAGENET_MEAN, jnp.float32) * 255
-  std = jnp.array(input_pipeline.IMAGENET_STD, jnp.float32) * 255
-  return (images.astype(jnp.float32) - mean) / std
+from aplantida_jax.models import preprocess
 
 
 def forward(apply_fn, variables, images, rng, train=True):
   """Logits (float32) and the updated batch stats of one forward pass."""
   if not train:
-    return apply_fn(variables, normalize_images(images), train=False).astype(jnp.float32), None
-  logits, updates = apply_fn(variables, normalize_images(images), train=True,
+    return apply_fn(variables, preprocess.normalize(images), train=False).astype(jnp.float32), None
+  logits, updates = apply_fn(variables, preprocess.normalize(images), train=True,
                              rngs={"dropout": rng}, mutable=["batch_stats"])
   return logits.astype(jnp.float32), updates.get("batch_stats", variables.get("batch_stats", {}))
 
@@ -95,15 +88,23 @@ def train_step(state, batch, rng, aux, *, loss_fn):
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params)
   new_state = state.apply_gradients(grads, batch_stats)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(state.trained_leaves(grads)),
                      "param_norm": optax.global_norm(new_state.params), **metrics}
 
 
 def eval_step(state, batch):
-  """Masked sums of loss, top-1 and top-5 hits and the count over one batch."""
+  """Masked sums of loss, top-1 and top-5 hits and the count over one batch.
+
+  batch["regions"] (optional) {name: [B] mask of the records in that region, padding 0}
+  adds `<name>_top1`, `<name>_top5` and `<name>_count` sums.
+  """
   logits, _ = forward(state.apply_fn, state.eval_variables(), batch["image"], None, train=False)
   mask = batch["mask"]
-  return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-          "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
-          "top5": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
-          "count": jnp.sum(mask)}
+  top1 = topk_correct(logits, batch["label"], 1)
+  top5 = topk_correct(logits, batch["label"], 5)
+  sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
+  for name, region in batch.get("regions", {}).items():
+    sums.update({f"{name}_top1": jnp.sum(top1 * region), f"{name}_top5": jnp.sum(top5 * region),
+                 f"{name}_count": jnp.sum(region)})
+  return sums
