@@ -5,9 +5,9 @@ import pytest
 
 from tests.helpers import FAST_COMPILE
 
-# Test programs are tiny and run for a few steps, so compiling them is most of the suite's time.
-# LLVM level 0 compiles a MobileNetV2 train step (8 × 32 px) in 23 s instead of 171 s on 2 cores
-# and then runs it in 0.7 s instead of 0.2 s. Set before any test imports jax; subprocesses
+# Test programs are tiny and run for a few steps, so compiling them is most of the suite's time:
+# LLVM level 0 compiles several times faster and runs slower (BUILD.md, "Compile time"). Set
+# before any test imports jax; subprocesses
 # inherit it (tests/helpers.cli_env). Real runs and tools/bench.py keep the default level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

@@ -173,6 +173,26 @@ def test_main_folder_source_over_flowers12_research_policy(tmp_path):
   assert list(report["licenses"]["by_license"]) == ["unknown"]
 
 
+@pytest.mark.parametrize("lines,fields,skipped", [
+    ([], {}, "the catalog is empty"),
+    (["{not json", "[1, 2]"], {}, "document: invalid JSON line ×1, document: not an object ×1"),
+    ([json.dumps({"scientificName": "Ruta montana", "images": [{"url": "https://x.example/a.jpg"}]})],
+     {"species": "taxon.name"}, "document: missing species (field 'taxon.name') ×1"),
+])
+def test_a_catalog_without_species_fails_the_audit(tmp_path, lines, fields, skipped):
+  catalog = tmp_path / "catalog.jsonl"
+  catalog.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  config = audit_config.get_config("demo")
+  config.catalog.path = str(catalog)
+  config.catalog.fields.update(fields)
+  with pytest.raises(audit.AuditFailed) as e:
+    audit.run(config, str(tmp_path / "w"))
+  assert str(e.value).startswith("the catalog (") and f"yielded no species with an image ({skipped})" in str(e.value)
+  assert "--config.catalog.fields" in str(e.value)
+  report = json.loads((tmp_path / "w" / "audit" / "report.json").read_text())
+  assert report["passed"] is False and report["species"]["count"] == 0
+
+
 def test_mistyped_override_names_the_key(tmp_path):
   result = _main("--config=configs/audit.py:demo", f"--workdir={tmp_path}", "--config.catalog.kindd=folder")
   assert result.returncode != 0

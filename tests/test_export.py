@@ -177,6 +177,19 @@ def test_bad_options_fail_before_any_download(tmp_path, cdn):
   assert not cdn.requests
 
 
+@pytest.mark.parametrize("field,value,must", [("concurrency", 0, "an integer >= 1"),
+                                              ("per_host", -1, "an integer >= 1"),
+                                              ("timeout_s", 0.0, "> 0 seconds")])
+def test_http_settings_that_cannot_work_fail_before_any_download(tmp_path, cdn, field, value, must):
+  _catalog(tmp_path / "catalog.jsonl", _serve_images(cdn, ["Alpha alba"], 4))
+  config = _config(tmp_path / "catalog.jsonl")
+  config.http[field] = value
+  with pytest.raises(ValueError) as e:
+    export.run(config, str(tmp_path / "w"))
+  assert str(e.value) == f"--config.http.{field}={value!r} must be {must}."
+  assert not cdn.requests
+
+
 # ---------------------------------------------------------------- export over a faulty CDN
 
 
@@ -278,6 +291,34 @@ def test_export_needs_some_image(tmp_path, cdn):
   with pytest.raises(ValueError, match="licenses.policy"):
     export.run(_config(tmp_path / "catalog.jsonl"), str(tmp_path / "w"))
   assert not (tmp_path / "w/dataset/manifest.json").exists()
+
+
+@pytest.mark.parametrize("change", [
+    {"export.splits.train": 1.5}, {"catalog.kind": "nosql"}, {"licenses.policy": "comercial"},
+    {"catalog.path": "missing.jsonl"}, {"licenses.policy": "commercial", "catalog.path": "nc.jsonl"}])
+def test_a_bad_rerun_leaves_the_finished_export_whole(tmp_path, cdn, change):
+  """Config, catalog and policy are checked before the old dataset stops being complete."""
+  urls = _serve_images(cdn, ["Alpha alba", "Beta bella"], 5)
+  _catalog(tmp_path / "catalog.jsonl", urls)
+  _catalog(tmp_path / "nc.jsonl", urls, license_for=lambda i: "CC-BY-NC-4.0")
+  workdir = str(tmp_path / "w")
+  export.run(_config(tmp_path / "catalog.jsonl"), workdir)
+  dataset = tmp_path / "w" / "dataset"
+  before = {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()
+            and "cache" not in p.parts}
+  assert dataset / "manifest.json" in before
+  config = _config(tmp_path / "catalog.jsonl")
+  for key, value in change.items():
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = str(tmp_path / value) if field == "path" else value
+  with pytest.raises((ValueError, FileNotFoundError)):
+    export.run(config, workdir)
+  after = {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()
+           and "cache" not in p.parts}
+  assert after == before
 
 
 # ---------------------------------------------------------------- kill and resume

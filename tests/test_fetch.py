@@ -65,6 +65,17 @@ def test_noai_is_fetched_when_not_respected(faults):
   assert got["x"].ok
 
 
+@pytest.mark.parametrize("headers,opted_out", [
+    ({"X-Robots-Tag": "noml"}, True), ({"X-Robots-Tag": "googlebot: noimageindex"}, True),
+    ({"X-Robots-Tag": "noindex, nofollow"}, True), ({"tdm-reservation": "1"}, True),
+    ({"tdm-reservation": "0"}, False), ({"X-Robots-Tag": "nofollow"}, False)])
+def test_opt_out_headers_are_honoured(cdn, headers, opted_out):
+  url = cdn.route("/img.jpg", cdn_server.Response(200, cdn_server.jpeg_bytes(),
+                                                   {"Content-Type": "image/jpeg", **headers}))
+  got = _download({"x": url}, _http())["x"]
+  assert (got.reason == "noai") == opted_out and got.ok != opted_out
+
+
 def test_too_large(faults):
   got = _download({"x": faults["huge"], "y": faults["ok"]}, _http(), max_bytes=10_000)
   assert got["x"].reason == "too_large" and got["y"].ok

@@ -243,6 +243,7 @@ def test_mongo_connection_error_never_shows_the_password():
     ("mongodb://user:pass@host:27017/db?authSource=admin", "mongodb://***@host:27017/db?authSource=admin"),
     ("mongodb+srv://u:p%40ss@c0.x.mongodb.net/?retryWrites=true", "mongodb+srv://***@c0.x.mongodb.net/?retryWrites=true"),
     ("mongodb://u:p@ss/w@h1:1,h2:2/db", "mongodb://***@h1:1,h2:2/db"),  # unescaped @ and / in password
+    ("mongodb://alice:Qx?zPW77@host/db?authSource=admin", "mongodb://***@host/db?authSource=admin"),
     ("mongodb://h/?authSource=x&password=hunter2", "mongodb://h/?authSource=x&password=***"),
     ("mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN:abc", "mongodb://h/?authMechanismProperties=***"),
     ("https://cdn.example/a.jpg?X-Amz-Signature=abc&w=3", "https://cdn.example/a.jpg?X-Amz-Signature=***&w=3"),
@@ -263,6 +264,21 @@ def test_jsonl_source_shares_the_mongo_normalisation(tmp_path):
   assert records == EXPECTED
   assert stats == {"document: invalid JSON line": 1, "document: not an object": 1,
                    "image: entry is not an object": 1}
+
+
+def test_jsonl_lines_not_utf8_and_malformed_urls_are_counted_not_fatal(tmp_path):
+  path = tmp_path / "catalog.jsonl"
+  broken = {"scientificName": "Ruta montana", "images": [
+      {"url": "http://[::1/x.jpg"}, {"url": "http://cdn.example:99999/y.jpg"},
+      {"url": "https://cdn.example/ok.jpg"}]}
+  path.write_bytes(b"\n".join([json.dumps(LAVANDULA).encode(),
+                               '{"scientificName": "Cistus \xe9"}'.encode("latin-1"),
+                               json.dumps(broken).encode(), json.dumps(CISTUS).encode()]) + b"\n")
+  records, stats = _records(_catalog(kind="jsonl", path=str(path)))
+  assert [r for r in records if r.species != "Ruta montana"] == EXPECTED
+  assert [r.url for r in records if r.species == "Ruta montana"] == ["https://cdn.example/ok.jpg"]
+  assert stats == {"document: line not UTF-8": 1,
+                   "image: invalid url, not http(s) (field 'url')": 2}
 
 
 def test_jsonl_missing_file_names_the_fix(tmp_path):

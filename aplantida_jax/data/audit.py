@@ -17,6 +17,7 @@ import statistics
 from absl import logging
 from tqdm import tqdm
 
+from aplantida_jax import errors
 from aplantida_jax import fileio
 from aplantida_jax.data import fetch
 from aplantida_jax.data import licenses
@@ -27,8 +28,8 @@ REGION_BUCKETS = ("Spain (ES)", "Europe (not ES)", "elsewhere", "unknown")
 _TOP = 20  # rows in "top N" lists of the report
 
 
-class AuditFailed(RuntimeError):
-  """The catalog is not fit for export (too many broken URLs); the report says why."""
+class AuditFailed(errors.StageError):
+  """The catalog is not fit for export (no species, too many broken URLs); the report says why."""
 
 
 def region_bucket(regions, regions_cfg) -> str:
@@ -159,7 +160,7 @@ def build_report(tally: _Tally, stats, url_check: dict, config) -> dict:
       },
       "invalid": dict(stats.most_common()),
       "url_check": url_check,
-      "passed": url_check.get("passed", True),
+      "passed": url_check.get("passed", True) and bool(tally.species_regions),
   }
 
 
@@ -285,6 +286,7 @@ def run(config, workdir: str, mongo_client=None) -> dict:
 
   `mongo_client` is for tests (mongomock); normally the source opens its own.
   """
+  fetch.check_config(config.http)
   out_dir = os.path.join(workdir, "audit")
   os.makedirs(out_dir, exist_ok=True)
   policy = licenses.get_policy(config.licenses.policy)
@@ -309,6 +311,12 @@ def run(config, workdir: str, mongo_client=None) -> dict:
             f"allowed ({policy.name}), URL failures {url_check['failure_rate']:.1%} "
             f"of {url_check['checked']}")
   logging.info("audit: %s", metric)
+  if not report["species"]["count"]:
+    skipped = ", ".join(f"{r} ×{n}" for r, n in stats.most_common(3)) or "the catalog is empty"
+    raise AuditFailed(
+        f"the catalog ({sources.describe(config.catalog)}) yielded no species with an image "
+        f"({skipped}). Check --config.catalog.path and --config.catalog.fields.* (the field "
+        f"names of your documents). Details: {os.path.join(out_dir, 'report.md')}")
   if not url_check["passed"]:
     top = ", ".join(f"{r} ×{n}" for r, n in list(url_check["failures_by_reason"].items())[:5])
     raise AuditFailed(

@@ -238,9 +238,8 @@ def run(config, workdir: str) -> dict:
   splits_dir = os.path.join(out_dir, "splits")
   os.makedirs(splits_dir, exist_ok=True)
   manifest_path = os.path.join(out_dir, "manifest.json")
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)  # from here until the end the folder is not a complete export
   policy = licenses.get_policy(config.licenses.policy)
+  fetch.check_config(config.http)
   split_lib.check_options(dict(config.export.splits), config.export.small_class_policy)
 
   source_stats = collections.Counter()
@@ -277,6 +276,10 @@ def run(config, workdir: str) -> dict:
           f"{len(result.small_species)}). Check the catalog, licenses.policy and export.min_per_class.")
     labels = {species: i for i, species in enumerate(result.species)}
 
+    # Config, catalog and downloads are good: only now does the old export stop being
+    # complete (until the new manifest is written last). A bad rerun leaves it whole.
+    if os.path.exists(manifest_path):
+      os.remove(manifest_path)
     shard_info = {name: _write_split(splits_dir, name, list(items), by_location, labels, cache,
                                      config.export.records_per_shard)
                   for name, items in result.splits.items()}

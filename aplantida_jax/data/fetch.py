@@ -63,13 +63,23 @@ class _Failure(Exception):
             or (self.status is not None and self.status >= 500))
 
 
+# X-Robots-Tag directives that opt an image out of dataset use: the AI ones, and the
+# indexing ones img2dataset also honours by default.
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noml", "noindex", "noimageindex")
+
+
 def has_noai(headers) -> bool:
-  """True when X-Robots-Tag carries noai/noimageai (also in `bot: directive` form)."""
+  """True when the server opts the image out of text-and-data mining.
+
+  X-Robots-Tag with one of OPT_OUT_DIRECTIVES (also in `bot: directive` form), or the
+  W3C TDM Reservation Protocol header `tdm-reservation: 1` (the machine-readable
+  reservation of EU directive 2019/790, art. 4).
+  """
   for value in headers.getall("X-Robots-Tag", ()):
     for token in value.replace(":", ",").split(","):
-      if token.strip().lower() in ("noai", "noimageai"):
+      if token.strip().lower() in OPT_OUT_DIRECTIVES:
         return True
-  return False
+  return headers.get("tdm-reservation", "").strip() == "1"
 
 
 def _retry_after_s(headers, cap: float) -> Optional[float]:
@@ -85,6 +95,19 @@ def _retry_after_s(headers, cap: float) -> Optional[float]:
     except (TypeError, ValueError):
       return None
   return min(max(seconds, 0.0), cap)
+
+
+def check_config(http_cfg) -> None:
+  """A one-line ValueError naming the `--config.http.*` field that cannot work."""
+  rules = {"concurrency": (http_cfg.concurrency >= 1, "an integer >= 1"),
+           "per_host": (http_cfg.per_host >= 1, "an integer >= 1"),
+           "timeout_s": (http_cfg.timeout_s > 0, "> 0 seconds"),
+           "retries": (http_cfg.retries >= 0, ">= 0"),
+           "backoff_s": (http_cfg.backoff_s >= 0, ">= 0 seconds"),
+           "max_retry_after_s": (http_cfg.max_retry_after_s >= 0, ">= 0 seconds")}
+  for field, (ok, must) in rules.items():
+    if not ok:
+      raise ValueError(f"--config.http.{field}={http_cfg[field]!r} must be {must}.")
 
 
 def _session(http_cfg) -> aiohttp.ClientSession:

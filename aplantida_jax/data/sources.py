@@ -36,17 +36,19 @@ _FIELD_NAMES = ("species", "family", "common_names", "regions", "images",
 def redact_uri(uri: str) -> str:
   """Removes credentials: `scheme://user:pw@host/?password=x` → `scheme://***@host/?password=***`.
 
-  Everything up to the last "@" before the query is treated as user info, so a
-  password with an unescaped "@" or "/" is hidden too.
+  Everything up to the last "@" is treated as user info, so a password with an
+  unescaped "@", "/" or "?" is hidden too (an "@" in the query hides the host as well:
+  too much hidden, never too little).
   """
   if not uri:
     return uri
-  head, sep, query = str(uri).partition("?")
-  scheme_end = head.find("://")
+  uri = str(uri)
+  scheme_end = uri.find("://")
   start = scheme_end + 3 if scheme_end >= 0 else 0
-  at = head.rfind("@")
+  at = uri.rfind("@")
   if at >= start:
-    head = head[:start] + "***" + head[at:]
+    uri = uri[:start] + "***" + uri[at:]
+  head, sep, query = uri.partition("?")
   if sep:
     params = []
     for part in query.split("&"):
@@ -112,7 +114,11 @@ def _common_names(value) -> tuple:
 
 
 def _valid_url(url: str) -> bool:
-  parts = urllib.parse.urlsplit(url)
+  try:
+    parts = urllib.parse.urlsplit(url)
+    parts.port  # pylint: disable=pointless-statement  # raises on a malformed port
+  except ValueError:  # "http://[::1/x.jpg": an unclosed IPv6 bracket
+    return False
   return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
@@ -213,13 +219,20 @@ def _mongo_documents(cfg, fields: dict, client) -> Iterator[dict]:
 
 
 def _jsonl_documents(cfg, stats) -> Iterator:
-  """One document per line; unparsable lines are counted, not fatal."""
+  """One document per line; unparsable lines (bad JSON, not UTF-8) are counted, not fatal."""
   if not os.path.isfile(cfg.path):
     raise FileNotFoundError(
         f"catalog.path={cfg.path!r} is not a file (catalog.kind=jsonl). Create the demo "
         "catalog with `python tools/make_demo_data.py` or point --config.catalog.path at a JSONL file.")
-  with open(cfg.path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
+  with open(cfg.path, "rb") as f:
+    for line_number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        stats["document: line not UTF-8"] += 1
+        logging.warning("%s:%d: not UTF-8 (byte %#x at column %d; save the file as UTF-8), "
+                        "skipped", cfg.path, line_number, raw[e.start], e.start + 1)
+        continue
       if not line.strip():
         continue
       try:

@@ -68,8 +68,7 @@ def init_variables(model, rngs, image_size: int):
   """`model.init` on one image_size² RGB image, compiled at XLA optimisation level 0.
 
   Initialisation runs once, but its threefry draws (one stream per parameter) make
-  the optimised compile slow: 69 s for MobileNetV2 on 2 CPU cores against 8.5 s at
-  level 0. The draws are the same; the float transforms of them may differ in the
+  the optimised compile slow (BUILD.md, "Compiling model.init"). The draws are the same; the float transforms of them may differ in the
   last bit (3e-8), and every run takes this same path, so a seed still fixes them.
   """
   init = jax.jit(functools.partial(model.init, train=False))

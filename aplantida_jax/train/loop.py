@@ -115,8 +115,8 @@ class MetricsLog:
     self.is_main = jax.process_index() == 0
     self.writer = None
     if tensorboard and self.is_main:
-      # clu's writers import TensorFlow (29 s on a busy 2-core machine): only for TensorBoard,
-      # so other runs, this module's steps and tools/gpu_check.sh (no TF there) skip it.
+      # clu's writers import TensorFlow: only for TensorBoard, so other runs, this module's
+      # steps and tools/gpu_check.sh (no TF there) skip it.
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self.writer = metric_writers.create_default_writer(stage_dir, asynchronous=False)
     self.path = os.path.join(stage_dir, workdir_lib.METRICS_FILE)
