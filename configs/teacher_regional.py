@@ -9,7 +9,8 @@ Variants (`configs/teacher_regional.py:demo,mode=region_weighted,region=europe`)
   region  "spain" (default, ES) or "europe" (configs.common.regions_config().europe)
 Reads <workdir>/dataset/ and <workdir>/teacher_global/best/, writes <workdir>/teacher_regional/.
 The network (model.name, model.kwargs) and input.image_size are the ones
-teacher_global/config.json recorded, so its weights load one to one.
+teacher_global/config.json recorded, so its weights load one to one. best/ keeps
+the checkpoint with the highest val top-1 on the region's images (checkpoint.best_metric).
 """
 from configs import common
 from configs import training
