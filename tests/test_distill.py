@@ -537,6 +537,7 @@ def _kill_after_first_checkpoint(workdir, cache_env):
   proc.wait()
   steps_done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
   assert steps_done and max(steps_done) < 16, f"not interrupted mid-run: {steps_done}"
+  return max(steps_done)
 
 
 def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
@@ -552,9 +553,13 @@ def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
                             for r in train_rows)
 
   killed = _copy(labelled, tmp_path, "killed")
-  _kill_after_first_checkpoint(killed, cache_env)
+  killed_at = _kill_after_first_checkpoint(killed, cache_env)
   result = helpers.run_main("configs/student_distill.py:demo", killed, *DISTILL, **cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
+  # A resume, not a restart: it says where it resumed and trains only the remaining steps.
+  assert re.findall(r"resumed \S+ at step (\d+)", result.stderr) == [str(killed_at)]
+  trained = [int(s) for s in re.findall(r"\bstep (\d+)/16\b", result.stderr)]
+  assert trained and min(trained) > killed_at and max(trained) == 16
   a, b = _latest_params(straight), _latest_params(killed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
