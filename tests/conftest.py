@@ -7,8 +7,8 @@ from tests.helpers import FAST_COMPILE
 
 # Test programs are tiny and run for a few steps, so compiling them is most of the suite's time:
 # LLVM level 0 compiles several times faster and runs slower (BUILD.md, "Compile time"). Set
-# before any test imports jax; subprocesses
-# inherit it (tests/helpers.cli_env). Real runs and tools/bench.py keep the default level.
+# before any test imports jax; subprocesses inherit it (tests/helpers.cli_env). Real runs and
+# tools/bench.py keep the default level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 

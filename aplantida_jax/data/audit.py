@@ -160,7 +160,7 @@ def build_report(tally: _Tally, stats, url_check: dict, config) -> dict:
       },
       "invalid": dict(stats.most_common()),
       "url_check": url_check,
-      "passed": url_check.get("passed", True) and bool(tally.species_regions),
+      "passed": url_check.get("passed", True) and bool(per_species),
   }
 
 

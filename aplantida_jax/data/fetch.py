@@ -68,7 +68,7 @@ class _Failure(Exception):
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noml", "noindex", "noimageindex")
 
 
-def has_noai(headers) -> bool:
+def opts_out(headers) -> bool:
   """True when the server opts the image out of text-and-data mining.
 
   X-Robots-Tag with one of OPT_OUT_DIRECTIVES (also in `bot: directive` form), or the
@@ -138,7 +138,7 @@ async def _request_once(session, method: str, url: str, http_cfg, max_bytes: Opt
       if resp.status >= 400:
         raise _Failure(f"http_{resp.status}", resp.status,
                        _retry_after_s(resp.headers, http_cfg.max_retry_after_s))
-      if http_cfg.respect_noai and has_noai(resp.headers):
+      if http_cfg.respect_noai and opts_out(resp.headers):
         raise _Failure("noai", resp.status)
       content_type = resp.headers.get("Content-Type", "")
       if content_type.startswith("text/html"):  # soft 404 pages; images are never HTML

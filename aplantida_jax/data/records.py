@@ -6,6 +6,8 @@ here on the pipeline sees `ImageRecord`s and nothing source-specific.
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
@@ -36,3 +38,8 @@ def in_region(regions, countries) -> bool:
   """True when any of `regions` (country codes) is in `countries`."""
   wanted = set(countries)
   return any(r in wanted for r in regions)
+
+
+def region_mask(regions, countries) -> np.ndarray:
+  """[N] bool over records' region lists (None = no regions): which are in `countries`."""
+  return np.array([in_region(r or (), countries) for r in regions], dtype=bool)

@@ -21,7 +21,7 @@ Conventions, chosen once so every number in a report means the same thing:
 """
 import numpy as np
 
-from aplantida_jax.data.records import in_region
+from aplantida_jax.data.records import region_mask
 
 
 def check_inputs(logits, labels, num_classes=None, what="split"):
@@ -176,11 +176,6 @@ def top_confusions(logits, labels, k=10, class_names=None):
                  "count": int(matrix[true, predicted]),
                  "fraction_of_true": float(matrix[true, predicted] / support[true])})
   return rows
-
-
-def region_mask(regions, countries):
-  """[N] bool: the image belongs to the region when any of its country codes is listed."""
-  return np.array([in_region(r or (), countries) for r in regions], dtype=bool)
 
 
 def region_accuracy(logits, labels, regions, regions_config):

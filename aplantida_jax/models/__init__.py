@@ -68,8 +68,9 @@ def init_variables(model, rngs, image_size: int):
   """`model.init` on one image_size² RGB image, compiled at XLA optimisation level 0.
 
   Initialisation runs once, but its threefry draws (one stream per parameter) make
-  the optimised compile slow (BUILD.md, "Compiling model.init"). The draws are the same; the float transforms of them may differ in the
-  last bit (3e-8), and every run takes this same path, so a seed still fixes them.
+  the optimised compile slow (BUILD.md, "Compiling model.init"). The draws are the
+  same; the float transforms of them may differ in the last bit (3e-8), and every run
+  takes this same path, so a seed still fixes them.
   """
   init = jax.jit(functools.partial(model.init, train=False))
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)

@@ -104,11 +104,12 @@ def _outputs(workdir: str) -> dict:
 
 def success_criteria(workdir: str):
   """The user's acceptance table: eval/report.json's rows, completed by later stages' outputs."""
-  report = fileio.read_json(workdir_lib.Workdir(workdir).eval_report)
+  run = workdir_lib.Workdir(workdir)
+  report = fileio.read_json(run.eval_report)
   if report is None:
     return None
-  export_report = fileio.read_json(workdir_lib.Workdir(workdir).export_report)
-  license_report = fileio.read_json(workdir_lib.Workdir(workdir).license_report)
+  export_report = fileio.read_json(run.export_report)
+  license_report = fileio.read_json(run.license_report)
   rows = []
   for row in report.get("criteria", []):
     row = dict(row)

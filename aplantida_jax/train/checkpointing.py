@@ -21,6 +21,7 @@ from flax import serialization
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
+
 def _manager(directory, *, keep, async_save, best_metric=None):
   best = best_metric is not None
   options = ocp.CheckpointManagerOptions(

@@ -155,8 +155,7 @@ def region_masks(config, dataset_dir):
     raise ValueError(f"config.eval_regions names {unknown}, not in config.regions "
                      f"({sorted(config.regions)}).")
   regions = input_pipeline.read_metadata(dataset_dir, config.eval_split)["regions"]
-  return {name: np.array([records.in_region(r or (), tuple(config.regions[name]))
-                          for r in regions], np.float32)
+  return {name: records.region_mask(regions, config.regions[name]).astype(np.float32)
           for name in config.eval_regions}
 
 
