@@ -61,7 +61,7 @@ def main(argv):
     run = stages.get_stage(config.stage)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  if config.stage == "export_tfjs" or config.get("tensorboard"):  # the stages that import TF
+  if stages.kind(config).tensorflow or config.get("tensorboard"):  # TensorBoard's writer too
     _hide_gpus_from_tensorflow()
   try:
     summary = run(config, FLAGS.workdir)

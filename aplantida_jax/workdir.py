@@ -14,12 +14,14 @@ import ml_collections
 from aplantida_jax import fileio
 
 # The run's folders and files; no other module spells these names.
+AUDIT = "audit"                # audit: report.{json,md} and plots
 DATASET = "dataset"            # export: shards, classes.json, manifest.json, attributions.csv
 EVAL = "eval"                  # evaluate: report.{json,md}, calibration.json, plots
 TFJS = "tfjs"                  # export_tfjs: the model the PWA ships
 CONFIG_FILE = "config.json"    # in every trained stage folder
 METRICS_FILE = "metrics.jsonl"
 LICENSE_REPORT = "license_report.json"  # license_check
+MANIFEST = "manifest.json"     # the runner's record of every stage (repro/manifest.py)
 
 
 class Workdir:
@@ -30,6 +32,14 @@ class Workdir:
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
+
+  @property
+  def audit(self) -> str:
+    return self.path(AUDIT)
+
+  @property
+  def manifest(self) -> str:
+    return self.path(MANIFEST)
 
   @property
   def dataset(self) -> str:

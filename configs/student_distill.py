@@ -50,6 +50,8 @@ def get_config(arg=None):
   d.top_k = 10                    # online: classes kept from the teachers (+ remaining mass)
   d.regions = common.regions_config()  # online: the ensemble, as configs/soft_labels.py
   d.teachers = soft_labels.teachers_config()
+  # Student vs the ensemble on val; skipped (with a log line) without precomputed soft labels.
+  config.evals.teacher = training.eval_config("agreement", split="val")
 
   if "demo" in variants:
     training.demo_imagenet_overrides(config, steps=training.DEMO_STEPS)

@@ -25,7 +25,7 @@ def get_config(arg=None):
   region = overrides.get("region", "spain")
   config = training.training_config(output_dir="teacher_regional", model_name="", image_size=0)
   config.init_from_stage = "teacher_global"
-  config.checkpoint.best_metric = f"{region}_top1"  # chosen for its region, not the world
+  config.checkpoint.best_metric = f"val_{region}_top1"  # chosen for its region, not the world
   countries = list(config.regions[region])
   if mode == "region_only":
     config.input.region_filter = countries

@@ -70,7 +70,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
 def checkpoint_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 1000   # also at the last step
-  c.best_metric = "top1"  # best/ keeps the highest: "top1", "top5" or "<eval region>_top1"
+  c.best_metric = "val_top1"  # best/ keeps the highest of this config.evals metric
   c.keep = 3             # latest checkpoints kept (for resuming); the best is kept apart
   c.async_save = True    # write in the background while training continues
   return c
@@ -85,6 +85,12 @@ def mesh_config() -> ml_collections.ConfigDict:
   return c
 
 
+def eval_config(kind, split="val", every_steps=0, **fields) -> ml_collections.ConfigDict:
+  """One `config.evals` entry; every_steps 0 = config.eval_every_steps (and the last step)."""
+  return ml_collections.ConfigDict({"kind": kind, "split": split, "every_steps": every_steps,
+                                    **fields})
+
+
 def training_config(*, output_dir, model_name, image_size) -> ml_collections.ConfigDict:
   """Every field the train loop reads (aplantida_jax/train/loop.py)."""
   c = ml_collections.ConfigDict()
@@ -93,10 +99,11 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c.output_dir = output_dir        # stage folder under the workdir
   c.dataset_dir = "dataset"        # under the workdir (export stage output)
   c.train_split = "train"
-  c.eval_split = "val"
   c.init_from_stage = ""           # start from this stage folder's best checkpoint (e.g. teacher_global)
   c.regions = common.regions_config()
-  c.eval_regions = ("spain", "europe")  # each evaluation also reports these regions' top-1/5
+  # In-loop evaluators (aplantida_jax/evaluation/evaluators.py), logged as <name>_<metric>.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val = eval_config("classification", split="val", regions=("spain", "europe"))
   c.model = model_config(model_name)
   c.input = input_config(image_size)
   c.optimizer = optimizer_config()
@@ -106,7 +113,7 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c.eval_batch_size = 256          # global
   c.num_train_steps = 30_000
   c.log_every_steps = 50
-  c.eval_every_steps = 2000        # also at the last step
+  c.eval_every_steps = 2000        # every evaluator's default (evals.<name>.every_steps 0); and the last step
   c.tensorboard = True             # TensorBoard events beside metrics.jsonl (imports TF)
   return c
 

@@ -314,7 +314,7 @@ def trained_workdir(tmp_path_factory):
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map_with_path(lambda path, leaf: _he_init(path, leaf, rng), shapes)
   checkpoints = checkpointing.StageCheckpoints(str(stage_dir), config.checkpoint)
-  checkpoints.maybe_save_best(1, _Variables(variables), {"top1": 0.5})
+  checkpoints.maybe_save_best(1, _Variables(variables), {"val_top1": 0.5})
   checkpoints.close()
   return workdir
 

@@ -16,8 +16,10 @@ import sys
 import pytest
 from PIL import Image
 
+from aplantida_jax import fileio
 from aplantida_jax.data import shards
 from aplantida_jax.repro import license_check
+from configs import training
 from tests import helpers
 
 # (license, author) of the images in the clean dataset; every one is commercial-safe.
@@ -245,6 +247,9 @@ def test_weight_sources(workdir, tmp_path, sources, status, problem):
 
 def test_unreadable_provenance_chain_fails(workdir):
   """A stage folder without config.json, and soft labels that do not name their teachers."""
+  recorded = fileio.read_json(os.path.join(workdir, "teacher_regional", "config.json"))
+  fileio.write_json(os.path.join(workdir, "manifest.json"),  # as the runner records it
+                    {"stages": {"teacher_regional": {"config": recorded}}})
   os.remove(os.path.join(workdir, "teacher_regional", "config.json"))
   write_json(os.path.join(workdir, "soft_labels", "meta.json"), {"num_teachers": 2})
   report = license_check.check(workdir)
@@ -305,7 +310,16 @@ def test_absent_stages_are_not_present_but_the_dataset_is_required(tmp_path):
   assert report["passed"]
   assert [report["checks"][c]["status"] for c in ("weights", "soft_labels", "model_card")] == [
       "not present"] * 3
-  assert set(report["checks"]["weights"]["stages"]) == set(license_check.EXPECTED_STAGES)
+  assert report["checks"]["weights"]["stages"] == {}
+  # A training stage the runner recorded but whose folder is gone is reported, not forgotten.
+  fileio.write_json(os.path.join(root, "manifest.json"), {"stages": {
+      "teacher_global": {"config": training.training_config(
+          output_dir="teacher_global", model_name="x", image_size=8).to_dict()},
+      "evaluate": {"config": {"stage": "evaluate"}}}})
+  report = license_check.check(root)
+  assert report["passed"]
+  assert report["checks"]["weights"]["stages"] == {
+      "teacher_global": {"status": "not present", "sources": []}}
 
   empty = tmp_path / "empty"
   empty.mkdir()

@@ -42,7 +42,7 @@ def test_unknown_stage_lists_known_stages(config_file, tmp_path):
 
 
 def test_every_registered_stage_resolves():
-  for name in stages.STAGES:
+  for name in stages.KINDS:
     assert callable(stages.get_stage(name)), name
 
 

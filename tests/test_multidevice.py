@@ -297,8 +297,8 @@ def test_eight_devices_give_the_single_device_loss_curve_and_params(runs):
   planted = relative_deviations(_final_params(workdirs["planted"]), expected_params, initial)
   assert max(planted.values()) > 10 * MAX_RELATIVE_DEVIATION
   assert np.median(list(planted.values())) > MAX_RELATIVE_DEVIATION
-  assert sharded["final"]["count"] == reference["final"]["count"] == 8
-  np.testing.assert_allclose(sharded["final"]["loss"], reference["final"]["loss"], rtol=1e-4)
+  assert sharded["final"]["val_count"] == reference["final"]["val_count"] == 8
+  np.testing.assert_allclose(sharded["final"]["val_loss"], reference["final"]["val_loss"], rtol=1e-4)
 
 
 def test_two_processes_give_the_single_process_params(runs):
@@ -311,8 +311,8 @@ def test_two_processes_give_the_single_process_params(runs):
   for process in (process0, process1):
     assert (process["devices"], process["processes"]) == (2, 2)
     # Each process evaluated its share; the reported sums cover the whole split.
-    assert process["final"]["count"] == reference["final"]["count"] == 8
-    np.testing.assert_allclose(process["final"]["loss"], reference["final"]["loss"], rtol=1e-3)
+    assert process["final"]["val_count"] == reference["final"]["val_count"] == 8
+    np.testing.assert_allclose(process["final"]["val_loss"], reference["final"]["val_loss"], rtol=1e-3)
   np.testing.assert_allclose(_train_losses(workdirs["two_processes"]),
                              _train_losses(workdirs["reference"]), rtol=1e-3)
   deviations = relative_deviations(_final_params(workdirs["two_processes"]),

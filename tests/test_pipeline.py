@@ -3,7 +3,7 @@
 Three runs of `python -m aplantida_jax.repro.pipeline --configs DIR`: seed 0 twice
 (identical shards, parameters and TF.js weights; the second pass over the first
 workdir skips every stage) and seed 1 once (different ones). The configs are the
-real stage configs' `:demo` variants, shrunk further; the catalog is drawn demo
+real stage configs' `:demo` variants, shrunk further (slim networks from scratch); the catalog is drawn demo
 data served from 127.0.0.1, so the export goes through the real download path.
 """
 import glob
@@ -15,29 +15,34 @@ import sys
 
 import pytest
 
+from aplantida_jax import stages
 from aplantida_jax.data import demo_data
 from aplantida_jax.repro import pipeline
-from tests.helpers import ROOT, cli_env
+from tests.helpers import ROOT, SLIM_LITE0, cli_env
 
+# The demo's networks, slim and from scratch: the run checks the stages and their seams, not
+# ImageNet transfer (tests/test_import_pretrained.py and ./run.sh do), at a fraction of the
+# tracing, compiling and TF.js conversion. The downstream stages inherit them.
+SLIM = [f"c.model.kwargs = {SLIM_LITE0!r}", "c.model.init_from = ''", "c.optimizer.frozen = ''"]
 # Per stage: config module, then lines that shrink its :demo variant further.
 SHRINK = {
     "audit": ["c.catalog.path = CATALOG"],
     "export": ["c.catalog.path = CATALOG", "c.export.image_size = 40", "c.export.min_per_class = 4"],
     "teacher_global": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
-                       "c.input.image_size = 32", "c.batch_size = 8", "c.tensorboard = True"],
+                       "c.input.image_size = 32", "c.batch_size = 8", "c.tensorboard = True", *SLIM],
     "teacher_regional": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
-                         "c.input.image_size = 32", "c.batch_size = 8"],
+                         "c.input.image_size = 32", "c.batch_size = 8", "c.optimizer.frozen = ''"],
     "student_distill": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
-                        "c.input.image_size = 32", "c.batch_size = 8"],
+                        "c.input.image_size = 32", "c.batch_size = 8", *SLIM],
     "student_finetune": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
-                         "c.input.image_size = 32", "c.batch_size = 8"],
+                         "c.input.image_size = 32", "c.batch_size = 8", "c.optimizer.frozen = ''"],
 }
 
 
 def write_configs(folder, seed, catalog):
   """One wrapper per stage config: the built-in :demo variant, this seed, tiny sizes."""
   os.makedirs(folder, exist_ok=True)
-  for stage in pipeline.STAGES:
+  for stage in stages.PIPELINE:
     module = stage.config[:-3]
     lines = [f"c.seed = {seed}", *SHRINK.get(module, [])]
     body = "\n".join(f"  {line}" for line in lines)
@@ -103,7 +108,7 @@ def runs(tmp_path_factory):
 
 def test_every_stage_runs_and_the_run_is_recorded(runs):
   stdout, manifest, workdir = runs["a"]
-  assert sorted(s.name for s in pipeline.STAGES) == sorted(manifest["stages"])
+  assert sorted(s.name for s in stages.PIPELINE) == sorted(manifest["stages"])
   for name, record in manifest["stages"].items():
     assert record["status"] == "done" and record["metric"], name
     assert record["config"]["seed"] == 0
@@ -122,7 +127,7 @@ def test_every_stage_runs_and_the_run_is_recorded(runs):
 def test_rerun_skips_every_stage(runs):
   stdout, _, _ = runs["a_again"]
   table = stdout[stdout.index("stage               status"):]
-  for stage in pipeline.STAGES:
+  for stage in stages.PIPELINE:
     row = next(line for line in table.splitlines() if line.startswith(stage.name + " "))
     assert row.split()[1] == "skipped", row
 
@@ -171,5 +176,7 @@ def test_demo_starts_every_network_from_the_weights_its_pretrained_stage_imports
                          ("student_finetune.py", "student/distill")):
     config = pipeline.load_config(os.path.join(configs, name), "demo")
     assert config.init_from_stage == upstream and not config.model.init_from, name
-  stages = {s.name: s for s in pipeline.STAGES}
-  assert "pretrained" in stages["teacher_global"].deps and "pretrained" in stages["distill"].deps
+  demo = {s.name: pipeline.load_config(os.path.join(configs, s.config), "demo")
+          for s in stages.PIPELINE}
+  deps = {s.name: d for s, d in stages.plan(stages.PIPELINE, demo, "/w")}
+  assert "pretrained" in deps["teacher_global"] and "pretrained" in deps["distill"]

@@ -180,14 +180,15 @@ def test_frozen_layers_cost_no_backward_pass_and_grad_norm_covers_the_trained_on
   flops, metrics = {}, {}
   for frozen in ("", "^(stem|block0)/"):
     state = state_lib.create_train_state(model, variables, _optimizer_config(frozen=frozen), 8, 4)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn))
-    cost = step.lower(state, _batch(0), jax.random.PRNGKey(0), None).compile().cost_analysis()
+    step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn)).lower(
+        state, _batch(0), jax.random.PRNGKey(0), None).compile()
+    cost = step.cost_analysis()
     flops[frozen] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     metrics[frozen] = step(state, _batch(0), jax.random.PRNGKey(0), None)[1]
   assert flops["^(stem|block0)/"] < 0.9 * flops[""], flops
   # The same gradients, but the norm covers only the trained ones.
-  grads = jax.grad(lambda p: task.loss_fn(
-      model.apply, {**variables, "params": p}, _batch(0), jax.random.PRNGKey(0), None)[0])(
+  grads = jax.jit(jax.grad(lambda p: task.loss_fn(
+      model.apply, {**variables, "params": p}, _batch(0), jax.random.PRNGKey(0), None)[0]))(
           variables["params"])
   trained = [g for path, g in _flat(grads).items() if not path.startswith(("['stem']", "['block0']"))]
   np.testing.assert_allclose(metrics[""]["grad_norm"], optax.global_norm(grads), rtol=1e-4)
@@ -306,7 +307,7 @@ def test_resume_after_sigkill_gives_bitwise_identical_params(straight, tmp_path,
   _kill_mid_run(workdir, cache_env)
   latest = checkpointing.StageCheckpoints(os.path.join(workdir, "teacher_global"),
                                           ml_collections.ConfigDict(
-                                              {"keep": 3, "async_save": False}))
+                                              {"keep": 3, "async_save": False, "best_metric": "val_top1"}))
   killed_at = latest.latest.latest_step()
   latest.close()
   assert 4 <= killed_at < STEPS
@@ -392,9 +393,9 @@ def test_teacher_regional_starts_from_the_global_best(straight, tmp_path, cache_
   else:
     assert config["input"]["sampling"] == "region_weighted"
   # The best checkpoint is the one with the highest Spain val top-1, not the world's.
-  assert config["checkpoint"]["best_metric"] == "spain_top1"
+  assert config["checkpoint"]["best_metric"] == "val_spain_top1"
   evals = [r for r in _metrics(workdir, "teacher_regional") if "val_top1" in r]
   assert evals and all(0 < r["val_spain_count"] < r["val_count"] for r in evals)
   best = max(evals, key=lambda r: r["val_spain_top1"])  # the first of equals
-  assert summary["best"] == {"metric": "spain_top1", "value": pytest.approx(best["val_spain_top1"])}
+  assert summary["best"] == {"metric": "val_spain_top1", "value": pytest.approx(best["val_spain_top1"])}
   assert os.listdir(os.path.join(workdir, "teacher_regional", "best")) == [str(best["step"])]

@@ -79,7 +79,7 @@ def _write_workdir(workdir):
   os.makedirs(student)
   fileio.write_json(os.path.join(student, workdir_lib.CONFIG_FILE), _train_config().to_dict())
   checkpoints = checkpointing.StageCheckpoints(student, _train_config().checkpoint)
-  checkpoints.maybe_save_best(1, _EvalState(_variables(dataset_dir)), {"top1": 0.5})
+  checkpoints.maybe_save_best(1, _EvalState(_variables(dataset_dir)), {"val_top1": 0.5})
   checkpoints.close()
   os.makedirs(os.path.join(workdir, "eval"))
   with open(os.path.join(workdir, "eval", "calibration.json"), "w") as f:

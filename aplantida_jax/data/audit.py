@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from aplantida_jax import errors
 from aplantida_jax import fileio
+from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import fetch
 from aplantida_jax.data import licenses
 from aplantida_jax.data import sources
@@ -287,7 +288,7 @@ def run(config, workdir: str, mongo_client=None) -> dict:
   `mongo_client` is for tests (mongomock); normally the source opens its own.
   """
   fetch.check_config(config.http)
-  out_dir = os.path.join(workdir, "audit")
+  out_dir = workdir_lib.Workdir(workdir).audit
   os.makedirs(out_dir, exist_ok=True)
   policy = licenses.get_policy(config.licenses.policy)
   tally, stats = _Tally(policy, config.regions), collections.Counter()

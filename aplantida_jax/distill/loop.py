@@ -31,12 +31,9 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from aplantida_jax import models
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
-from aplantida_jax.train import checkpointing
-from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import loop as train_loop
 from aplantida_jax.train import steps
 
@@ -148,44 +145,6 @@ def build_task(config, workdir) -> steps.Task:
   raise ValueError(f"Unknown config.distill.mode={d.mode!r}; choose one of {MODES}.")
 
 
-def teacher_agreement(config, workdir, stage_dir) -> dict:
-  """Best student vs the soft labels of the eval split: top-1/top-5 agreement and KL."""
-  soft_dir = os.path.join(workdir, config.distill.soft_labels_dir)
-  dataset_dir = os.path.join(workdir, config.dataset_dir)
-  try:
-    join_fn, meta = soft_labels.open_split(soft_dir, dataset_dir, config.eval_split)
-  except (FileNotFoundError, ValueError) as e:  # monitoring only: say why it is skipped
-    return {"skipped": str(e)}
-  model = models.from_config(workdir_lib.TrainedStage(stage_dir).config.model)
-  variables = jax.device_put(checkpointing.load_variables(stage_dir, "best"))
-
-  @jax.jit
-  def sums(batch):
-    logits, _ = steps.forward(model.apply, variables, batch["image"], None, train=False)
-    classes, mask = batch["teacher_classes"], batch["mask"]
-    kl = losses.sparse_kl(logits, batch["teacher_probs"], classes, batch["teacher_rest"],
-                          meta["temperature"])
-    return {"top1_agree": jnp.sum(steps.top1_agrees(logits, classes[:, 0]) * mask),
-            "top5_agree": jnp.sum(steps.topk_correct(logits, classes[:, 0], 5) * mask),
-            "kl": jnp.sum(jnp.where(mask > 0, kl, 0.0)), "count": jnp.sum(mask)}
-
-  totals = None
-  for batch in input_pipeline.eval_batches(config.input, dataset_dir, config.eval_split,
-                                           config.eval_batch_size, join_fn=join_fn,
-                                           shard_by_process=False):
-    out = jax.device_get(sums({k: v for k, v in batch.items() if k != "index"}))
-    totals = out if totals is None else {k: totals[k] + out[k] for k in out}
-  count = max(float(totals["count"]), 1.0)
-  return {k: float(v) / count for k, v in totals.items() if k != "count"}
-
-
 def run(config, workdir) -> dict:
   """Stage entry for "distill": trains config.output_dir (default student/distill)."""
-  summary = train_loop.train_and_evaluate(config, workdir, task=build_task(config, workdir))
-  if jax.process_index() == 0:
-    agreement = teacher_agreement(config, workdir, summary["stage_dir"])
-    summary["teacher_agreement"] = agreement
-    if "top1_agree" in agreement:
-      summary["metric"] += (f"; {config.eval_split} teacher agreement top-1 "
-                            f"{agreement['top1_agree']:.3f}, KL {agreement['kl']:.3f}")
-  return summary
+  return train_loop.train_and_evaluate(config, workdir, task=build_task(config, workdir))

@@ -30,6 +30,7 @@ import os
 from tqdm import tqdm
 
 from aplantida_jax import fileio
+from aplantida_jax import stages
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import licenses
 from aplantida_jax.data import shards
@@ -38,8 +39,6 @@ REPORT_FILE = workdir_lib.LICENSE_REPORT
 DEFAULT_POLICY = "commercial"
 PASS, FAIL, ABSENT = "pass", "fail", "not present"
 CHECKS = ("dataset_licenses", "attributions", "weights", "soft_labels", "model_card")
-# Training stages the pipeline normally has; others are found by their config.json.
-EXPECTED_STAGES = ("teacher_global", "teacher_regional", "student")
 WEIGHT_LICENSES = "Apache-2.0, MIT, BSD-*, CC0-1.0"
 ATTRIBUTIONS_FILE = "attributions.csv"
 SOFT_LABELS_DIR = "soft_labels"
@@ -84,6 +83,14 @@ def find_training_stages(workdir: str) -> list:
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
       found.append(os.path.relpath(os.path.dirname(path), workdir).replace(os.sep, "/"))
   return found
+
+
+def recorded_training_stages(workdir: str) -> list:
+  """Training stage folders the runner's manifest.json records (so a deleted one is reported)."""
+  manifest = fileio.read_json(workdir_lib.Workdir(workdir).manifest) or {}
+  recorded = {name: record.get("config") or {} for name, record in
+              (manifest.get("stages") or {}).items()}
+  return stages.trained_outputs(recorded, workdir)
 
 
 def read_weight_sources(stage_config: dict) -> list:
@@ -315,13 +322,13 @@ class StageJudge:
 def check_weights(workdir: str, judge: StageJudge) -> tuple:
   """Check 3 over every training stage → (result, violations)."""
   names = find_training_stages(workdir)
-  names += [n for n in EXPECTED_STAGES if not any(s == n or s.startswith(n + "/") for s in names)]
-  stages = {name: judge.stage(name) for name in names}
+  names += [n for n in recorded_training_stages(workdir) if n not in names]
+  verdicts = {name: judge.stage(name) for name in names}
   found = [violation("weights", v["file"], f"stage {name}", v["problem"], v["fix"])
-           for name, v in stages.items() if v["status"] == FAIL]
-  present = any(v["status"] != ABSENT for v in stages.values())
+           for name, v in verdicts.items() if v["status"] == FAIL]
+  present = any(v["status"] != ABSENT for v in verdicts.values())
   status = FAIL if found else PASS if present else ABSENT
-  return {"status": status, "stages": stages}, found
+  return {"status": status, "stages": verdicts}, found
 
 
 def check_soft_labels(judge: StageJudge) -> tuple:

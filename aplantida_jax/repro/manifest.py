@@ -38,7 +38,7 @@ def redacted(obj):
 
 
 def load(workdir: str) -> dict:
-  path = os.path.join(workdir, "manifest.json")
+  path = workdir_lib.Workdir(workdir).manifest
   if os.path.exists(path):
     with open(path) as f:
       data = json.load(f)
@@ -49,7 +49,7 @@ def load(workdir: str) -> dict:
 
 def save(workdir: str, manifest: dict) -> None:
   """Atomic write: a killed run never leaves a half-written manifest."""
-  fileio.write_json(os.path.join(workdir, "manifest.json"), redacted(manifest))
+  fileio.write_json(workdir_lib.Workdir(workdir).manifest, redacted(manifest))
 
 
 def _versions() -> dict:

@@ -13,7 +13,6 @@ in `<workdir>/manifest.json` (see repro/manifest.py).
 import argparse
 import collections
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
@@ -25,40 +24,10 @@ import time
 from absl import logging as absl_logging
 
 from aplantida_jax import hashing
-from aplantida_jax import workdir as workdir_lib
+from aplantida_jax import stages as stages_lib
 from aplantida_jax.repro import manifest as manifest_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  name: str
-  config: str        # file in the configs folder
-  output: str        # folder (or single file) under the workdir that the stage writes;
-                     # "" = the folder its config names in `out_dir` (shared by every workdir)
-  deps: tuple = ()   # upstream stage names whose outputs this stage reads
-  serves_demo: bool = False  # the demo CDN must be up while it runs
-
-  def output_path(self, config, workdir):
-    return os.path.join(workdir, self.output) if self.output else os.path.join(ROOT, config.out_dir)
-
-
-STAGES = (
-    Stage("audit", "audit.py", "audit", serves_demo=True),
-    Stage("export", "export.py", workdir_lib.DATASET, serves_demo=True),
-    Stage("pretrained", "pretrained.py", ""),
-    Stage("teacher_global", "teacher_global.py", "teacher_global", ("export", "pretrained")),
-    Stage("teacher_regional", "teacher_regional.py", "teacher_regional", ("export", "teacher_global")),
-    Stage("soft_labels", "soft_labels.py", "soft_labels", ("export", "teacher_global", "teacher_regional")),
-    Stage("distill", "student_distill.py", "student/distill", ("export", "pretrained", "soft_labels")),
-    Stage("finetune", "student_finetune.py", "student/finetune", ("export", "distill")),
-    Stage("evaluate", "evaluate.py", workdir_lib.EVAL, ("export", "finetune")),
-    Stage("export_tfjs", "export_tfjs.py", workdir_lib.TFJS, ("export", "finetune", "evaluate")),
-    Stage("license_check", "license_check.py", workdir_lib.LICENSE_REPORT, (
-        "export", "pretrained", "teacher_global", "teacher_regional", "soft_labels", "distill",
-        "finetune", "export_tfjs")),
-)
+ROOT = stages_lib.REPO
 
 
 class StageFailed(Exception):
@@ -66,8 +35,8 @@ class StageFailed(Exception):
 
 
 def available_stages(configs_dir):
-  """The stages whose config file exists, in order (later issues add the rest)."""
-  return [s for s in STAGES if os.path.exists(os.path.join(configs_dir, s.config))]
+  """The registry's stages whose config file exists in configs_dir, in registry order."""
+  return [s for s in stages_lib.PIPELINE if os.path.exists(os.path.join(configs_dir, s.config))]
 
 
 def load_config(path, arg):
@@ -180,16 +149,17 @@ def _ensure_demo_data(demo_dir, port):
                       f"{last_error_line(proc.stderr.splitlines())}")
 
 
-def select(stages, start=None, only=None):
-  names = [s.name for s in stages]
+def select(planned, start=None, only=None):
+  """The [(stage, deps)] of `planned` that --from / --only keep."""
+  names = [s.name for s, _ in planned]
   for flag, value in (("--from", start), ("--only", only)):
     if value is not None and value not in names:
       raise SystemExit(f"{flag} {value!r}: unknown stage; stages are {names}")
   if only:
-    return [s for s in stages if s.name == only]
+    return [p for p in planned if p[0].name == only]
   if start:
-    return stages[names.index(start):]
-  return list(stages)
+    return planned[names.index(start):]
+  return list(planned)
 
 
 def main(argv=None):
@@ -216,19 +186,24 @@ def main(argv=None):
       print(f"error: {e}", file=sys.stderr)
       return 1
 
-  stages = select(available_stages(configs_dir), args.start, args.only)
+  available = available_stages(configs_dir)
+  configs = {s.name: load_config(os.path.join(configs_dir, s.config), "demo" if demo else None)
+             for s in available}
+  try:
+    planned = select(stages_lib.plan(available, configs, workdir), args.start, args.only)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   manifest = manifest_lib.load(workdir)
-  console = Console(len(stages))
+  console = Console(len(planned))
   print(f"pipeline → {shown(workdir)} (stage logs in {shown(workdir)}/logs/)", flush=True)
   rows = []
-  for stage in stages:
-    path = os.path.join(configs_dir, stage.config)
-    arg = "demo" if demo else None
-    config = load_config(path, arg)
+  for stage, stage_deps in planned:
+    path, config = os.path.join(configs_dir, stage.config), configs[stage.name]
     record = manifest["stages"].get(stage.name, {})
-    deps = {d: manifest["stages"].get(d, {}).get("output_hash") for d in stage.deps}
+    deps = {d: manifest["stages"].get(d, {}).get("output_hash") for d in stage_deps}
     fingerprint = hashing.sha256_json({"config": manifest_lib.redacted(config.to_dict()), "deps": deps})
-    out_dir = stage.output_path(config, workdir)
+    out_dir = stages_lib.output(config, workdir)
     console.start(stage.name)
     unchanged = (record.get("status") == "done" and record.get("fingerprint") == fingerprint
                  and os.path.exists(out_dir) and hashing.output_hash(out_dir) == record.get("output_hash"))

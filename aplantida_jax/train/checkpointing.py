@@ -40,13 +40,14 @@ class StageCheckpoints:
   """The latest and best checkpoint managers of one stage folder.
 
   `best/` keeps the eval variables of the highest `checkpoint_config.best_metric` (an
-  evaluation key: "top1", "spain_top1", ...; default "top1"), recorded under that name.
+  evaluator's metric, evaluation/evaluators.py: "val_top1", "val_spain_top1", ...),
+  recorded under that name.
   """
 
   def __init__(self, stage_dir, checkpoint_config):
     self.latest = _manager(os.path.join(stage_dir, "checkpoints"), keep=checkpoint_config.keep,
                            async_save=checkpoint_config.async_save)
-    self.best_metric = checkpoint_config.get("best_metric", "top1")
+    self.best_metric = checkpoint_config.best_metric
     self.best = _manager(os.path.join(stage_dir, "best"), keep=1,
                          async_save=checkpoint_config.async_save, best_metric=self.best_metric)
     # Held in memory: an async save's metrics are not readable until it commits.

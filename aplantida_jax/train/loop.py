@@ -21,7 +21,7 @@ from aplantida_jax import errors
 from aplantida_jax import fileio
 from aplantida_jax import models
 from aplantida_jax import workdir as workdir_lib
-from aplantida_jax.data import records
+from aplantida_jax.evaluation import evaluators
 from aplantida_jax.models import pretrained
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
@@ -142,61 +142,6 @@ class MetricsLog:
       self.writer.close()
 
 
-def region_masks(config, dataset_dir):
-  """{region: [N] float32 mask over the eval split's records} for config.eval_regions.
-
-  A record is in a region when its country (else its species' regions) is listed in
-  config.regions[region], as in the evaluate stage.
-  """
-  if not config.eval_regions:
-    return {}
-  unknown = sorted(set(config.eval_regions) - set(config.regions))
-  if unknown:
-    raise ValueError(f"config.eval_regions names {unknown}, not in config.regions "
-                     f"({sorted(config.regions)}).")
-  regions = input_pipeline.read_metadata(dataset_dir, config.eval_split)["regions"]
-  return {name: records.region_mask(regions, config.regions[name]).astype(np.float32)
-          for name in config.eval_regions}
-
-
-def check_best_metric(config, masks):
-  """config.checkpoint.best_metric must be an evaluation the eval split can give."""
-  metric = config.checkpoint.best_metric
-  known = ["top1", "top5"] + [f"{r}_{k}" for r in masks for k in ("top1", "top5")]
-  if metric not in known:
-    raise ValueError(f"config.checkpoint.best_metric={metric!r}; choose one of {known} "
-                     "(regions come from config.eval_regions).")
-  region = metric.rsplit("_", 1)[0] if metric not in ("top1", "top5") else None
-  if region and not masks[region].any():
-    raise ValueError(f"config.checkpoint.best_metric={metric!r} but the {config.eval_split} "
-                     f"split holds no {region} image; choose top1 or another region.")
-
-
-def evaluate(eval_step, state, config, dataset_dir, mesh, masks=None):
-  """loss, top1, top5 and count over one pass of the eval split, and per region in `masks`
-  (region_masks): `<region>_top1`, `<region>_top5`, `<region>_count` (absent when empty)."""
-  masks = masks or {}
-  totals = None
-  for batch in input_pipeline.eval_batches(
-      config.input, dataset_dir, config.eval_split,
-      sharding.process_batch_size(config.eval_batch_size, mesh)):
-    local = {k: batch[k] for k in ("image", "label", "mask")}
-    local["regions"] = {name: mask[batch["index"]] * batch["mask"]
-                        for name, mask in masks.items()}
-    sums = eval_step(state, sharding.global_batch(mesh, local))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  out = {"loss": totals["loss"] / count, "top1": totals["top1"] / count,
-         "top5": totals["top5"] / count, "count": totals["count"]}
-  for name in masks:
-    n = float(totals[f"{name}_count"])
-    if n:
-      out.update({f"{name}_top1": totals[f"{name}_top1"] / n,
-                  f"{name}_top5": totals[f"{name}_top5"] / n, f"{name}_count": n})
-  return out
-
-
 def _check_batch_config(config, mesh):
   accum = config.optimizer.grad_accum_steps
   if config.batch_size % accum:
@@ -219,8 +164,7 @@ def train_and_evaluate(config, workdir, *, task=None) -> dict:
   mesh = sharding.create_mesh()
   accum = config.optimizer.grad_accum_steps
   micro_batch = _check_batch_config(config, mesh)
-  masks = region_masks(config, dataset_dir)
-  check_best_metric(config, masks)
+  evals = evaluators.build(config, workdir, dataset_dir, mesh)
 
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   model = models.from_config(config.model)
@@ -242,26 +186,27 @@ def train_and_evaluate(config, workdir, *, task=None) -> dict:
 
   train_step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(steps.eval_step, out_shardings=replicated)
   log = MetricsLog(stage_dir, config.tensorboard, start_step)
   try:
-    eval_metrics = _train(config, state, train_iter, train_step, eval_step, train_rng, aux,
-                          checkpoints, log, mesh, dataset_dir, masks, start_step)
+    eval_metrics = _train(config, state, train_iter, train_step, train_rng, aux, checkpoints,
+                          log, mesh, evals, start_step)
   finally:  # also on errors: never leave a half-written async checkpoint behind
     checkpoints.close()
     log.close()
   best = {"metric": checkpoints.best_metric, "value": checkpoints.best_value}
-  regional = "".join(f", {r} {eval_metrics[f'{r}_top1']:.3f}" for r in masks
-                     if f"{r}_top1" in eval_metrics)
-  return {"metric": f"{config.eval_split} top-1 {eval_metrics['top1']:.3f} "
-                    f"top-5 {eval_metrics['top5']:.3f}{regional} "
-                    f"(best {best['metric'].replace('_', ' ')} {best['value']:.3f})",
+  return {"metric": f"{headline(eval_metrics)} (best {best['metric']} {best['value']:.3f})",
           "steps": config.num_train_steps, "final": eval_metrics, "best": best,
           "stage_dir": stage_dir}
 
 
-def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, checkpoints, log,
-           mesh, dataset_dir, masks, start_step):
+def headline(eval_metrics):
+  """The console's line for the final evaluation: each evaluator's top-1 and top-1 agreement."""
+  return ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
+                   if k.endswith(("top1", "top1_agree")))
+
+
+def _train(config, state, train_iter, train_step, train_rng, aux, checkpoints, log, mesh, evals,
+           start_step):
   """Steps start_step+1..num_train_steps with logging, eval and checkpoints; final eval metrics."""
   accum = config.optimizer.grad_accum_steps
   schedule = state_lib.learning_rate_schedule(config.optimizer, config.batch_size,
@@ -281,7 +226,7 @@ def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, che
       timed_steps += 1
     last = step == config.num_train_steps
     log_due = step % config.log_every_steps == 0 or last
-    eval_due = step % config.eval_every_steps == 0 or last
+    eval_due = any(evaluator.due(step, last) for evaluator in evals.values())
     save_due = step % config.checkpoint.every_steps == 0 or last
     if log_due or eval_due or save_due:  # never evaluate or save a diverged state
       means = {k: float(v) / (window_steps * accum) for k, v in jax.device_get(window).items()}
@@ -298,16 +243,17 @@ def _train(config, state, train_iter, train_step, eval_step, train_rng, aux, che
                        "learning_rate": schedule(step - 1), "images_per_s": images_per_s})
       window, window_steps, timer, timed_steps = None, 0, time.time(), 0
     if eval_due:
-      eval_metrics = evaluate(eval_step, state, config, dataset_dir, mesh, masks)
+      eval_metrics = evaluators.run_due(evals, state, step, last)
       logging.info("eval step %d: %s", step, eval_metrics)
-      log.write(step, {f"{config.eval_split}_{k}": v for k, v in eval_metrics.items()})
-      checkpoints.maybe_save_best(step, state, eval_metrics)
+      log.write(step, eval_metrics)
+      if checkpoints.best_metric in eval_metrics:
+        checkpoints.maybe_save_best(step, state, eval_metrics)
     if save_due:
       checkpoints.save(step, state, train_iter)
     if eval_due or save_due:
       timer, timed_steps = time.time(), 0  # keep eval and saving out of images/s
   if eval_metrics is None:  # nothing left to train: the run was already complete
-    eval_metrics = evaluate(eval_step, state, config, dataset_dir, mesh, masks)
+    eval_metrics = evaluators.run_due(evals, state, config.num_train_steps, last=True)
   return eval_metrics
 
 
