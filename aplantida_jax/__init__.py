@@ -1,4 +1,5 @@
 """aplantida_jax: catalog → shards → teachers → distilled student → TF.js, in JAX/Flax."""
+
 import importlib.metadata
 import os
 import re

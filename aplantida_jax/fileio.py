@@ -5,6 +5,7 @@ name: readers (the next stage, a resumed run, the skip check) would trust it.
 Every writer here writes `<path>.tmp<pid>` and renames it over `path`, which is
 atomic on POSIX filesystems.
 """
+
 import contextlib
 import hashlib
 import json
@@ -49,7 +50,9 @@ def read_json(path: str, default=None):
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); re-run the stage that writes it.") from None
+      raise ValueError(
+        f"{path} is not valid JSON ({e}); re-run the stage that writes it."
+      ) from None
 
 
 def sha256_file(path: str) -> str:

@@ -4,6 +4,7 @@ Timestamps lie after a copy or a checkout; content hashes do not. Files whose
 content carries wall-clock time (TensorBoard event files) are left out of
 folder hashes so that a re-run with identical results hashes identically.
 """
+
 import hashlib
 import json
 import os
@@ -12,7 +13,9 @@ import re
 from aplantida_jax import fileio
 
 # Files that record when something ran, not what it produced.
-VOLATILE = re.compile(r"(events\.out\.tfevents\..*|.*\.lock|.*\.tmp\d*|metrics\.jsonl|_CHECKPOINT_METADATA)$")
+VOLATILE = re.compile(
+  r"(events\.out\.tfevents\..*|.*\.lock|.*\.tmp\d*|metrics\.jsonl|_CHECKPOINT_METADATA)$"
+)
 # Folders that are working state, not output: the export's download cache logs arrival order.
 WORKING_DIRS = ("cache", "logs")
 
@@ -28,6 +31,7 @@ def tree_sha256(tree) -> str:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     leaf = np.asarray(leaf)

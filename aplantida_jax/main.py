@@ -5,6 +5,7 @@ hides GPUs from TensorFlow (in the stages that import it) so TF never takes memo
 needs, prints a StageError as one line, and hands the
 config to the stage named by `config.stage`.
 """
+
 import json
 import logging as pylogging
 import sys
@@ -18,8 +19,12 @@ from aplantida_jax import errors
 from aplantida_jax import stages
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Root folder of one pipeline run; each stage writes its own subfolder.")
-config_flags.DEFINE_config_file("config", None, "Stage config file (configs/<stage>.py[:variant]).", lock_config=True)
+flags.DEFINE_string(
+  "workdir", None, "Root folder of one pipeline run; each stage writes its own subfolder."
+)
+config_flags.DEFINE_config_file(
+  "config", None, "Stage config file (configs/<stage>.py[:variant]).", lock_config=True
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,9 +51,11 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     reason = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split())
-    sys.exit(f"error: bad config override among {overrides or argv[1:]}: {reason}. "
-             "Override only fields that exist in the config file (see its get_config()), "
-             "with values of the field's type.")
+    sys.exit(
+      f"error: bad config override among {overrides or argv[1:]}: {reason}. "
+      "Override only fields that exist in the config file (see its get_config()), "
+      "with values of the field's type."
+    )
 
 
 def main(argv):

@@ -13,6 +13,7 @@ Each stage writes only its output (`output(config, workdir)`). The returned
 summary dict holds at least {"metric": "..."}, printed by main.py and by the
 runner's table.
 """
+
 import dataclasses
 import importlib
 import os
@@ -26,62 +27,87 @@ TRAINING_READS = ("dataset_dir", "init_from_stage", "model.init_from")
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-  run: str                      # "module:function"
-  output_field: str = ""        # config field holding the output folder (relative to the workdir)
-  output_folder: str = ""       # ... or a fixed one (workdir.py's names)
-  read_fields: tuple = ()       # config fields naming folders it reads ("a.*.b": every a entry)
-  read_folders: tuple = ()      # fixed folders it reads
+  run: str  # "module:function"
+  output_field: str = ""  # config field holding the output folder (relative to the workdir)
+  output_folder: str = ""  # ... or a fixed one (workdir.py's names)
+  read_fields: tuple = ()  # config fields naming folders it reads ("a.*.b": every a entry)
+  read_folders: tuple = ()  # fixed folders it reads
   reads_every_stage: bool = False  # reads every earlier stage's output (the license check)
-  tensorflow: bool = False      # imports TensorFlow
-  trains: bool = False          # writes trained weights (a stage folder with config.json)
+  tensorflow: bool = False  # imports TensorFlow
+  trains: bool = False  # writes trained weights (a stage folder with config.json)
   repo_relative: tuple = ("model.init_from", "out_dir")  # fields relative to the repository
 
 
 KINDS = {
-    "audit": Kind("aplantida_jax.data.audit:run", output_folder=workdir_lib.AUDIT),
-    "export": Kind("aplantida_jax.data.export:run", output_folder=workdir_lib.DATASET),
-    # ImageNet imports are shared by every workdir: out_dir is relative to the repository.
-    "import_pretrained": Kind("aplantida_jax.models.import_stage:run", output_field="out_dir"),
-    "train": Kind("aplantida_jax.train.loop:run", output_field="output_dir",
-                  read_fields=TRAINING_READS, trains=True),
-    "soft_labels": Kind("aplantida_jax.distill.soft_labels:run", output_field="output_dir",
-                        read_fields=("dataset_dir", "teachers.*.dir")),
-    "distill": Kind("aplantida_jax.distill.loop:run", output_field="output_dir",
-                    read_fields=TRAINING_READS + ("distill.soft_labels_dir",
-                                                  "distill.teachers.*.dir"), trains=True),
-    "finetune": Kind("aplantida_jax.train.loop:run", output_field="output_dir",
-                     read_fields=TRAINING_READS, trains=True),
-    "evaluate": Kind("aplantida_jax.evaluation.stage:run", output_folder=workdir_lib.EVAL,
-                     read_fields=("eval.checkpoint_dir", "eval.fallback_checkpoint_dirs",
-                                  "eval.teacher_dir"), read_folders=(workdir_lib.DATASET,)),
-    "export_tfjs": Kind("aplantida_jax.export.stage:run", output_field="export.out_dir",
-                        read_fields=("export.checkpoint_dir", "export.fallback_checkpoint_dirs"),
-                        read_folders=(workdir_lib.DATASET, workdir_lib.EVAL), tensorflow=True),
-    "license_check": Kind("aplantida_jax.repro.license_check:run",
-                          output_folder=workdir_lib.LICENSE_REPORT, reads_every_stage=True),
+  "audit": Kind("aplantida_jax.data.audit:run", output_folder=workdir_lib.AUDIT),
+  "export": Kind("aplantida_jax.data.export:run", output_folder=workdir_lib.DATASET),
+  # ImageNet imports are shared by every workdir: out_dir is relative to the repository.
+  "import_pretrained": Kind("aplantida_jax.models.import_stage:run", output_field="out_dir"),
+  "train": Kind(
+    "aplantida_jax.train.loop:run",
+    output_field="output_dir",
+    read_fields=TRAINING_READS,
+    trains=True,
+  ),
+  "soft_labels": Kind(
+    "aplantida_jax.distill.soft_labels:run",
+    output_field="output_dir",
+    read_fields=("dataset_dir", "teachers.*.dir"),
+  ),
+  "distill": Kind(
+    "aplantida_jax.distill.loop:run",
+    output_field="output_dir",
+    read_fields=TRAINING_READS + ("distill.soft_labels_dir", "distill.teachers.*.dir"),
+    trains=True,
+  ),
+  "finetune": Kind(
+    "aplantida_jax.train.loop:run",
+    output_field="output_dir",
+    read_fields=TRAINING_READS,
+    trains=True,
+  ),
+  "evaluate": Kind(
+    "aplantida_jax.evaluation.stage:run",
+    output_folder=workdir_lib.EVAL,
+    read_fields=("eval.checkpoint_dir", "eval.fallback_checkpoint_dirs", "eval.teacher_dir"),
+    read_folders=(workdir_lib.DATASET,),
+  ),
+  "export_tfjs": Kind(
+    "aplantida_jax.export.stage:run",
+    output_field="export.out_dir",
+    read_fields=("export.checkpoint_dir", "export.fallback_checkpoint_dirs"),
+    read_folders=(workdir_lib.DATASET, workdir_lib.EVAL),
+    tensorflow=True,
+  ),
+  "license_check": Kind(
+    "aplantida_jax.repro.license_check:run",
+    output_folder=workdir_lib.LICENSE_REPORT,
+    reads_every_stage=True,
+  ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One step of ./run.sh: its name (logs/<name>.log, manifest key) and config file."""
+
   name: str
-  config: str                # file in the configs folder
+  config: str  # file in the configs folder
   serves_demo: bool = False  # the demo CDN must be up while it runs
 
 
 PIPELINE = (
-    Stage("audit", "audit.py", serves_demo=True),
-    Stage("export", "export.py", serves_demo=True),
-    Stage("pretrained", "pretrained.py"),
-    Stage("teacher_global", "teacher_global.py"),
-    Stage("teacher_regional", "teacher_regional.py"),
-    Stage("soft_labels", "soft_labels.py"),
-    Stage("distill", "student_distill.py"),
-    Stage("finetune", "student_finetune.py"),
-    Stage("evaluate", "evaluate.py"),
-    Stage("export_tfjs", "export_tfjs.py"),
-    Stage("license_check", "license_check.py"),
+  Stage("audit", "audit.py", serves_demo=True),
+  Stage("export", "export.py", serves_demo=True),
+  Stage("pretrained", "pretrained.py"),
+  Stage("teacher_global", "teacher_global.py"),
+  Stage("teacher_regional", "teacher_regional.py"),
+  Stage("soft_labels", "soft_labels.py"),
+  Stage("distill", "student_distill.py"),
+  Stage("finetune", "student_finetune.py"),
+  Stage("evaluate", "evaluate.py"),
+  Stage("export_tfjs", "export_tfjs.py"),
+  Stage("license_check", "license_check.py"),
 )
 
 
@@ -90,8 +116,9 @@ def kind(config) -> Kind:
   name = config.get("stage") if hasattr(config, "get") else None
   if name not in KINDS:
     raise ValueError(
-        f"Unknown stage {name!r} in config.stage; known stages: {sorted(KINDS)}. "
-        "Fix the `stage` field of the config file.")
+      f"Unknown stage {name!r} in config.stage; known stages: {sorted(KINDS)}. "
+      "Fix the `stage` field of the config file."
+    )
   return KINDS[name]
 
 
@@ -105,12 +132,19 @@ def _field(config, path):
   """Values at a dotted path of a (nested dict) config; "*" matches every key."""
   values = [config]
   for part in path.split("."):
-    values = [v for value in values if isinstance(value, dict)
-              for v in (value.values() if part == "*" else [value.get(part)])]
+    values = [
+      v
+      for value in values
+      if isinstance(value, dict)
+      for v in (value.values() if part == "*" else [value.get(part)])
+    ]
   out = []
   for value in values:
-    out += [v for v in (value if isinstance(value, (list, tuple)) else [value])
-            if isinstance(v, str) and v]
+    out += [
+      v
+      for v in (value if isinstance(value, (list, tuple)) else [value])
+      if isinstance(v, str) and v
+    ]
   return out
 
 
@@ -129,8 +163,9 @@ def output(config, workdir) -> str:
     return _absolute(entry.output_folder, workdir, False)
   [folder] = _field(config, entry.output_field) or [""]
   if not folder:
-    raise ValueError(f"config.{entry.output_field} is empty: the {config['stage']} stage needs "
-                     "an output folder.")
+    raise ValueError(
+      f"config.{entry.output_field} is empty: the {config['stage']} stage needs an output folder."
+    )
   return _absolute(folder, workdir, entry.output_field in entry.repo_relative)
 
 
@@ -162,15 +197,19 @@ def plan(stages, configs, workdir) -> list:
       continue
     wanted = reads(config, workdir)
     deps[stage.name] = tuple(
-        other.name for other in stages if other.name != stage.name
-        and any(_inside(r, outputs[other.name]) or _inside(outputs[other.name], r)
-                for r in wanted))
+      other.name
+      for other in stages
+      if other.name != stage.name
+      and any(_inside(r, outputs[other.name]) or _inside(outputs[other.name], r) for r in wanted)
+    )
   order, left = [], list(stages)
   while left:
     ready = [s for s in left if all(d in {o.name for o, _ in order} for d in deps[s.name])]
     if not ready:
-      raise ValueError("stages read each other's outputs in a cycle: " + ", ".join(
-          f"{s.name} reads {list(deps[s.name])}" for s in left))
+      raise ValueError(
+        "stages read each other's outputs in a cycle: "
+        + ", ".join(f"{s.name} reads {list(deps[s.name])}" for s in left)
+      )
     order.append((ready[0], deps[ready[0].name]))
     left.remove(ready[0])
   return order
@@ -178,5 +217,8 @@ def plan(stages, configs, workdir) -> list:
 
 def trained_outputs(recorded, workdir) -> list:
   """Folders (relative to workdir) of the training stages in `recorded` ({name: config})."""
-  return [os.path.relpath(output(c, workdir), workdir).replace(os.sep, "/")
-          for c in recorded.values() if c.get("stage") in KINDS and kind(c).trains]
+  return [
+    os.path.relpath(output(c, workdir), workdir).replace(os.sep, "/")
+    for c in recorded.values()
+    if c.get("stage") in KINDS and kind(c).trains
+  ]

@@ -6,6 +6,7 @@ config as trained (num_classes, model, input size, where the weights came
 from), and orbax holds the variables. Downstream stages take upstream facts
 from here, never by importing the upstream stage's config file.
 """
+
 import functools
 import os
 
@@ -14,14 +15,14 @@ import ml_collections
 from aplantida_jax import fileio
 
 # The run's folders and files; no other module spells these names.
-AUDIT = "audit"                # audit: report.{json,md} and plots
-DATASET = "dataset"            # export: shards, classes.json, manifest.json, attributions.csv
-EVAL = "eval"                  # evaluate: report.{json,md}, calibration.json, plots
-TFJS = "tfjs"                  # export_tfjs: the model the PWA ships
-CONFIG_FILE = "config.json"    # in every trained stage folder
+AUDIT = "audit"  # audit: report.{json,md} and plots
+DATASET = "dataset"  # export: shards, classes.json, manifest.json, attributions.csv
+EVAL = "eval"  # evaluate: report.{json,md}, calibration.json, plots
+TFJS = "tfjs"  # export_tfjs: the model the PWA ships
+CONFIG_FILE = "config.json"  # in every trained stage folder
 METRICS_FILE = "metrics.jsonl"
 LICENSE_REPORT = "license_report.json"  # license_check
-MANIFEST = "manifest.json"     # the runner's record of every stage (repro/manifest.py)
+MANIFEST = "manifest.json"  # the runner's record of every stage (repro/manifest.py)
 
 
 class Workdir:
@@ -88,8 +89,9 @@ class TrainedStage:
   def config(self) -> ml_collections.ConfigDict:
     if not self.trained:
       raise FileNotFoundError(
-          f"{os.path.join(self.path, CONFIG_FILE)} is missing: {self.path} is not a trained "
-          "stage folder (train it first; the folder is config.output_dir under the workdir).")
+        f"{os.path.join(self.path, CONFIG_FILE)} is missing: {self.path} is not a trained "
+        "stage folder (train it first; the folder is config.output_dir under the workdir)."
+      )
     return ml_collections.ConfigDict(fileio.read_json(os.path.join(self.path, CONFIG_FILE)))
 
 

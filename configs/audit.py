@@ -12,6 +12,7 @@ writing the report) when more than `audit.max_failure_rate` of checked URLs fail
 The `:demo` variant reads the built-in demo catalog (served by ./run.sh on
 127.0.0.1) and checks every URL.
 """
+
 import ml_collections
 
 from configs import common
@@ -28,6 +29,6 @@ def get_config(arg=None):
   config.http = common.http_config()
   config.audit = ml_collections.ConfigDict()
   config.audit.url_check = "all" if demo else "sample"  # "all" | "sample" | "none"
-  config.audit.sample_size = 2000        # URLs checked in "sample" mode (seeded by config.seed)
-  config.audit.max_failure_rate = 0.05   # fail the stage above this fraction of broken URLs
+  config.audit.sample_size = 2000  # URLs checked in "sample" mode (seeded by config.seed)
+  config.audit.max_failure_rate = 0.05  # fail the stage above this fraction of broken URLs
   return config

@@ -3,6 +3,7 @@
 Stage configs call these so a field means the same thing everywhere and one
 `--config.catalog.kind=mongo` style override works on any stage that reads it.
 """
+
 import os
 
 import ml_collections
@@ -27,16 +28,20 @@ def parse_arg(arg, config_file, *, variants=("demo",), keys=None):
     if "=" in part:
       k, v = part.split("=", 1)
       if k not in keys:
-        raise ValueError(f"{config_file}: unknown argument {k}={v!r}; it takes "
-                         f"{_known(variants, keys)}. Set other fields with --config.KEY=VALUE.")
+        raise ValueError(
+          f"{config_file}: unknown argument {k}={v!r}; it takes "
+          f"{_known(variants, keys)}. Set other fields with --config.KEY=VALUE."
+        )
       if keys[k] is not None and v not in keys[k]:
         raise ValueError(f"{config_file}: {k}={v!r} is not one of {tuple(keys[k])}.")
       kv[k] = v
     elif part in variants:
       words.add(part)
     else:
-      raise ValueError(f"{config_file}: unknown variant {part!r}; it takes "
-                       f"{_known(variants, keys)}. Set other fields with --config.KEY=VALUE.")
+      raise ValueError(
+        f"{config_file}: unknown variant {part!r}; it takes "
+        f"{_known(variants, keys)}. Set other fields with --config.KEY=VALUE."
+      )
   return words, kv
 
 
@@ -59,14 +64,14 @@ def catalog_config(demo: bool = False) -> ml_collections.ConfigDict:
   c.mongo_uri = os.environ.get("APLANTIDA_MONGO_URI", "mongodb://localhost:27017")
   c.db = "aplantida"
   c.collection = "Plant"
-  c.query = "{}"        # JSON filter
-  c.projection = ""     # JSON projection; empty = the mapped fields only
-  c.batch_size = 1000   # cursor batch size (documents are streamed)
-  c.limit = 0           # 0 = all documents
+  c.query = "{}"  # JSON filter
+  c.projection = ""  # JSON projection; empty = the mapped fields only
+  c.batch_size = 1000  # cursor batch size (documents are streamed)
+  c.limit = 0  # 0 = all documents
   # folder
   c.default_license = "unknown"
   c.default_author = ""
-  c.sidecar_csv = ""    # optional CSV: path,license,author,source,country
+  c.sidecar_csv = ""  # optional CSV: path,license,author,source,country
   # field mapping (dotted paths; image fields are relative to one image entry)
   f = c.fields = ml_collections.ConfigDict()
   f.species = "scientificName"
@@ -86,7 +91,9 @@ def catalog_config(demo: bool = False) -> ml_collections.ConfigDict:
 
 def licenses_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.policy = "commercial"  # "commercial" (shippable) | "research" (admits NC/ND/unknown; not shippable)
+  c.policy = (
+    "commercial"  # "commercial" (shippable) | "research" (admits NC/ND/unknown; not shippable)
+  )
   return c
 
 
@@ -94,22 +101,64 @@ def regions_config() -> ml_collections.ConfigDict:
   """Regions the app cares about: Spain and Europe (a country list)."""
   c = ml_collections.ConfigDict()
   c.spain = ["ES"]
-  c.europe = ["ES", "PT", "FR", "IT", "DE", "GB", "IE", "NL", "BE", "LU", "CH", "AT", "DK", "SE",
-              "NO", "FI", "IS", "PL", "CZ", "SK", "HU", "SI", "HR", "BA", "RS", "ME", "MK", "AL",
-              "GR", "BG", "RO", "MD", "UA", "BY", "LT", "LV", "EE", "MT", "CY", "AD", "MC", "SM",
-              "LI", "VA"]
+  c.europe = [
+    "ES",
+    "PT",
+    "FR",
+    "IT",
+    "DE",
+    "GB",
+    "IE",
+    "NL",
+    "BE",
+    "LU",
+    "CH",
+    "AT",
+    "DK",
+    "SE",
+    "NO",
+    "FI",
+    "IS",
+    "PL",
+    "CZ",
+    "SK",
+    "HU",
+    "SI",
+    "HR",
+    "BA",
+    "RS",
+    "ME",
+    "MK",
+    "AL",
+    "GR",
+    "BG",
+    "RO",
+    "MD",
+    "UA",
+    "BY",
+    "LT",
+    "LV",
+    "EE",
+    "MT",
+    "CY",
+    "AD",
+    "MC",
+    "SM",
+    "LI",
+    "VA",
+  ]
   return c
 
 
 def http_config() -> ml_collections.ConfigDict:
   """The async HTTP client used by the audit URL check and the export download."""
   c = ml_collections.ConfigDict()
-  c.concurrency = 64           # total requests in flight
-  c.per_host = 16              # requests in flight per host
-  c.timeout_s = 20.0           # per request (connect + read)
-  c.retries = 3                # on connection errors, timeouts, 429 and 5xx
-  c.backoff_s = 0.5            # base of the exponential backoff; Retry-After wins when given
-  c.max_retry_after_s = 60.0   # cap on an honoured Retry-After
-  c.respect_noai = True        # skip images served with X-Robots-Tag: noai / noimageai
+  c.concurrency = 64  # total requests in flight
+  c.per_host = 16  # requests in flight per host
+  c.timeout_s = 20.0  # per request (connect + read)
+  c.retries = 3  # on connection errors, timeouts, 429 and 5xx
+  c.backoff_s = 0.5  # base of the exponential backoff; Retry-After wins when given
+  c.max_retry_after_s = 60.0  # cap on an honoured Retry-After
+  c.respect_noai = True  # skip images served with X-Robots-Tag: noai / noimageai
   c.user_agent = "aplantida-jax/0.1 (+dataset export)"
   return c

@@ -9,6 +9,7 @@ Variants (`configs/evaluate.py:demo,checkpoint_dir=teacher_global,teacher_dir=te
   teacher_dir     stage folder of a teacher to compare against (student-teacher agreement)
 Writes <workdir>/eval/{report.json, report.md, calibration.json, *.png}.
 """
+
 import ml_collections
 
 from configs import common
@@ -16,23 +17,26 @@ from configs import common
 
 def get_config(arg=None):
   variants, overrides = common.parse_arg(
-      arg, "configs/evaluate.py", keys={"checkpoint_dir": None, "teacher_dir": None})
+    arg, "configs/evaluate.py", keys={"checkpoint_dir": None, "teacher_dir": None}
+  )
   config = ml_collections.ConfigDict()
   config.stage = "evaluate"
   config.seed = 0  # evaluation is deterministic; kept so every stage records one
 
   e = config.eval = ml_collections.ConfigDict()
-  e.checkpoint_dir = overrides.get("checkpoint_dir", "student/finetune")  # stage folder, relative to workdir
+  e.checkpoint_dir = overrides.get(
+    "checkpoint_dir", "student/finetune"
+  )  # stage folder, relative to workdir
   # Tried in order, with a log line, when checkpoint_dir holds no trained stage (no config.json).
   e.fallback_checkpoint_dirs = ["student/distill", "teacher_global"]
-  e.which = "best"                      # "best" | "latest" checkpoint of that stage
+  e.which = "best"  # "best" | "latest" checkpoint of that stage
   e.teacher_dir = overrides.get("teacher_dir", "")  # "" = no student-teacher comparison
-  e.n_bins = 15                         # equal-width confidence bins for ECE/MCE and the reliability plot
-  e.target_precision = 0.95             # precision of shown answers the "unsure" threshold must reach on val
-  e.min_accepted = 10                   # ... and must answer at least this many val images (else "unreachable")
-  e.top_confusions = 10                 # most confused pairs listed and plotted
+  e.n_bins = 15  # equal-width confidence bins for ECE/MCE and the reliability plot
+  e.target_precision = 0.95  # precision of shown answers the "unsure" threshold must reach on val
+  e.min_accepted = 10  # ... and must answer at least this many val images (else "unreachable")
+  e.top_confusions = 10  # most confused pairs listed and plotted
   e.batch_size = 64
-  e.t_min, e.t_max = 0.05, 20.0         # temperature search range
+  e.t_min, e.t_max = 0.05, 20.0  # temperature search range
 
   config.regions = common.regions_config()
 

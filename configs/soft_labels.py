@@ -16,6 +16,7 @@ refuses a student whose seed or crops differ),
 --config.num_views (K, with replay_epochs=0: eval crop + K−1 augmented views),
 --config.teachers.<main|regional|third>.{dir,weight,region,region_weight}.
 """
+
 import ml_collections
 
 from configs import common
@@ -24,9 +25,9 @@ from configs import training
 
 def teacher_config(directory, weight=1.0, region="", region_weight=1.0):
   c = ml_collections.ConfigDict()
-  c.dir = directory               # teacher stage folder under the workdir; "" = not used
-  c.weight = weight               # base weight in the per-image weighted mean of probabilities
-  c.region = region               # a key of config.regions ("" = everywhere)
+  c.dir = directory  # teacher stage folder under the workdir; "" = not used
+  c.weight = weight  # base weight in the per-image weighted mean of probabilities
+  c.region = region  # a key of config.regions ("" = everywhere)
   c.region_weight = region_weight  # weight × this on images of that region (country, else species)
   return c
 
@@ -38,7 +39,7 @@ def teachers_config() -> ml_collections.ConfigDict:
   c.main = teacher_config("teacher_global", weight=1.0)
   # Trained on Spain only: trusted more there (2.0 vs 1.0), less elsewhere (0.5 vs 1.0).
   c.regional = teacher_config("teacher_regional", weight=0.5, region="spain", region_weight=4.0)
-  c.third = teacher_config("")    # optional, e.g. a bigger model: set dir to its stage folder
+  c.third = teacher_config("")  # optional, e.g. a bigger model: set dir to its stage folder
   return c
 
 
@@ -53,11 +54,11 @@ def replay_config(demo=False) -> ml_collections.ConfigDict:
   if demo:
     training.demo_overrides(student)
   c = ml_collections.ConfigDict()
-  c.split = student.train_split                # the student's config.train_split
-  c.crop_scale = student.input.crop_scale      # the student's config.input.crop_scale, ...
+  c.split = student.train_split  # the student's config.train_split
+  c.crop_scale = student.input.crop_scale  # the student's config.input.crop_scale, ...
   c.crop_ratio = student.input.crop_ratio
   c.color_jitter = student.input.color_jitter
-  c.sampling = "uniform"                       # only uniform replays (weighted draws are up front)
+  c.sampling = "uniform"  # only uniform replays (weighted draws are up front)
   c.region_filter = list(student.input.region_filter)
   return c
 
@@ -66,20 +67,20 @@ def get_config(arg=None):
   variants, _ = common.parse_arg(arg, "configs/soft_labels.py")
   config = ml_collections.ConfigDict()
   config.stage = "soft_labels"
-  config.seed = 0                 # = the student's config.seed: draws the replayed crops (and num_views)
+  config.seed = 0  # = the student's config.seed: draws the replayed crops (and num_views)
   config.output_dir = "soft_labels"
   config.dataset_dir = "dataset"
   config.splits = ("train", "val")  # val for monitoring (student–teacher agreement)
-  config.temperature = 3.0        # probabilities = softmax(logits / T)
-  config.top_k = 10               # kept per image (+ the remaining mass)
+  config.temperature = 3.0  # probabilities = softmax(logits / T)
+  config.top_k = 10  # kept per image (+ the remaining mass)
   # E: the train rows describe the student's own crops of epochs 0..E−1 (E × N rows; a student
   # running longer reuses the crops of epoch e % E). 16 ≈ the epochs of a 60k-step student at
   # batch 256 over 900k images (TinyViT stores all); ≈ 0.95 GB there at top_k 10. 0 = eval crop.
   config.replay_epochs = 16
   config.replay = replay_config("demo" in variants)
-  config.num_views = 1            # K (replay_epochs=0 only): > 1 averages K−1 augmented views too
-  config.batch_size = 256         # teacher inference batch (all local devices)
-  config.chunk_size = 8192        # rows per resumable chunk file
+  config.num_views = 1  # K (replay_epochs=0 only): > 1 averages K−1 augmented views too
+  config.batch_size = 256  # teacher inference batch (all local devices)
+  config.chunk_size = 8192  # rows per resumable chunk file
   config.regions = common.regions_config()
   config.teachers = teachers_config()
 
@@ -97,7 +98,7 @@ def get_config(arg=None):
   if "demo" in variants:
     config.batch_size = 32
     config.chunk_size = 64
-    config.replay_epochs = 4      # the :demo student: 100 steps of 16 over 440 train images = 3.6
+    config.replay_epochs = 4  # the :demo student: 100 steps of 16 over 440 train images = 3.6
     config.input.worker_count = 0
     config.input.read_threads = 2
     config.input.prefetch_buffer_size = 16

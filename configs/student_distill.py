@@ -14,6 +14,7 @@ writes <workdir>/student/distill/ (orbax checkpoints, metrics.jsonl, config.json
 Rerun the same command to resume. Loss: α·T²·KL(teacher_T ‖ student_T) +
 (1−α)·CE(hard label) (aplantida_jax/distill/losses.py).
 """
+
 import ml_collections
 
 from configs import common
@@ -28,26 +29,27 @@ MODES = ("precomputed", "online")
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg, "configs/student_distill.py",
-                                         keys={"model": STUDENTS, "mode": MODES})
+  variants, overrides = common.parse_arg(
+    arg, "configs/student_distill.py", keys={"model": STUDENTS, "mode": MODES}
+  )
   model = overrides.get("model", "efficientnet_lite0")
-  config = training.training_config(output_dir="student/distill", model_name=model,
-                                    image_size=224)
+  config = training.training_config(output_dir="student/distill", model_name=model, image_size=224)
   config.stage = "distill"
   training.from_imagenet(config, model)
   # head_dim > 0 factorises the head for large class counts; width is MobileNetV2's α.
   config.model.kwargs = ml_collections.ConfigDict(
-      {"head_dim": 0, "dropout_rate": 0.2, **({"width": 1.0} if model == "mobilenet_v2" else {})})
+    {"head_dim": 0, "dropout_rate": 0.2, **({"width": 1.0} if model == "mobilenet_v2" else {})}
+  )
   config.optimizer.label_smoothing = 0.0  # the soft targets already smooth
-  config.num_train_steps = 60_000         # distillation likes long schedules (Beyer et al.)
+  config.num_train_steps = 60_000  # distillation likes long schedules (Beyer et al.)
 
   d = config.distill = ml_collections.ConfigDict()
   d.mode = overrides.get("mode", "precomputed")  # "precomputed" | "online"
-  d.alpha = 0.7                   # weight of the KD term (1 − alpha on the hard-label CE)
-  d.temperature = 3.0             # must equal soft_labels' T in precomputed mode (so must the
-                                  # seed and input crops when its train rows are replayed crops)
+  d.alpha = 0.7  # weight of the KD term (1 − alpha on the hard-label CE)
+  d.temperature = 3.0  # must equal soft_labels' T in precomputed mode (so must the
+  # seed and input crops when its train rows are replayed crops)
   d.soft_labels_dir = "soft_labels"  # precomputed: folder under the workdir
-  d.top_k = 10                    # online: classes kept from the teachers (+ remaining mass)
+  d.top_k = 10  # online: classes kept from the teachers (+ remaining mass)
   d.regions = common.regions_config()  # online: the ensemble, as configs/soft_labels.py
   d.teachers = soft_labels.teachers_config()
   # Student vs the ensemble on val; skipped (with a log line) without precomputed soft labels.

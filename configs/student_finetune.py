@@ -9,6 +9,7 @@ Reads <workdir>/dataset/ and <workdir>/student/distill/best/, writes
 recorded, so the distilled weights load one to one; `--config.input.image_size=N`
 fine-tunes at another resolution.
 """
+
 from configs import common
 from configs import training
 

@@ -11,13 +11,13 @@ metrics.jsonl, TensorBoard events, config.json). Rerun the same command to resum
 Without `model.init_from` pointing at an import of tools/import_pretrained.py,
 training starts from scratch (with a warning).
 """
+
 from configs import common
 from configs import training
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg, "configs/teacher_global.py",
-                                         keys={"model": None})
+  variants, overrides = common.parse_arg(arg, "configs/teacher_global.py", keys={"model": None})
   model = overrides.get("model", "efficientnet_lite2")
   config = training.training_config(output_dir="teacher_global", model_name=model, image_size=260)
   training.from_imagenet(config, model)

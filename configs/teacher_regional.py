@@ -12,6 +12,7 @@ The network (model.name, model.kwargs) and input.image_size are the ones
 teacher_global/config.json recorded, so its weights load one to one. best/ keeps
 the checkpoint with the highest val top-1 on the region's images (checkpoint.best_metric).
 """
+
 from configs import common
 from configs import training
 
@@ -19,8 +20,12 @@ MODES = ("region_only", "region_weighted")
 
 
 def get_config(arg=None):
-  variants, overrides = common.parse_arg(arg, "configs/teacher_regional.py", variants=("demo",),
-                                         keys={"mode": MODES, "region": ("spain", "europe")})
+  variants, overrides = common.parse_arg(
+    arg,
+    "configs/teacher_regional.py",
+    variants=("demo",),
+    keys={"mode": MODES, "region": ("spain", "europe")},
+  )
   mode = overrides.get("mode", "region_only")
   region = overrides.get("region", "spain")
   config = training.training_config(output_dir="teacher_regional", model_name="", image_size=0)

@@ -4,6 +4,7 @@
 that suit a GPU run; stage configs change what differs and their `:demo`
 variants shrink it to a 2-core CPU. Step counts are optimizer updates.
 """
+
 import ml_collections
 
 from configs import common
@@ -20,10 +21,10 @@ DEMO_STEPS = 100
 
 def model_config(name="efficientnet_lite2") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.name = name              # aplantida_jax.models.MODELS
-  c.dtype = "float32"        # compute dtype: "bfloat16" on GPU/TPU; params stay float32
-  c.init_from = ""           # folder of tools/import_pretrained.py (ImageNet weights); head replaced
-  c.num_classes = 0          # 0 = len(dataset/classes.json); resolved into <stage>/config.json
+  c.name = name  # aplantida_jax.models.MODELS
+  c.dtype = "float32"  # compute dtype: "bfloat16" on GPU/TPU; params stay float32
+  c.init_from = ""  # folder of tools/import_pretrained.py (ImageNet weights); head replaced
+  c.num_classes = 0  # 0 = len(dataset/classes.json); resolved into <stage>/config.json
   c.kwargs = ml_collections.ConfigDict()  # module fields: width, dropout_rate, head_dim, ...
   return c
 
@@ -31,48 +32,48 @@ def model_config(name="efficientnet_lite2") -> ml_collections.ConfigDict:
 def input_config(image_size=224) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.image_size = image_size
-  c.crop_scale = (0.08, 1.0)     # random-resized crop: area fraction range
+  c.crop_scale = (0.08, 1.0)  # random-resized crop: area fraction range
   c.crop_ratio = (3 / 4, 4 / 3)  # ... and aspect-ratio range
-  c.color_jitter = 0.2           # brightness/contrast/saturation factor in [1-j, 1+j]; 0 = off
-  c.eval_crop_fraction = 0.875   # eval: centre crop of this fraction of the short side
-  c.sampling = "uniform"         # "uniform" | "class_balanced" | "region_weighted"
-  c.class_balance_power = 1.0    # class_balanced: weight = count^-power (0.5 = square root)
+  c.color_jitter = 0.2  # brightness/contrast/saturation factor in [1-j, 1+j]; 0 = off
+  c.eval_crop_fraction = 0.875  # eval: centre crop of this fraction of the short side
+  c.sampling = "uniform"  # "uniform" | "class_balanced" | "region_weighted"
+  c.class_balance_power = 1.0  # class_balanced: weight = count^-power (0.5 = square root)
   c.region_countries = common.regions_config().spain  # region_weighted: these countries ...
-  c.region_weight = 4.0          # ... are drawn this many times more often
-  c.region_filter = []           # train only on records of these countries (empty = all)
-  c.worker_count = 2             # Grain worker processes (0 = decode in the main process)
-  c.worker_buffer_size = 2       # batches each worker prepares ahead
-  c.read_threads = 8             # ArrayRecord read threads per worker
-  c.prefetch_buffer_size = 64    # records read ahead per worker
+  c.region_weight = 4.0  # ... are drawn this many times more often
+  c.region_filter = []  # train only on records of these countries (empty = all)
+  c.worker_count = 2  # Grain worker processes (0 = decode in the main process)
+  c.worker_buffer_size = 2  # batches each worker prepares ahead
+  c.read_threads = 8  # ArrayRecord read threads per worker
+  c.prefetch_buffer_size = 64  # records read ahead per worker
   return c
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.name = "sgd"               # "sgd" (momentum, nesterov) | "adamw"
-  c.learning_rate = 0.1        # peak, for batch_size 256 (scaled linearly with batch_size)
+  c.name = "sgd"  # "sgd" (momentum, nesterov) | "adamw"
+  c.learning_rate = 0.1  # peak, for batch_size 256 (scaled linearly with batch_size)
   c.scale_learning_rate = True  # peak = learning_rate * batch_size / 256
-  c.momentum = 0.9             # sgd
-  c.nesterov = True            # sgd
-  c.b1 = 0.9                   # adamw
-  c.b2 = 0.999                 # adamw
-  c.weight_decay = 5e-5        # on kernels only (not biases, not batch norm)
+  c.momentum = 0.9  # sgd
+  c.nesterov = True  # sgd
+  c.b1 = 0.9  # adamw
+  c.b2 = 0.999  # adamw
+  c.weight_decay = 5e-5  # on kernels only (not biases, not batch norm)
   c.warmup_steps = 500
   c.end_learning_rate_factor = 0.0  # cosine ends at peak * this
-  c.grad_clip_norm = 0.0       # 0 = off
-  c.frozen = ""                # regex over param paths ("stem|block[0-9]/"): not trained
-  c.grad_accum_steps = 1       # optax.MultiSteps: batch_size is split into this many micro-batches
+  c.grad_clip_norm = 0.0  # 0 = off
+  c.frozen = ""  # regex over param paths ("stem|block[0-9]/"): not trained
+  c.grad_accum_steps = 1  # optax.MultiSteps: batch_size is split into this many micro-batches
   c.label_smoothing = 0.1
-  c.ema_decay = 0.0            # > 0 keeps EMA params, used for eval and inference
+  c.ema_decay = 0.0  # > 0 keeps EMA params, used for eval and inference
   return c
 
 
 def checkpoint_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.every_steps = 1000   # also at the last step
+  c.every_steps = 1000  # also at the last step
   c.best_metric = "val_top1"  # best/ keeps the highest of this config.evals metric
-  c.keep = 3             # latest checkpoints kept (for resuming); the best is kept apart
-  c.async_save = True    # write in the background while training continues
+  c.keep = 3  # latest checkpoints kept (for resuming); the best is kept apart
+  c.async_save = True  # write in the background while training continues
   return c
 
 
@@ -87,8 +88,9 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 def eval_config(kind, split="val", every_steps=0, **fields) -> ml_collections.ConfigDict:
   """One `config.evals` entry; every_steps 0 = config.eval_every_steps (and the last step)."""
-  return ml_collections.ConfigDict({"kind": kind, "split": split, "every_steps": every_steps,
-                                    **fields})
+  return ml_collections.ConfigDict(
+    {"kind": kind, "split": split, "every_steps": every_steps, **fields}
+  )
 
 
 def training_config(*, output_dir, model_name, image_size) -> ml_collections.ConfigDict:
@@ -96,10 +98,10 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c = ml_collections.ConfigDict()
   c.stage = "train"
   c.seed = 0
-  c.output_dir = output_dir        # stage folder under the workdir
-  c.dataset_dir = "dataset"        # under the workdir (export stage output)
+  c.output_dir = output_dir  # stage folder under the workdir
+  c.dataset_dir = "dataset"  # under the workdir (export stage output)
   c.train_split = "train"
-  c.init_from_stage = ""           # start from this stage folder's best checkpoint (e.g. teacher_global)
+  c.init_from_stage = ""  # start from this stage folder's best checkpoint (e.g. teacher_global)
   c.regions = common.regions_config()
   # In-loop evaluators (aplantida_jax/evaluation/evaluators.py), logged as <name>_<metric>.
   c.evals = ml_collections.ConfigDict()
@@ -109,12 +111,14 @@ def training_config(*, output_dir, model_name, image_size) -> ml_collections.Con
   c.optimizer = optimizer_config()
   c.checkpoint = checkpoint_config()
   c.mesh = mesh_config()
-  c.batch_size = 256               # global, per optimizer update (all devices, all micro-batches)
-  c.eval_batch_size = 256          # global
+  c.batch_size = 256  # global, per optimizer update (all devices, all micro-batches)
+  c.eval_batch_size = 256  # global
   c.num_train_steps = 30_000
   c.log_every_steps = 50
-  c.eval_every_steps = 2000        # every evaluator's default (evals.<name>.every_steps 0); and the last step
-  c.tensorboard = True             # TensorBoard events beside metrics.jsonl (imports TF)
+  c.eval_every_steps = (
+    2000  # every evaluator's default (evals.<name>.every_steps 0); and the last step
+  )
+  c.tensorboard = True  # TensorBoard events beside metrics.jsonl (imports TF)
   return c
 
 

@@ -4,6 +4,7 @@ Each path has a script: a list of responses given in order, the last one
 repeating, so "500 then 200" or "429 with Retry-After, then 200" are one route.
 Requests are logged (method, path, time) so tests can check retries and waits.
 """
+
 import dataclasses
 import functools
 import http.server
@@ -108,11 +109,13 @@ def jpeg_bytes(width=120, height=90, color=(30, 140, 60), quality=90) -> bytes:
   return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def huge_png(width=20000, height=20000) -> bytes:
   """A valid 1-bit PNG with huge dimensions in ~60 KB (rows of zeros compress to nothing)."""
+
   def chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
   row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
   compressor = zlib.compressobj(9)
   idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
@@ -128,17 +131,19 @@ def install_faults(server: CdnServer, slow_s: float) -> dict:
   """The standard fault routes → {name: url}. `slow_s` must exceed the client timeout."""
   good = jpeg_bytes()
   return {
-      "ok": server.route("/ok.jpg", image(good)),
-      "not_found": server.route("/missing.jpg", Response(404, b"gone")),
-      "flaky": server.route("/flaky.jpg", Response(500, b"oops"), image(good)),
-      "rate_limited": server.route(
-          "/limited.jpg", Response(429, b"slow down", {"Retry-After": "1"}), image(good)),
-      "slow": server.route("/slow.jpg", Response(200, good, {"Content-Type": "image/jpeg"},
-                                                 delay_s=slow_s)),
-      "truncated": server.route("/truncated.jpg", image(good[:len(good) // 2])),
-      "html": server.route("/html.jpg", image(b"<html><body>Not found</body></html>")),
-      "huge": server.route("/huge.png", image(huge_png(), "image/png")),
-      "redirect": server.route("/old/ok.jpg", Response(302, b"", {"Location": "/ok.jpg"})),
-      "noai": server.route("/noai.jpg", image(good, **{"X-Robots-Tag": "noai"})),
-      "no_head": server.route("/nohead.jpg", image(good), head=Response(405, b"")),
+    "ok": server.route("/ok.jpg", image(good)),
+    "not_found": server.route("/missing.jpg", Response(404, b"gone")),
+    "flaky": server.route("/flaky.jpg", Response(500, b"oops"), image(good)),
+    "rate_limited": server.route(
+      "/limited.jpg", Response(429, b"slow down", {"Retry-After": "1"}), image(good)
+    ),
+    "slow": server.route(
+      "/slow.jpg", Response(200, good, {"Content-Type": "image/jpeg"}, delay_s=slow_s)
+    ),
+    "truncated": server.route("/truncated.jpg", image(good[: len(good) // 2])),
+    "html": server.route("/html.jpg", image(b"<html><body>Not found</body></html>")),
+    "huge": server.route("/huge.png", image(huge_png(), "image/png")),
+    "redirect": server.route("/old/ok.jpg", Response(302, b"", {"Location": "/ok.jpg"})),
+    "noai": server.route("/noai.jpg", image(good, **{"X-Robots-Tag": "noai"})),
+    "no_head": server.route("/nohead.jpg", image(good), head=Response(405, b"")),
   }

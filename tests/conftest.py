@@ -1,4 +1,5 @@
 """Fixtures shared by several test files, and the XLA setting every test process runs with."""
+
 import os
 
 import pytest
@@ -17,14 +18,19 @@ from tests import cdn_server  # pylint: disable=g-import-not-at-top,wrong-import
 # Tests that train, export or browse through subprocesses (the CLI, the pipeline, several
 # devices, jax2tf + Node, Chromium) are marked `slow`: `./run.sh test -m "not slow"` skips them.
 SLOW_FIXTURES = {"cache_env", "runs"}
-SLOW_MODULES = {"tests.test_export_tfjs", "tests.test_browser", "tests.test_multidevice",
-                "tests.test_pipeline"}
+SLOW_MODULES = {
+  "tests.test_export_tfjs",
+  "tests.test_browser",
+  "tests.test_multidevice",
+  "tests.test_pipeline",
+}
 
 
 def pytest_collection_modifyitems(items):
   for item in items:
-    if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
-        or item.module.__name__ in SLOW_MODULES):
+    if (
+      SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES
+    ):
       item.add_marker(pytest.mark.slow)
 
 

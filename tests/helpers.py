@@ -1,4 +1,5 @@
 """Small helpers shared by tests: run the CLI the way users do."""
+
 import json
 import os
 import subprocess
@@ -18,21 +19,38 @@ def cli_env(**extra):
 
 def run_main(config, workdir, *overrides, timeout=600, **env):
   """`python -m aplantida_jax.main --config=... --workdir=... overrides` → CompletedProcess."""
-  cmd = [sys.executable, "-m", "aplantida_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
-  return subprocess.run(cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+  cmd = [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
+  return subprocess.run(
+    cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+  )
 
 
 # A slim EfficientNet-Lite0 from scratch: what the tests train instead of the :demo variants'
 # ImageNet-initialised full Lite0 (same code path, a fraction of the compile time).
-SLIM_LITE0 = {"width_coefficient": 0.25, "depth_coefficient": 0.1, "dropout_rate": 0.1,
-              "bn_momentum": 0.9}
+SLIM_LITE0 = {
+  "width_coefficient": 0.25,
+  "depth_coefficient": 0.1,
+  "dropout_rate": 0.1,
+  "bn_momentum": 0.9,
+}
 
 
 def model_overrides(name="efficientnet_lite0", kwargs=None):
   """`--config.model...` flags: `name` with exactly `kwargs`, from scratch, nothing frozen."""
   kwargs = SLIM_LITE0 if kwargs is None else kwargs
-  return [f"--config.model.name={name}", f"--config.model.kwargs={json.dumps(kwargs)}",
-          "--config.model.init_from=", "--config.optimizer.frozen="]
+  return [
+    f"--config.model.name={name}",
+    f"--config.model.kwargs={json.dumps(kwargs)}",
+    "--config.model.init_from=",
+    "--config.optimizer.frozen=",
+  ]
 
 
 def use_model(config, name="efficientnet_lite0", kwargs=None):

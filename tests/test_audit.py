@@ -1,4 +1,5 @@
 """Audit stage end to end: a tiny demo catalog served from 127.0.0.1, broken URLs, Mongo, main.py."""
+
 import collections
 import json
 import os
@@ -26,14 +27,20 @@ def served_demo(tmp_path_factory):
   """A 6-species demo catalog served on a free port, and a copy with 4 broken URLs (one with credentials)."""
   root = tmp_path_factory.mktemp("demo")
   with demo_data.serve_directory(root) as server:
-    demo_data.make_demo_data(str(root), server.url, seed=0, num_species=6, images_per_species=(4, 6),
-                             image_size=32)
+    demo_data.make_demo_data(
+      str(root), server.url, seed=0, num_species=6, images_per_species=(4, 6), image_size=32
+    )
     good = root / "catalog.jsonl"
     host = server.url.split("//")[1]
-    broken = [f"{server.url}/missing/{i}.jpg" for i in range(3)] + [f"http://botanist:s3cr3t@{host}/private/x.jpg"]
+    broken = [f"{server.url}/missing/{i}.jpg" for i in range(3)] + [
+      f"http://botanist:s3cr3t@{host}/private/x.jpg"
+    ]
     stolen = json.loads(good.read_text(encoding="utf-8").splitlines()[0])["images"][0]["url"]
-    extra = {"scientificName": "Ghost species", "regions": ["ES"],  # 4 broken URLs, 1 from another species
-             "images": [{"url": u, "license": "CC0"} for u in broken + [stolen]]}
+    extra = {
+      "scientificName": "Ghost species",
+      "regions": ["ES"],  # 4 broken URLs, 1 from another species
+      "images": [{"url": u, "license": "CC0"} for u in broken + [stolen]],
+    }
     bad = root / "catalog_broken.jsonl"
     bad.write_text(good.read_text(encoding="utf-8") + json.dumps(extra) + "\n", encoding="utf-8")
     yield good, bad
@@ -66,10 +73,14 @@ def test_audit_demo_catalog_end_to_end(served_demo, tmp_path):
   records, stats, decisions = _expected(config.catalog)
 
   assert report["species"]["count"] == len({r.species for r in records}) == 6
-  assert report["images"] == {"total": len(records), "allowed": sum(ok for ok, _ in decisions),
-                              "rejected": sum(not ok for ok, _ in decisions)}
+  assert report["images"] == {
+    "total": len(records),
+    "allowed": sum(ok for ok, _ in decisions),
+    "rejected": sum(not ok for ok, _ in decisions),
+  }
   assert report["licenses"]["rejected_by_reason"] == dict(
-      collections.Counter(reason for ok, reason in decisions if not ok))
+    collections.Counter(reason for ok, reason in decisions if not ok)
+  )
   assert sum(v["images"] for v in report["licenses"]["by_license"].values()) == len(records)
   per_species = collections.Counter(r.species for r in records)
   spread = report["species"]["images_per_species"]
@@ -82,7 +93,9 @@ def test_audit_demo_catalog_end_to_end(served_demo, tmp_path):
   url_check = report["url_check"]
   assert url_check["mode"] == "all"
   assert url_check["checked"] == len({r.url for r in records}) and url_check["failed"] == 0
-  assert report["passed"] and summary["url_failure_rate"] == 0.0 and "6 species" in summary["metric"]
+  assert (
+    report["passed"] and summary["url_failure_rate"] == 0.0 and "6 species" in summary["metric"]
+  )
   assert "PASS" in (tmp_path / "audit" / "report.md").read_text()
   for name in PLOTS:
     assert (tmp_path / "audit" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -104,14 +117,24 @@ def test_sample_mode_checks_a_seeded_sample(served_demo, tmp_path):
 
 def _main(*flags):
   env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "aplantida_jax.main", *flags], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "aplantida_jax.main", *flags],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_too_many_broken_urls_fail_the_stage_after_writing_the_report(served_demo, tmp_path):
   _, bad = served_demo
-  result = _main("--config=configs/audit.py:demo", f"--workdir={tmp_path}", f"--config.catalog.path={bad}",
-                 "--config.http.retries=0")
+  result = _main(
+    "--config=configs/audit.py:demo",
+    f"--workdir={tmp_path}",
+    f"--config.catalog.path={bad}",
+    "--config.http.retries=0",
+  )
   assert result.returncode != 0
   report = json.loads((tmp_path / "audit" / "report.json").read_text())
   url_check = report["url_check"]
@@ -131,14 +154,17 @@ def test_mongo_catalog_report_matches_jsonl_and_hides_credentials(served_demo, t
   good, _ = served_demo
   client = mongomock.MongoClient()
   client["aplantida"]["Plant"].insert_many(
-      [json.loads(line) for line in good.read_text(encoding="utf-8").splitlines()])
+    [json.loads(line) for line in good.read_text(encoding="utf-8").splitlines()]
+  )
   config = _config(good, url_check="none")
   jsonl_summary = audit.run(config, str(tmp_path / "jsonl"))
   config.catalog.kind = "mongo"
   config.catalog.mongo_uri = "mongodb://botanist:s3cr3t@db.example:27017/?authSource=admin"
   mongo_summary = audit.run(config, str(tmp_path / "mongo"), mongo_client=client)
   assert mongo_summary == jsonl_summary
-  reports = {k: json.loads((tmp_path / k / "audit" / "report.json").read_text()) for k in ("jsonl", "mongo")}
+  reports = {
+    k: json.loads((tmp_path / k / "audit" / "report.json").read_text()) for k in ("jsonl", "mongo")
+  }
   for key in ("species", "images", "licenses", "regions", "duplicates", "invalid", "url_check"):
     assert reports["mongo"][key] == reports["jsonl"][key], key
   assert reports["mongo"]["catalog"]["uri"] == "mongodb://***@db.example:27017/?authSource=admin"
@@ -152,33 +178,60 @@ def test_main_folder_source_via_overrides(tmp_path):
     (photos / species).mkdir(parents=True)
     for i in range(2):
       Image.new("RGB", (16, 16), (40 * i, 120, 60)).save(photos / species / f"{i}.jpg")
-  result = _main("--config=configs/audit.py:demo", f"--workdir={tmp_path / 'w'}",
-                 "--config.catalog.kind=folder", f"--config.catalog.path={photos}",
-                 "--config.catalog.default_license=CC-BY-4.0", "--config.catalog.default_author=Ana")
+  result = _main(
+    "--config=configs/audit.py:demo",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.catalog.kind=folder",
+    f"--config.catalog.path={photos}",
+    "--config.catalog.default_license=CC-BY-4.0",
+    "--config.catalog.default_author=Ana",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((tmp_path / "w" / "audit" / "report.json").read_text())
-  assert report["species"]["count"] == 2 and report["images"] == {"total": 4, "allowed": 4, "rejected": 0}
+  assert report["species"]["count"] == 2 and report["images"] == {
+    "total": 4,
+    "allowed": 4,
+    "rejected": 0,
+  }
   assert report["url_check"]["checked"] == 0 and report["passed"]
   assert json.loads(result.stdout.strip().splitlines()[-1])["stage"] == "audit"
 
 
 @pytest.mark.skipif(not FLOWERS12.is_dir(), reason=f"{FLOWERS12} not present")
 def test_main_folder_source_over_flowers12_research_policy(tmp_path):
-  result = _main("--config=configs/audit.py:demo", f"--workdir={tmp_path}", "--config.catalog.kind=folder",
-                 f"--config.catalog.path={FLOWERS12}", "--config.licenses.policy=research")
+  result = _main(
+    "--config=configs/audit.py:demo",
+    f"--workdir={tmp_path}",
+    "--config.catalog.kind=folder",
+    f"--config.catalog.path={FLOWERS12}",
+    "--config.licenses.policy=research",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((tmp_path / "audit" / "report.json").read_text())
-  assert report["species"]["count"] == 12 and report["policy"] == {"name": "research", "shippable": False}
+  assert report["species"]["count"] == 12 and report["policy"] == {
+    "name": "research",
+    "shippable": False,
+  }
   assert report["images"]["allowed"] == report["images"]["total"] == 720
   assert list(report["licenses"]["by_license"]) == ["unknown"]
 
 
-@pytest.mark.parametrize("lines,fields,skipped", [
+@pytest.mark.parametrize(
+  "lines,fields,skipped",
+  [
     ([], {}, "the catalog is empty"),
     (["{not json", "[1, 2]"], {}, "document: invalid JSON line ×1, document: not an object ×1"),
-    ([json.dumps({"scientificName": "Ruta montana", "images": [{"url": "https://x.example/a.jpg"}]})],
-     {"species": "taxon.name"}, "document: missing species (field 'taxon.name') ×1"),
-])
+    (
+      [
+        json.dumps(
+          {"scientificName": "Ruta montana", "images": [{"url": "https://x.example/a.jpg"}]}
+        )
+      ],
+      {"species": "taxon.name"},
+      "document: missing species (field 'taxon.name') ×1",
+    ),
+  ],
+)
 def test_a_catalog_without_species_fails_the_audit(tmp_path, lines, fields, skipped):
   catalog = tmp_path / "catalog.jsonl"
   catalog.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -187,14 +240,18 @@ def test_a_catalog_without_species_fails_the_audit(tmp_path, lines, fields, skip
   config.catalog.fields.update(fields)
   with pytest.raises(audit.AuditFailed) as e:
     audit.run(config, str(tmp_path / "w"))
-  assert str(e.value).startswith("the catalog (") and f"yielded no species with an image ({skipped})" in str(e.value)
+  assert str(e.value).startswith(
+    "the catalog ("
+  ) and f"yielded no species with an image ({skipped})" in str(e.value)
   assert "--config.catalog.fields" in str(e.value)
   report = json.loads((tmp_path / "w" / "audit" / "report.json").read_text())
   assert report["passed"] is False and report["species"]["count"] == 0
 
 
 def test_mistyped_override_names_the_key(tmp_path):
-  result = _main("--config=configs/audit.py:demo", f"--workdir={tmp_path}", "--config.catalog.kindd=folder")
+  result = _main(
+    "--config=configs/audit.py:demo", f"--workdir={tmp_path}", "--config.catalog.kindd=folder"
+  )
   assert result.returncode != 0
   assert "kindd" in result.stderr and not (tmp_path / "audit").exists()
 

@@ -2,6 +2,7 @@
 
 Speeds are measured by the bench modes, never asserted here.
 """
+
 import io
 import os
 import sys
@@ -23,8 +24,9 @@ import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 def test_torch_reference_has_the_flax_architecture(name):
   torch_reference = pytest.importorskip("torch_reference", exc_type=ImportError)
   flax_model = models.get_model(name, num_classes=1000)
-  variables = jax.eval_shape(lambda: flax_model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  variables = jax.eval_shape(
+    lambda: flax_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
   flax_count = sum(x.size for x in jax.tree.leaves(variables["params"]))
   torch_model = torch_reference.pure_torch_model(name, 1000)
   assert torch_reference.parameter_count(torch_model) == flax_count
@@ -34,8 +36,9 @@ def test_torch_reference_has_the_flax_architecture(name):
 
 def test_torch_reference_step_trains():
   torch_reference = pytest.importorskip("torch_reference", exc_type=ImportError)
-  step, sync, info = torch_reference.train_step_fn("mobilenet_v2", batch=4, res=32,
-                                                   num_classes=3, device="cpu")
+  step, sync, info = torch_reference.train_step_fn(
+    "mobilenet_v2", batch=4, res=32, num_classes=3, device="cpu"
+  )
   losses = [float(step().detach()) for _ in range(4)]
   sync()
   assert losses[-1] < losses[0] and info["compile"] == "off"
@@ -49,6 +52,7 @@ def test_grain_and_tfdata_pipelines_do_the_same_work(tmp_path):
   config.input.crop_scale, config.input.crop_ratio = (1.0, 1.0), (4 / 3, 4 / 3)
   config.input.color_jitter = 0.0
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
+
   source_means = []
   for path in shards.shard_paths(str(tmp_path), "train"):
     for record in shards.read_shard(path):

@@ -4,6 +4,7 @@ Debian's chromium driven by Python Playwright (CI installs it with apt).
 Served on 127.0.0.1 with and without cross-origin isolation (COOP/COEP),
 which decides whether the wasm backend may use threads.
 """
+
 import io
 import os
 
@@ -17,12 +18,22 @@ from aplantida_jax.train import input_pipeline
 from tests import tfjs_fixture
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+]
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install chromium)"),
-    pytest.mark.skipif(not os.path.isdir(pwa_server.VENDOR_DIR), reason="node_modules missing (npm ci)"),
+  pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install chromium)"
+  ),
+  pytest.mark.skipif(
+    not os.path.isdir(pwa_server.VENDOR_DIR), reason="node_modules missing (npm ci)"
+  ),
 ]
 
 
@@ -40,11 +51,17 @@ def photo(workdir, tmp_path_factory):
   widest margin keeps the FP16 comparison meaningful rather than a coin toss.
   """
   source = input_pipeline.RecordSource(shards.shard_paths(os.path.join(workdir, "dataset"), "val"))
-  photos = [np.asarray(Image.open(io.BytesIO(shards.decode(source[i]["data"])["jpeg"])).convert("RGB"))
-            for i in range(len(source))]
+  photos = [
+    np.asarray(Image.open(io.BytesIO(shards.decode(source[i]["data"])["jpeg"])).convert("RGB"))
+    for i in range(len(source))
+  ]
   offset = (tfjs_fixture.PHOTO_SIZE - tfjs_fixture.IMAGE_SIZE) // 2
-  crops = np.stack([p[offset:offset + tfjs_fixture.IMAGE_SIZE, offset:offset + tfjs_fixture.IMAGE_SIZE]
-                    for p in photos]).astype(np.float32)
+  crops = np.stack(
+    [
+      p[offset : offset + tfjs_fixture.IMAGE_SIZE, offset : offset + tfjs_fixture.IMAGE_SIZE]
+      for p in photos
+    ]
+  ).astype(np.float32)
   probs = tfjs_fixture.jax_probabilities(workdir, crops)
   top2 = np.sort(probs, -1)[:, -2:]
   best = int(np.argmax(top2[:, 1] - top2[:, 0]))
@@ -67,7 +84,10 @@ def _classify(page, png):
   page.set_input_files("#photo", png)
   page.wait_for_selector("body[data-state=classified]", timeout=60_000)
   items = page.query_selector_all("#results li")
-  return [(int(li.get_attribute("data-index")), float(li.get_attribute("data-probability"))) for li in items]
+  return [
+    (int(li.get_attribute("data-index")), float(li.get_attribute("data-probability")))
+    for li in items
+  ]
 
 
 @pytest.mark.parametrize("isolate", [True, False], ids=["coop_coep", "no_isolation"])
@@ -103,8 +123,10 @@ def test_pwa_classifies_online_then_offline(workdir, photo, browser, isolate, ca
     assert offline_top[0][0] == jax_top1
     assert not errors, errors
     with capsys.disabled():
-      print(f"\n[browser] wasm median latency over {bench['runs']} runs: {bench['median_ms']:.2f} ms "
-            f"(threads {bench['threads']}, cross-origin isolated {bench['crossOriginIsolated']})")
+      print(
+        f"\n[browser] wasm median latency over {bench['runs']} runs: {bench['median_ms']:.2f} ms "
+        f"(threads {bench['threads']}, cross-origin isolated {bench['crossOriginIsolated']})"
+      )
   finally:
     context.close()
     server.server_close()

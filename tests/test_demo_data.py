@@ -1,4 +1,5 @@
 """Demo data: deterministic bytes, catalog shape and license mix, learnable-not-trivial classes, server."""
+
 import collections
 import json
 import os
@@ -25,7 +26,9 @@ def _files(root):
 
 
 def test_same_seed_gives_byte_identical_output(tmp_path):
-  kwargs = dict(base_url="http://127.0.0.1:1", num_species=3, images_per_species=(2, 3), image_size=48)
+  kwargs = dict(
+    base_url="http://127.0.0.1:1", num_species=3, images_per_species=(2, 3), image_size=48
+  )
   demo_data.make_demo_data(str(tmp_path / "a"), seed=7, **kwargs)
   demo_data.make_demo_data(str(tmp_path / "b"), seed=7, **kwargs)
   demo_data.make_demo_data(str(tmp_path / "c"), seed=8, **kwargs)
@@ -39,14 +42,17 @@ def test_same_seed_gives_byte_identical_output(tmp_path):
 @pytest.fixture(scope="module")
 def full_catalog(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo")
-  summary = demo_data.make_demo_data(str(out), "http://127.0.0.1:9/", seed=0,
-                                     images_per_species=(6, 8), image_size=32)
+  summary = demo_data.make_demo_data(
+    str(out), "http://127.0.0.1:9/", seed=0, images_per_species=(6, 8), image_size=32
+  )
   return out, summary
 
 
 def test_catalog_has_design_shape_regions_and_license_mix(full_catalog):
   out, summary = full_catalog
-  docs = [json.loads(line) for line in (out / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+  docs = [
+    json.loads(line) for line in (out / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+  ]
   assert len(docs) == len(demo_data.SPECIES) + 1  # + one empty document
   for doc in docs[:-1]:
     assert set(doc) == {"_id", "scientificName", "family", "commonNames", "regions", "images"}
@@ -63,15 +69,22 @@ def test_catalog_has_design_shape_regions_and_license_mix(full_catalog):
   stats = collections.Counter()
   records = list(sources.iter_records(cfg, stats))
   assert len(records) == summary["images"] + 1  # the duplicated URL is listed twice
-  assert stats == {"image: missing url (field 'url')": 1,
-                   "document: images missing or empty (field 'images')": 1}
+  assert stats == {
+    "image: missing url (field 'url')": 1,
+    "document: images missing or empty (field 'images')": 1,
+  }
   assert all(r.url.startswith("http://127.0.0.1:9/images/") for r in records)
   assert all((out / r.url.split("/", 3)[3]).is_file() for r in records)
   assert len({r.url for r in records}) == len(records) - 1
   assert any(r.country for r in records) and any(not r.country for r in records)
   policy = licenses.get_policy("commercial")
   reasons = collections.Counter(policy.check(r.license)[1] for r in records)
-  for reason in (licenses.REASON_NC, licenses.REASON_ND, licenses.REASON_UNKNOWN, licenses.REASON_RESERVED):
+  for reason in (
+    licenses.REASON_NC,
+    licenses.REASON_ND,
+    licenses.REASON_UNKNOWN,
+    licenses.REASON_RESERVED,
+  ):
     assert reasons[reason] > 0, reason
   assert 0.6 < reasons["allowed"] / len(records) < 0.95
   per_species = collections.Counter(r.species for r in records if policy.check(r.license)[0])

@@ -10,6 +10,7 @@ EfficientNet-Lite0 from ImageNet there, lower blocks frozen): the teachers are
 helpers.SLIM_LITE0 and the student MobileNetV2-0.35, both from scratch, the
 same in every subprocess and config object so that programs compile once.
 """
+
 import hashlib
 import itertools
 import json
@@ -48,11 +49,19 @@ from tests.tiny_dataset import write_tiny_dataset
 NUM_CLASSES = 4
 TOP_K = 2
 SIZE = 32
-COMMON = [f"--config.input.image_size={SIZE}", "--config.batch_size=8", "--config.eval_batch_size=8"]
+COMMON = [
+  f"--config.input.image_size={SIZE}",
+  "--config.batch_size=8",
+  "--config.eval_batch_size=8",
+]
 EPOCHS = 2  # replayed
 TRAIN, VAL = 6 * NUM_CLASSES, 3 * NUM_CLASSES
-SOFT = ["--config.batch_size=8", "--config.chunk_size=16", f"--config.top_k={TOP_K}",
-        f"--config.replay_epochs={EPOCHS}"]
+SOFT = [
+  "--config.batch_size=8",
+  "--config.chunk_size=16",
+  f"--config.top_k={TOP_K}",
+  f"--config.replay_epochs={EPOCHS}",
+]
 # The old :demo student, from scratch: the same flags for distill and finetune, so that
 # finetune loads the distilled weights one to one.
 STUDENT_MODEL = ("mobilenet_v2", {"width": 0.35, "dropout_rate": 0.1})
@@ -94,9 +103,15 @@ def test_kd_loss_matches_numpy_reference_with_remaining_mass():
   probs = np.take_along_axis(teacher, classes, -1).astype(np.float16)  # stored as fp16
   rest = (1.0 - np.take_along_axis(teacher, classes, -1).sum(-1)).astype(np.float32)
   labels = rng.integers(0, c, b).astype(np.int32)
-  loss, kl, ce = losses.kd_loss(jnp.asarray(student), jnp.asarray(labels), jnp.asarray(probs),
-                                jnp.asarray(classes), jnp.asarray(rest), alpha=alpha,
-                                temperature=t)
+  loss, kl, ce = losses.kd_loss(
+    jnp.asarray(student),
+    jnp.asarray(labels),
+    jnp.asarray(probs),
+    jnp.asarray(classes),
+    jnp.asarray(rest),
+    alpha=alpha,
+    temperature=t,
+  )
   want = _reference_kd(student, labels, probs, classes, rest, alpha, t)
   np.testing.assert_allclose(np.stack([loss, kl, ce], -1), want, rtol=1e-5, atol=1e-6)
   assert np.all(want[:, 1] > 0)
@@ -141,8 +156,9 @@ def _teacher_config():
 
 
 def _normalized(images):
-  return np.asarray((images / 255.0 - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD,
-                    np.float32)
+  return np.asarray(
+    (images / 255.0 - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD, np.float32
+  )
 
 
 def _save_teacher(workdir, name, seed):
@@ -156,12 +172,12 @@ def _save_teacher(workdir, name, seed):
   config.output_dir = name
   model = models.from_config(config.model)
   variables = loop.initial_variables(config, model, workdir, jax.random.PRNGKey(seed))
-  batch = next(input_pipeline.eval_batches(_input(), os.path.join(workdir, "dataset"), "train",
-                                           64))
+  batch = next(input_pipeline.eval_batches(_input(), os.path.join(workdir, "dataset"), "train", 64))
   # One train-mode pass at momentum 0, without dropout: running stats = this batch's.
   calibrate = model.clone(bn_momentum=0.0, dropout_rate=0.0, drop_path_rate=0.0)
-  _, updates = calibrate.apply(variables, _normalized(batch["image"][batch["mask"] > 0]),
-                               train=True, mutable=["batch_stats"])
+  _, updates = calibrate.apply(
+    variables, _normalized(batch["image"][batch["mask"] > 0]), train=True, mutable=["batch_stats"]
+  )
   variables = {**variables, "batch_stats": updates["batch_stats"]}
   # Untrained logits are nearly equal; spread them so each teacher has a clear ranking.
   head = variables["params"]["head"]["logits"]
@@ -178,16 +194,22 @@ def _save_teacher(workdir, name, seed):
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, cache_env):
   """Workdir with dataset, two teachers and soft labels from the real stage (CLI)."""
   workdir = str(tmp_path_factory.mktemp("distill"))
-  write_tiny_dataset(os.path.join(workdir, "dataset"), num_classes=NUM_CLASSES,
-                     per_class={"train": 6, "val": 3}, size=SIZE)
+  write_tiny_dataset(
+    os.path.join(workdir, "dataset"),
+    num_classes=NUM_CLASSES,
+    per_class={"train": 6, "val": 3},
+    size=SIZE,
+  )
   _save_teacher(workdir, "teacher_global", 1)
   _save_teacher(workdir, "teacher_regional", 2)
   result = helpers.run_main("configs/soft_labels.py:demo", workdir, *SOFT, **cache_env)
@@ -202,8 +224,9 @@ def _copy(workdir, tmp_path, name="w"):
 
 
 def _stored(workdir, split):
-  return {a: np.load(os.path.join(workdir, "soft_labels", split, f"{a}.npy"))
-          for a in soft_labels.ARRAYS}
+  return {
+    a: np.load(os.path.join(workdir, "soft_labels", split, f"{a}.npy")) for a in soft_labels.ARRAYS
+  }
 
 
 def _numpy_ensemble(workdir, images, regions):
@@ -228,7 +251,7 @@ def _assert_stored_top_k(stored, mixed):
   np.testing.assert_allclose(stored["probs"], want_probs, atol=2e-3)
   np.testing.assert_allclose(stored["rest"], 1 - want_probs.sum(-1), atol=2e-3)
   ranked = np.sort(mixed, -1)[:, ::-1]
-  clear = np.all(ranked[:, :TOP_K] - ranked[:, 1:TOP_K + 1] > 1e-3, -1)  # no near-tie
+  clear = np.all(ranked[:, :TOP_K] - ranked[:, 1 : TOP_K + 1] > 1e-3, -1)  # no near-tie
   assert clear.mean() > 0.8
   np.testing.assert_array_equal(stored["classes"][clear], want_classes[clear])
 
@@ -247,8 +270,9 @@ def _distill_batches(workdir, n, config=None):
   """`n` batches of 8 from the distill stage's own train loader and join."""
   config = config or _student_config()
   task = distill_loop.build_task(config, workdir)
-  loader = input_pipeline.train_loader(config, os.path.join(workdir, "dataset"), 8,
-                                       num_samples=8 * n, join_fn=task.join_fn)
+  loader = input_pipeline.train_loader(
+    config, os.path.join(workdir, "dataset"), 8, num_samples=8 * n, join_fn=task.join_fn
+  )
   return list(itertools.islice(iter(loader), n))
 
 
@@ -259,10 +283,17 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
   assert meta["temperature"] == 3.0 and meta["top_k"] == TOP_K
   replay = soft_labels_config.replay_config(demo=True)
   assert meta["replay"] == {
-      "split": "train", "epochs": EPOCHS, "num_positions": TRAIN, "seed": 0,
-      "crop_scale": list(replay.crop_scale), "crop_ratio": list(replay.crop_ratio),
-      "color_jitter": replay.color_jitter, "sampling": "uniform", "region_filter": [],
-      "view_sha256": hashlib.sha256(np.arange(TRAIN, dtype=np.int64).tobytes()).hexdigest()}
+    "split": "train",
+    "epochs": EPOCHS,
+    "num_positions": TRAIN,
+    "seed": 0,
+    "crop_scale": list(replay.crop_scale),
+    "crop_ratio": list(replay.crop_ratio),
+    "color_jitter": replay.color_jitter,
+    "sampling": "uniform",
+    "region_filter": [],
+    "view_sha256": hashlib.sha256(np.arange(TRAIN, dtype=np.int64).tobytes()).hexdigest(),
+  }
   assert not os.path.exists(os.path.join(labelled, "soft_labels", "chunks"))
   dataset_dir = os.path.join(labelled, "dataset")
 
@@ -270,8 +301,11 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
   stored = _stored(labelled, "val")
   assert stored["probs"].dtype == np.float16 and stored["classes"].dtype == np.int32
   batch = next(input_pipeline.eval_batches(_input(), dataset_dir, "val", 64))
-  mixed, plain = _numpy_ensemble(labelled, batch["image"][batch["mask"] > 0],
-                                 input_pipeline.read_metadata(dataset_dir, "val")["regions"])
+  mixed, plain = _numpy_ensemble(
+    labelled,
+    batch["image"][batch["mask"] > 0],
+    input_pipeline.read_metadata(dataset_dir, "val")["regions"],
+  )
   _assert_stored_top_k(stored, mixed)
   # The per-image weights matter: the plain mean of the two teachers is not what was stored.
   assert not np.allclose(stored["probs"], np.sort(plain, -1)[:, ::-1][:, :TOP_K], atol=2e-3)
@@ -279,28 +313,32 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
   # train: each teacher on the very pixels the student's loader yields (teachers and student
   # are both 32 px here), two shuffled epochs; row epoch * N + position.
   batches = _distill_batches(labelled, EPOCHS * TRAIN // 8)
-  epoch, position, index = (np.concatenate([b[k] for b in batches])
-                            for k in ("epoch", "position", "index"))
+  epoch, position, index = (
+    np.concatenate([b[k] for b in batches]) for k in ("epoch", "position", "index")
+  )
   rows = epoch * TRAIN + position
   assert sorted(rows) == list(range(EPOCHS * TRAIN)) and list(rows) != sorted(rows)
   metadata = input_pipeline.read_metadata(dataset_dir, "train")
-  mixed, _ = _numpy_ensemble(labelled, np.concatenate([b["image"] for b in batches]),
-                             [metadata["regions"][i] for i in index])
+  mixed, _ = _numpy_ensemble(
+    labelled, np.concatenate([b["image"] for b in batches]), [metadata["regions"][i] for i in index]
+  )
   # The record sha256 is stored once per view position (here position = record), not per row.
   sha256 = _stored(labelled, "train")["sha256"]
   assert sha256.shape == (TRAIN, 32) and sha256.dtype == np.uint8
   assert [h.tobytes().hex() for h in sha256] == metadata["sha256"]
   stored = {a: v[rows] for a, v in _stored(labelled, "train").items() if a != "sha256"}
   _assert_stored_top_k(stored, mixed)
-  np.testing.assert_array_equal(np.concatenate([b["teacher_classes"] for b in batches]),
-                                stored["classes"])
+  np.testing.assert_array_equal(
+    np.concatenate([b["teacher_classes"] for b in batches]), stored["classes"]
+  )
   # The two epochs' crops differ, and so do their targets.
-  first, second = (_stored(labelled, "train")["probs"][e * TRAIN:(e + 1) * TRAIN] for e in (0, 1))
+  first, second = (_stored(labelled, "train")["probs"][e * TRAIN : (e + 1) * TRAIN] for e in (0, 1))
   assert not np.allclose(first, second, atol=2e-3)
 
 
 def _input():
   from configs import training  # pylint: disable=g-import-not-at-top
+
   config = training.input_config(SIZE)
   config.worker_count = 0
   return config
@@ -310,8 +348,10 @@ class _EchoJoin(soft_labels.SoftLabelJoin):
   """The real join plus the record's own sha256, so the test can check alignment."""
 
   def __call__(self, index, epoch, position, record):
-    return {**super().__call__(index, epoch, position, record),
-            "record_sha": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8)}
+    return {
+      **super().__call__(index, epoch, position, record),
+      "record_sha": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8),
+    }
 
 
 def _joined_batches(workdir, shard_index, join, num_epochs=1):
@@ -319,26 +359,39 @@ def _joined_batches(workdir, shard_index, join, num_epochs=1):
   dataset_dir = os.path.join(workdir, "dataset")
   source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, "train"), epoch_keys=True)
   sampler = input_pipeline.EpochIndexSampler(
-      num_records=source.num_positions, shard_options=grain.sharding.ShardOptions(shard_index, 2),
-      shuffle=True, num_epochs=num_epochs, seed=7)
+    num_records=source.num_positions,
+    shard_options=grain.sharding.ShardOptions(shard_index, 2),
+    shuffle=True,
+    num_epochs=num_epochs,
+    seed=7,
+  )
   inp = _student_config().input
-  transform = input_pipeline.TrainTransform(SIZE, inp.crop_scale, inp.crop_ratio,
-                                            inp.color_jitter, join, seed=0,
-                                            crop_epochs=join.crop_epochs)
-  return grain.DataLoader(data_source=source, sampler=sampler,
-                          operations=[transform, grain.transforms.Batch(5)])
+  transform = input_pipeline.TrainTransform(
+    SIZE,
+    inp.crop_scale,
+    inp.crop_ratio,
+    inp.color_jitter,
+    join,
+    seed=0,
+    crop_epochs=join.crop_epochs,
+  )
+  return grain.DataLoader(
+    data_source=source, sampler=sampler, operations=[transform, grain.transforms.Batch(5)]
+  )
 
 
 def test_soft_labels_stay_aligned_under_sharding_and_shuffling(labelled):
-  join, _ = soft_labels.open_split(os.path.join(labelled, "soft_labels"),
-                                   os.path.join(labelled, "dataset"), "train")
+  join, _ = soft_labels.open_split(
+    os.path.join(labelled, "soft_labels"), os.path.join(labelled, "dataset"), "train"
+  )
   assert (join.crop_epochs, join.num_positions) == (EPOCHS, TRAIN)
   stored = _stored(labelled, "train")
   seen, crops = [], {}
   for shard_index in (0, 1):
     # 3 epochs of this shard: the third reuses the first's crops and rows (epoch % 2).
-    for batch in _joined_batches(labelled, shard_index, _EchoJoin(join.split_dir, EPOCHS, TRAIN),
-                                 num_epochs=3):
+    for batch in _joined_batches(
+      labelled, shard_index, _EchoJoin(join.split_dir, EPOCHS, TRAIN), num_epochs=3
+    ):
       for j, sha in enumerate(batch["record_sha"]):
         epoch, position = int(batch["epoch"][j]), int(batch["position"][j])
         row = (epoch % EPOCHS) * TRAIN + position
@@ -369,13 +422,16 @@ def test_replayed_crops_are_the_pixels_the_student_loader_yields(tmp_path):
   assert view is None and replay["num_positions"] == 12
   source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, "train"), view)
   views = soft_labels.TeacherViews(
-      [(SIZE, 0.875)], soft_labels.TeacherWeights([1.0], [()], [1.0]),
-      replay=input_pipeline.Augment.of(replay_config.replay, replay_config.seed))
+    [(SIZE, 0.875)],
+    soft_labels.TeacherWeights([1.0], [()], [1.0]),
+    replay=input_pipeline.Augment.of(replay_config.replay, replay_config.seed),
+  )
   replayed = {}
   chunk_loader = soft_labels._chunk_loader  # pylint: disable=protected-access  # the stage's
   for batch in chunk_loader(replay_config, source, 0, EPOCHS * 12, views, 5):
-    for e, j, image in zip(batch["epoch"], batch["position"],
-                           batch[soft_labels.view_key(SIZE, 0.875, 0)]):
+    for e, j, image in zip(
+      batch["epoch"], batch["position"], batch[soft_labels.view_key(SIZE, 0.875, 0)]
+    ):
       replayed[int(e), int(j)] = image
   assert len(replayed) == EPOCHS * 12
   loader = input_pipeline.train_loader(_student_config(), dataset_dir, 4, num_samples=EPOCHS * 12)
@@ -392,17 +448,20 @@ def test_a_student_with_other_crops_seed_or_view_is_refused(labelled):
   task = distill_loop.build_task(_student_config(), labelled)
   assert task.join_fn.crop_epochs == EPOCHS
   for field, change, message in (
-      ("crop_scale", {"crop_scale": (0.08, 1.0)}, "config.input.crop_scale=(0.08, 1.0)"),
-      ("crop_ratio", {"crop_ratio": (1.0, 1.0)}, "config.input.crop_ratio"),
-      ("color_jitter", {"color_jitter": 0.0}, "config.input.color_jitter"),
-      ("region_filter", {"region_filter": ["ES"]}, "config.input.region_filter"),
-      ("sampling", {"sampling": "class_balanced"}, "config.input.sampling")):
+    ("crop_scale", {"crop_scale": (0.08, 1.0)}, "config.input.crop_scale=(0.08, 1.0)"),
+    ("crop_ratio", {"crop_ratio": (1.0, 1.0)}, "config.input.crop_ratio"),
+    ("color_jitter", {"color_jitter": 0.0}, "config.input.color_jitter"),
+    ("region_filter", {"region_filter": ["ES"]}, "config.input.region_filter"),
+    ("sampling", {"sampling": "class_balanced"}, "config.input.sampling"),
+  ):
     with pytest.raises(ValueError, match=re.escape(message)) as error:
       distill_loop.build_task(_student_config(**change), labelled)
     assert f"--config.replay.{field}=" in str(error.value)
   config = _student_config()
   config.seed = 1
-  with pytest.raises(ValueError, match=r"config.seed=1 but .* seed=0: set --config.seed='0'") as error:
+  with pytest.raises(
+    ValueError, match=r"config.seed=1 but .* seed=0: set --config.seed='0'"
+  ) as error:
     distill_loop.build_task(config, labelled)
   assert "re-run soft_labels with --config.seed='1'" in str(error.value)  # the stage's own seed
 
@@ -415,14 +474,18 @@ def test_sha256_is_kept_once_per_position_after_checking_every_epoch(tmp_path):
   paths = []
   for start in range(0, 15, 4):  # chunks of 4 rows, across epoch boundaries
     paths.append(str(tmp_path / f"train-{start:010d}.npz"))
-    np.savez(paths[-1], probs=np.zeros((len(rows[start:start + 4]), TOP_K), np.float16),
-             classes=np.zeros((len(rows[start:start + 4]), TOP_K), np.int32),
-             rest=np.full(len(rows[start:start + 4]), start, np.float32),
-             sha256=rows[start:start + 4])
+    np.savez(
+      paths[-1],
+      probs=np.zeros((len(rows[start : start + 4]), TOP_K), np.float16),
+      classes=np.zeros((len(rows[start : start + 4]), TOP_K), np.int32),
+      rest=np.full(len(rows[start : start + 4]), start, np.float32),
+      sha256=rows[start : start + 4],
+    )
   write_split = soft_labels._write_split  # pylint: disable=protected-access
   write_split(str(tmp_path / "out"), "train", paths, 15, 5)
   assert soft_labels.stored_lengths(str(tmp_path / "out" / "train")) == (
-      soft_labels.expected_lengths(15, 5))
+    soft_labels.expected_lengths(15, 5)
+  )
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "train" / "sha256.npy"), positions)
   with np.load(paths[3]) as saved:
     bad = dict(saved)
@@ -436,8 +499,9 @@ def test_misaligned_rows_are_refused_when_read(labelled, tmp_path):
   workdir = _copy(labelled, tmp_path)
   path = os.path.join(workdir, "soft_labels", "train", "sha256.npy")
   np.save(path, np.roll(np.load(path), 1, axis=0))
-  join, _ = soft_labels.open_split(os.path.join(workdir, "soft_labels"),
-                                   os.path.join(workdir, "dataset"), "train")
+  join, _ = soft_labels.open_split(
+    os.path.join(workdir, "soft_labels"), os.path.join(workdir, "dataset"), "train"
+  )
   with pytest.raises(Exception, match="misaligned"):
     next(iter(_joined_batches(workdir, 0, join)))
 
@@ -445,8 +509,10 @@ def test_misaligned_rows_are_refused_when_read(labelled, tmp_path):
 def test_stale_or_mismatched_soft_labels_are_refused(labelled, tmp_path):
   workdir = _copy(labelled, tmp_path)
   soft_dir, dataset_dir = os.path.join(workdir, "soft_labels"), os.path.join(workdir, "dataset")
-  for name, message in (("probs", f"probs.npy holds {EPOCHS * TRAIN - 1} rows"),
-                        ("sha256", f"sha256.npy holds {TRAIN - 1} sha256 entries")):
+  for name, message in (
+    ("probs", f"probs.npy holds {EPOCHS * TRAIN - 1} rows"),
+    ("sha256", f"sha256.npy holds {TRAIN - 1} sha256 entries"),
+  ):
     path = os.path.join(soft_dir, "train", f"{name}.npy")
     full = np.load(path)
     np.save(path, full[:-1])
@@ -493,8 +559,9 @@ def test_soft_labels_resume_from_finished_chunks(labelled, tmp_path, cache_env):
 def test_centre_view_soft_labels_still_join_by_record(labelled, tmp_path, cache_env):
   workdir = _copy(labelled, tmp_path)
   shutil.rmtree(os.path.join(workdir, "soft_labels"))
-  result = helpers.run_main("configs/soft_labels.py:demo", workdir, *SOFT,
-                            "--config.replay_epochs=0", **cache_env)
+  result = helpers.run_main(
+    "configs/soft_labels.py:demo", workdir, *SOFT, "--config.replay_epochs=0", **cache_env
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   meta = json.load(open(os.path.join(workdir, "soft_labels", "meta.json")))
   assert meta["replay"] is None and meta["counts"] == {"train": TRAIN, "val": VAL}
@@ -506,16 +573,25 @@ def test_centre_view_soft_labels_still_join_by_record(labelled, tmp_path, cache_
     np.testing.assert_array_equal(batch["teacher_classes"], stored["classes"][batch["index"]])
   assert {int(e) for b in batches for e in b["epoch"]} == {0, 1}
   # The val rows are the centre view either way.
-  np.testing.assert_array_equal(_stored(workdir, "val")["classes"],
-                                _stored(labelled, "val")["classes"])
+  np.testing.assert_array_equal(
+    _stored(workdir, "val")["classes"], _stored(labelled, "val")["classes"]
+  )
 
 
 # ---------------------------------------------------------------- distillation end to end
 
 
-DISTILL = COMMON + STUDENT + ["--config.num_train_steps=16",
-                              "--config.checkpoint.every_steps=4", "--config.eval_every_steps=8",
-                              "--config.log_every_steps=4", "--config.tensorboard=False"]
+DISTILL = (
+  COMMON
+  + STUDENT
+  + [
+    "--config.num_train_steps=16",
+    "--config.checkpoint.every_steps=4",
+    "--config.eval_every_steps=8",
+    "--config.log_every_steps=4",
+    "--config.tensorboard=False",
+  ]
+)
 
 
 def _latest_params(workdir, stage="student/distill"):
@@ -523,10 +599,21 @@ def _latest_params(workdir, stage="student/distill"):
 
 
 def _kill_after_first_checkpoint(workdir, cache_env):
-  cmd = [sys.executable, "-m", "aplantida_jax.main", "--config=configs/student_distill.py:demo",
-         f"--workdir={workdir}", *DISTILL]
-  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.cli_env(**cache_env),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cmd = [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    "--config=configs/student_distill.py:demo",
+    f"--workdir={workdir}",
+    *DISTILL,
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=helpers.ROOT,
+    env=helpers.cli_env(**cache_env),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt_dir = os.path.join(workdir, "student", "distill", "checkpoints")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -541,16 +628,22 @@ def _kill_after_first_checkpoint(workdir, cache_env):
 
 
 def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
-    labelled, tmp_path, cache_env):
+  labelled, tmp_path, cache_env
+):
   straight = _copy(labelled, tmp_path, "straight")
   result = helpers.run_main("configs/student_distill.py:demo", straight, *DISTILL, **cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert "teacher_top1_agree" in summary["metric"] and 0 <= summary["final"]["teacher_top1_agree"] <= 1
-  rows = [json.loads(l) for l in open(os.path.join(straight, "student/distill/metrics.jsonl"))]
+  assert (
+    "teacher_top1_agree" in summary["metric"] and 0 <= summary["final"]["teacher_top1_agree"] <= 1
+  )
+  rows = [
+    json.loads(line) for line in open(os.path.join(straight, "student/distill/metrics.jsonl"))
+  ]
   train_rows = [r for r in rows if "train_loss" in r]
-  assert train_rows and all({"train_kl", "train_ce", "train_teacher_agree"} <= set(r)
-                            for r in train_rows)
+  assert train_rows and all(
+    {"train_kl", "train_ce", "train_teacher_agree"} <= set(r) for r in train_rows
+  )
 
   killed = _copy(labelled, tmp_path, "killed")
   killed_at = _kill_after_first_checkpoint(killed, cache_env)
@@ -564,14 +657,26 @@ def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
   # Fine-tune names no network: it trains the one student/distill/config.json recorded.
-  finetune = ["--config.batch_size=8", "--config.eval_batch_size=8", "--config.optimizer.frozen=",
-              "--config.num_train_steps=4", "--config.eval_every_steps=4",
-              "--config.tensorboard=False"]
-  result = helpers.run_main("configs/student_finetune.py:demo", straight, *finetune,
-                            '--config.model.kwargs={"width": 0.5}', **cache_env)
+  finetune = [
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.optimizer.frozen=",
+    "--config.num_train_steps=4",
+    "--config.eval_every_steps=4",
+    "--config.tensorboard=False",
+  ]
+  result = helpers.run_main(
+    "configs/student_finetune.py:demo",
+    straight,
+    *finetune,
+    '--config.model.kwargs={"width": 0.5}',
+    **cache_env,
+  )
   assert result.returncode == 1
-  assert ("student/finetune starts from student/distill/, which trained another network: "
-          "model.kwargs.width=0.5 (recorded: 0.35)") in result.stderr
+  assert (
+    "student/finetune starts from student/distill/, which trained another network: "
+    "model.kwargs.width=0.5 (recorded: 0.35)"
+  ) in result.stderr
   assert not os.path.exists(os.path.join(straight, "student/finetune/checkpoints"))
   result = helpers.run_main("configs/student_finetune.py:demo", straight, *finetune, **cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -589,10 +694,16 @@ def test_precomputed_distillation_resumes_exactly_after_sigkill_then_finetunes(
 def test_online_distillation_runs_end_to_end(labelled, tmp_path, cache_env):
   workdir = _copy(labelled, tmp_path)
   shutil.rmtree(os.path.join(workdir, "soft_labels"))  # online mode needs only the teachers
-  result = helpers.run_main("configs/student_distill.py:demo,mode=online", workdir, *DISTILL,
-                            "--config.num_train_steps=4", "--config.distill.top_k=2", **cache_env)
+  result = helpers.run_main(
+    "configs/student_distill.py:demo,mode=online",
+    workdir,
+    *DISTILL,
+    "--config.num_train_steps=4",
+    "--config.distill.top_k=2",
+    **cache_env,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "student/distill/metrics.jsonl"))]
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "student/distill/metrics.jsonl"))]
   train_rows = [r for r in rows if "train_kl" in r]
   assert train_rows and all(np.isfinite(r["train_loss"]) and r["train_kl"] >= 0 for r in train_rows)
   assert os.path.isdir(os.path.join(workdir, "student/distill/best"))

@@ -1,4 +1,5 @@
 """Evaluation: metrics against hand-computed cases, calibration on planted models, plots, the stage."""
+
 import json
 import math
 import os
@@ -32,8 +33,9 @@ def sample_labels(probs, rng):
 
 # --- metrics on hand-computed cases ---------------------------------------------------------------
 
+
 def test_topk_ties_go_to_lower_index_like_argmax():
-  logits = np.array([[2., 1., 0.], [0., 2., 1.], [1., 1., 0.], [0., 0., 3.]])
+  logits = np.array([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
   labels = np.array([0, 2, 1, 0])
   # ranks: 0 (hit); 1 (class 1 above); 1 (tie with class 0, which wins); 1 (class 2 above; tie with 1 loses)
   np.testing.assert_array_equal(metrics.label_ranks(logits, labels), [0, 1, 1, 1])
@@ -43,16 +45,22 @@ def test_topk_ties_go_to_lower_index_like_argmax():
 
 
 def test_macro_accuracy_and_per_class_table():
-  logits = np.array([[2., 1., 0.], [0., 2., 1.], [1., 1., 0.], [0., 0., 3.]])
+  logits = np.array([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
   labels = np.array([0, 2, 1, 0])
   # class 0: 1 of 2 right; class 1: 0 of 1; class 2: 0 of 1 → macro = (0.5 + 0 + 0) / 3
   assert metrics.macro_topk_accuracy(logits, labels, 1) == pytest.approx(1 / 6)
   table = metrics.per_class_table(logits, labels, ["a", "b", "c"])
-  assert [(r["species"], r["support"], r["top1"]) for r in table] == [("a", 2, 0.5), ("b", 1, 0.0), ("c", 1, 0.0)]
+  assert [(r["species"], r["support"], r["top1"]) for r in table] == [
+    ("a", 2, 0.5),
+    ("b", 1, 0.0),
+    ("c", 1, 0.0),
+  ]
   # A class with no examples has no accuracy (None), and does not count in the macro mean.
-  table = metrics.per_class_table(np.hstack([logits, np.full((4, 1), -9.)]), labels)
+  table = metrics.per_class_table(np.hstack([logits, np.full((4, 1), -9.0)]), labels)
   assert table[3] == {"index": 3, "species": "3", "support": 0, "top1": None, "top5": None}
-  assert metrics.macro_topk_accuracy(np.hstack([logits, np.full((4, 1), -9.)]), labels, 1) == pytest.approx(1 / 6)
+  assert metrics.macro_topk_accuracy(
+    np.hstack([logits, np.full((4, 1), -9.0)]), labels, 1
+  ) == pytest.approx(1 / 6)
 
 
 def test_nll_brier_ece_mce_by_hand():
@@ -74,9 +82,14 @@ def test_confusions_by_hand():
   labels = np.array([0, 0, 0, 1, 1, 2])
   predicted = np.array([1, 1, 0, 0, 1, 1])
   logits = np.eye(3)[predicted] * 5.0
-  np.testing.assert_array_equal(metrics.confusion_matrix(logits, labels), [[1, 2, 0], [1, 1, 0], [0, 1, 0]])
+  np.testing.assert_array_equal(
+    metrics.confusion_matrix(logits, labels), [[1, 2, 0], [1, 1, 0], [0, 1, 0]]
+  )
   rows = metrics.top_confusions(logits, labels, k=2, class_names=["a", "b", "c"])
-  assert [(r["true_species"], r["predicted_species"], r["count"]) for r in rows] == [("a", "b", 2), ("b", "a", 1)]
+  assert [(r["true_species"], r["predicted_species"], r["count"]) for r in rows] == [
+    ("a", "b", 2),
+    ("b", "a", 1),
+  ]
   assert rows[0]["fraction_of_true"] == pytest.approx(2 / 3)
   assert len(metrics.top_confusions(logits, labels, k=10)) == 3  # only non-zero pairs
   assert metrics.top_confusions(np.eye(3) * 5.0, np.arange(3)) == []
@@ -98,18 +111,23 @@ def test_teacher_agreement_by_hand():
   student = logits_of([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
   teacher = logits_of([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
   result = metrics.teacher_agreement(student, teacher)
-  kl = ((0.2 * math.log(0.2 / 0.6) + 0.7 * math.log(0.7 / 0.3))
-        + (0.1 * math.log(0.1 / 0.2) + 0.8 * math.log(0.8 / 0.7))) / 2
+  kl = (
+    (0.2 * math.log(0.2 / 0.6) + 0.7 * math.log(0.7 / 0.3))
+    + (0.1 * math.log(0.1 / 0.2) + 0.8 * math.log(0.8 / 0.7))
+  ) / 2
   assert result["top1_agree"] == 0.5
   assert result["kl_teacher_student"] == pytest.approx(kl)
-  assert metrics.teacher_agreement(teacher, teacher)["kl_teacher_student"] == pytest.approx(0.0, abs=1e-12)
+  assert metrics.teacher_agreement(teacher, teacher)["kl_teacher_student"] == pytest.approx(
+    0.0, abs=1e-12
+  )
   # Top-5 agree: the teacher's top-1 is among the student's 5 highest (here at rank 4, then rank 5).
-  ranked = np.array([[6., 5., 4., 3., 2., 1., 0.]] * 2)
+  ranked = np.array([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0]] * 2)
   teacher_top = np.eye(7)[[4, 5]]
   assert metrics.teacher_agreement(ranked, teacher_top)["top5_agree"] == 0.5
 
 
 # --- calibration on synthetic models with known answers --------------------------------------------
+
 
 def test_ece_of_a_perfectly_calibrated_model_is_near_zero():
   rng = np.random.default_rng(0)
@@ -139,7 +157,9 @@ def test_ece_of_an_overconfident_model_matches_its_expectation():
   expected_correct = true_probs[np.arange(len(z)), reported.argmax(axis=1)]
   bins = metrics.reliability_bins(confidence, expected_correct, 15)
   filled = bins["count"] > 0
-  analytic = np.sum(bins["count"][filled] / len(z) * np.abs(bins["accuracy"] - bins["confidence"])[filled])
+  analytic = np.sum(
+    bins["count"][filled] / len(z) * np.abs(bins["accuracy"] - bins["confidence"])[filled]
+  )
   assert analytic > 0.1  # really miscalibrated
   assert metrics.calibration_errors(reported, labels)["ece"] == pytest.approx(analytic, abs=0.01)
 
@@ -176,14 +196,24 @@ def test_abstain_threshold_is_the_smallest_reaching_the_target_precision():
   for lower in np.unique(confidence[confidence < result["threshold"]]):
     assert correct[confidence >= lower].mean() < 0.9
   test_view = calibration.selective_metrics(logits, labels, result["threshold"])
-  assert test_view["coverage"] == result["coverage"] and test_view["precision"] == result["precision"]
+  assert (
+    test_view["coverage"] == result["coverage"] and test_view["precision"] == result["precision"]
+  )
 
 
 def test_abstain_threshold_says_when_the_target_is_unreachable():
   logits = np.eye(3)[[1, 2, 0, 1]] * 4.0
   result = calibration.abstain_threshold(logits, np.array([0, 0, 1, 2]), target_precision=0.95)
-  assert result == {"target_precision": 0.95, "temperature": 1.0, "min_accepted": 1, "threshold": 1.0,
-                    "coverage": 0.0, "n_accepted": 0, "precision": None, "reachable": False}
+  assert result == {
+    "target_precision": 0.95,
+    "temperature": 1.0,
+    "min_accepted": 1,
+    "threshold": 1.0,
+    "coverage": 0.0,
+    "n_accepted": 0,
+    "precision": None,
+    "reachable": False,
+  }
   # Two confident right answers reach precision 1.0, but not when a threshold must answer 3 images.
   logits, labels = np.eye(3)[[0, 1, 2, 0]] * [[4.0], [4.0], [1.0], [1.0]], np.array([0, 1, 0, 1])
   assert calibration.abstain_threshold(logits, labels, 0.95)["n_accepted"] == 2
@@ -192,20 +222,26 @@ def test_abstain_threshold_says_when_the_target_is_unreachable():
 
 # --- bad input ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("logits, labels, message", [
+
+@pytest.mark.parametrize(
+  "logits, labels, message",
+  [
     (np.zeros((0, 3)), np.zeros(0, int), "empty split"),
-    (np.array([[0., np.nan, 1.], [0., 1., 2.]]), np.array([0, 1]), "NaN/inf"),
-    (np.array([[0., np.inf, 1.]]), np.array([0]), "NaN/inf"),
+    (np.array([[0.0, np.nan, 1.0], [0.0, 1.0, 2.0]]), np.array([0, 1]), "NaN/inf"),
+    (np.array([[0.0, np.inf, 1.0]]), np.array([0]), "NaN/inf"),
     (np.zeros((2, 3)), np.array([0, 3]), "outside the class range"),
     (np.zeros((2, 3)), np.array([-1, 0]), "outside the class range"),
     (np.zeros((2, 3)), np.array([0, 1, 2]), "does not match"),
     (np.zeros(3), np.array([0]), r"\[N, C\]"),
     (np.zeros((2, 3)), np.array([0.0, 1.0]), "integers"),
-])
+  ],
+)
 def test_bad_input_is_a_clear_error(logits, labels, message):
-  for compute in (lambda: metrics.summary(logits, labels, [["ES"]] * len(labels), REGIONS),
-                  lambda: calibration.fit_temperature(logits, labels),
-                  lambda: calibration.abstain_threshold(logits, labels)):
+  for compute in (
+    lambda: metrics.summary(logits, labels, [["ES"]] * len(labels), REGIONS),
+    lambda: calibration.fit_temperature(logits, labels),
+    lambda: calibration.abstain_threshold(logits, labels),
+  ):
     with pytest.raises(ValueError, match=message):
       compute()
 
@@ -221,18 +257,35 @@ def test_class_count_and_teacher_shape_mismatches_are_clear_errors():
 
 # --- report --------------------------------------------------------------------------------------
 
+
 def test_criteria_table_judges_what_evaluation_measures():
   criteria = evaluate.get_config().criteria
-  measured = {"top1": 0.8, "top5": 0.89, "ece": 0.12, "num_classes": 10,
-              "regions": {"spain": {"n": 5, "top1": 0.9}, "europe": {"n": 0, "top1": None}}}
+  measured = {
+    "top1": 0.8,
+    "top5": 0.89,
+    "ece": 0.12,
+    "num_classes": 10,
+    "regions": {"spain": {"n": 5, "top1": 0.9}, "europe": {"n": 0, "top1": None}},
+  }
   rows = {r["criterion"]: r for r in report.criteria_table(measured, criteria)}
-  assert [rows[name]["passed"] for name in ("global top-1", "global top-5", "Spain top-1", "Europe top-1",
-                                            "ECE (after temperature scaling)")] == [True, False, True, None, False]
-  assert rows["model size (MB)"]["passed"] is None and "export_tfjs" in rows["model size (MB)"]["note"]
+  assert [
+    rows[name]["passed"]
+    for name in (
+      "global top-1",
+      "global top-5",
+      "Spain top-1",
+      "Europe top-1",
+      "ECE (after temperature scaling)",
+    )
+  ] == [True, False, True, None, False]
+  assert (
+    rows["model size (MB)"]["passed"] is None and "export_tfjs" in rows["model size (MB)"]["note"]
+  )
   assert rows["licence check passes"]["passed"] is None
 
 
 # --- plots ----------------------------------------------------------------------------------------
+
 
 def assert_png(path, min_bytes=5000):
   with open(path, "rb") as f:
@@ -252,19 +305,32 @@ def test_plots_are_valid_png(tmp_path):
   regions = metrics.region_accuracy(logits, labels, [["ES"]] * 200 + [["FR"]] * 300, REGIONS)
   names = ["Lavandula stoechas", "Rosmarinus officinalis", "Thymus vulgaris", "d", "e", "f"]
   paths = [
-      plots.reliability_diagram(metrics.reliability_bins(confidence, correct), metrics.reliability_bins(*calibrated),
-                                0.2, 0.02, 2.0, str(tmp_path / "reliability.png")),
-      plots.region_accuracy_bars(regions, {"global": 0.75, "spain": 0.88}, str(tmp_path / "regions.png")),
-      plots.confidence_histogram(*calibrated, 0.6, str(tmp_path / "confidence.png")),
-      plots.top_confusions_chart(metrics.top_confusions(logits, labels, 5, names), str(tmp_path / "conf.png")),
-      plots.top_confusions_chart([], str(tmp_path / "no_confusions.png")),
+    plots.reliability_diagram(
+      metrics.reliability_bins(confidence, correct),
+      metrics.reliability_bins(*calibrated),
+      0.2,
+      0.02,
+      2.0,
+      str(tmp_path / "reliability.png"),
+    ),
+    plots.region_accuracy_bars(
+      regions, {"global": 0.75, "spain": 0.88}, str(tmp_path / "regions.png")
+    ),
+    plots.confidence_histogram(*calibrated, 0.6, str(tmp_path / "confidence.png")),
+    plots.top_confusions_chart(
+      metrics.top_confusions(logits, labels, 5, names), str(tmp_path / "conf.png")
+    ),
+    plots.top_confusions_chart([], str(tmp_path / "no_confusions.png")),
   ]
   for path in paths:
     assert_png(path)
-  assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)  # no temp files left
+  assert sorted(os.listdir(tmp_path)) == sorted(
+    os.path.basename(p) for p in paths
+  )  # no temp files left
 
 
 # --- the stage on tiny shards and a tiny trained checkpoint ---------------------------------------
+
 
 class _Variables:
   """What StageCheckpoints.maybe_save_best reads from a train state."""
@@ -296,21 +362,36 @@ def trained_workdir(tmp_path_factory):
   """
   pytest.importorskip("aplantida_jax.train.inference", reason="train/inference.py not written yet")
   import jax  # pylint: disable=g-import-not-at-top
-  from aplantida_jax.train import checkpointing, loop  # pylint: disable=g-import-not-at-top
+
+  from aplantida_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.train import loop  # pylint: disable=g-import-not-at-top
   from configs import teacher_global  # pylint: disable=g-import-not-at-top
-  from tests import helpers, tiny_dataset  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  from tests import tiny_dataset  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path_factory.mktemp("evaluate")
-  tiny_dataset.write_tiny_dataset(str(workdir / "dataset"), num_classes=3, size=32,
-                                  per_class={"train": 2, "val": 8, "test": 8})
-  config = helpers.use_model(teacher_global.get_config("demo"), kwargs={
-      "width_coefficient": 0.5, "depth_coefficient": 0.34, "dropout_rate": 0.1, "bn_momentum": 0.9})
+  tiny_dataset.write_tiny_dataset(
+    str(workdir / "dataset"), num_classes=3, size=32, per_class={"train": 2, "val": 8, "test": 8}
+  )
+  config = helpers.use_model(
+    teacher_global.get_config("demo"),
+    kwargs={
+      "width_coefficient": 0.5,
+      "depth_coefficient": 0.34,
+      "dropout_rate": 0.1,
+      "bn_momentum": 0.9,
+    },
+  )
   config.input.image_size = 32
   config = loop.resolve_config(config, 3)
   stage_dir = workdir / "teacher_global"
   stage_dir.mkdir()
   fileio.write_json(str(stage_dir / workdir_lib.CONFIG_FILE), config.to_dict())
-  shapes = jax.eval_shape(lambda: models.from_config(config.model).init(
-      jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: models.from_config(config.model).init(
+      jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False
+    )
+  )
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map_with_path(lambda path, leaf: _he_init(path, leaf, rng), shapes)
   checkpoints = checkpointing.StageCheckpoints(str(stage_dir), config.checkpoint)
@@ -321,21 +402,32 @@ def trained_workdir(tmp_path_factory):
 
 def test_stage_writes_report_calibration_and_plots(trained_workdir):
   from tests.helpers import run_main  # pylint: disable=g-import-not-at-top
-  proc = run_main("configs/evaluate.py:demo,teacher_dir=teacher_global", trained_workdir,
-                  JAX_COMPILATION_CACHE_DIR=str(trained_workdir / "xla_cache"),
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+  proc = run_main(
+    "configs/evaluate.py:demo,teacher_dir=teacher_global",
+    trained_workdir,
+    JAX_COMPILATION_CACHE_DIR=str(trained_workdir / "xla_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "student/finetune/ holds no trained stage" in proc.stderr  # fell back to the teacher, and said so
+  assert (
+    "student/finetune/ holds no trained stage" in proc.stderr
+  )  # fell back to the teacher, and said so
   eval_dir = trained_workdir / "eval"
   result = json.loads((eval_dir / "report.json").read_text())
   calibration_file = json.loads((eval_dir / "calibration.json").read_text())
-  assert result["checkpoint"]["stage_dir"] == "teacher_global" and "instead" in result["checkpoint"]["note"]
+  assert (
+    result["checkpoint"]["stage_dir"] == "teacher_global"
+    and "instead" in result["checkpoint"]["note"]
+  )
   assert result["splits"] == {"fit": "val", "report": "test", "note": ""}
   assert result["test"]["uncalibrated"]["n"] == 24 and result["val"]["uncalibrated"]["n"] == 24
   before, after = result["test"]["uncalibrated"], result["test"]["calibrated"]
   assert before["top1"] == after["top1"] and before["regions"] == after["regions"]
   assert after["nll"] != before["nll"] or result["calibration"]["temperature"] == pytest.approx(1.0)
-  assert set(before["regions"]) == {"global", "spain", "europe"} and before["regions"]["spain"]["n"] == 9
+  assert (
+    set(before["regions"]) == {"global", "spain", "europe"} and before["regions"]["spain"]["n"] == 9
+  )
   assert calibration_file["temperature"] == result["calibration"]["temperature"] > 0
   assert calibration_file["threshold"] == result["calibration"]["threshold"]["threshold"]
   assert calibration_file["checkpoint"]["stage_dir"] == "teacher_global"
@@ -352,13 +444,20 @@ def test_stage_writes_report_calibration_and_plots(trained_workdir):
   for name in result["plots"]:
     assert f"]({name})" in markdown
     assert_png(str(eval_dir / name))
-  assert sorted(result["plots"]) == ["confidence.png", "confusions.png", "regions.png", "reliability.png"]
+  assert sorted(result["plots"]) == [
+    "confidence.png",
+    "confusions.png",
+    "regions.png",
+    "reliability.png",
+  ]
   assert not [name for name in os.listdir(eval_dir) if name.endswith(".tmp")]
 
 
 def test_stage_without_test_split_reports_on_val_and_says_so(trained_workdir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax.evaluation import stage  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "w"
   shutil.copytree(trained_workdir / "dataset", workdir / "dataset")
   shutil.copytree(trained_workdir / "teacher_global", workdir / "student" / "finetune")
@@ -376,6 +475,7 @@ def test_stage_without_checkpoint_is_a_clear_error(tmp_path):
   pytest.importorskip("aplantida_jax.train.inference", reason="train/inference.py not written yet")
   from aplantida_jax.evaluation import stage  # pylint: disable=g-import-not-at-top
   from tests import tiny_dataset  # pylint: disable=g-import-not-at-top
+
   tiny_dataset.write_tiny_dataset(str(tmp_path / "dataset"), num_classes=2, per_class={"val": 2})
   with pytest.raises(FileNotFoundError, match="Train it first"):
     stage.run(evaluate.get_config("demo"), str(tmp_path))

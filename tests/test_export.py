@@ -1,4 +1,5 @@
 """Export stage: image normalisation, split, end-to-end over a faulty CDN, kill-and-resume."""
+
 import csv
 import hashlib
 import io
@@ -13,8 +14,8 @@ import time
 import warnings
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from aplantida_jax.data import export
 from aplantida_jax.data import imaging
@@ -45,9 +46,21 @@ NORM = dict(image_size=32, min_size=16, max_pixels=10_000_000)
 # ---------------------------------------------------------------- imaging
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "JPEG"), ("L", "PNG"),
-                                      ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("I;16", "PNG"),
-                                      ("RGB", "WEBP"), ("P", "GIF")])
+@pytest.mark.parametrize(
+  "mode,fmt",
+  [
+    ("RGB", "JPEG"),
+    ("CMYK", "JPEG"),
+    ("L", "JPEG"),
+    ("L", "PNG"),
+    ("RGBA", "PNG"),
+    ("LA", "PNG"),
+    ("P", "PNG"),
+    ("I;16", "PNG"),
+    ("RGB", "WEBP"),
+    ("P", "GIF"),
+  ],
+)
 def test_normalise_converts_to_rgb_jpeg(mode, fmt):
   data = _encode(_photo(90, 60).convert(mode), fmt)
   jpeg, info = imaging.normalise(data, **NORM)
@@ -74,17 +87,23 @@ def test_normalise_large_jpeg_uses_dct_scaling():
   _, info = imaging.normalise(big, image_size=700, min_size=16, max_pixels=50_000_000)
   assert info.decoded_size == (1600, 1200), "1/2 scale would fall below 700"
   png = _encode(_photo(1600, 1200), "PNG", compress_level=1)
-  assert imaging.normalise(png, image_size=100, min_size=16, max_pixels=50_000_000)[1].decoded_size == (1600, 1200)
+  assert imaging.normalise(png, image_size=100, min_size=16, max_pixels=50_000_000)[
+    1
+  ].decoded_size == (1600, 1200)
 
 
-@pytest.mark.parametrize("data,reason", [
+@pytest.mark.parametrize(
+  "data,reason",
+  [
     (b"", "empty"),
     (b"<html><body>404</body></html>", "not_image"),
     (_encode(_photo(60, 40), "JPEG")[:300], "truncated"),
     (_encode(_photo(60, 10), "JPEG"), "too_small"),
     (_encode(_photo(4000, 3000), "PNG", compress_level=1), "decompression_bomb"),
     (cdn_server.huge_png(), "decompression_bomb"),
-], ids=["empty", "html", "truncated", "small", "over_max_pixels", "pillow_bomb"])
+  ],
+  ids=["empty", "html", "truncated", "small", "over_max_pixels", "pillow_bomb"],
+)
 def test_normalise_rejects(data, reason):
   with pytest.raises(imaging.ImageError) as e:
     imaging.normalise(data, **NORM)
@@ -107,8 +126,11 @@ RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
 def _items(counts):
-  return [split_lib.Item(hashlib.sha256(f"{sp}/{i}".encode()).hexdigest(), sp, f"u/{sp}/{i}")
-          for sp, n in counts.items() for i in range(n)]
+  return [
+    split_lib.Item(hashlib.sha256(f"{sp}/{i}".encode()).hexdigest(), sp, f"u/{sp}/{i}")
+    for sp, n in counts.items()
+    for i in range(n)
+  ]
 
 
 def test_split_deterministic_stratified_and_order_free():
@@ -116,31 +138,44 @@ def test_split_deterministic_stratified_and_order_free():
   result = split_lib.split(items, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=7)
   shuffled = list(items)
   random.Random(1).shuffle(shuffled)
-  assert result == split_lib.split(shuffled, ratios=RATIOS, min_per_class=3,
-                                   small_class_policy="drop", seed=7)
-  other_seed = split_lib.split(items, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=8)
+  assert result == split_lib.split(
+    shuffled, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=7
+  )
+  other_seed = split_lib.split(
+    items, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=8
+  )
   assert other_seed.splits != result.splits
-  per = {s: {sp: sum(1 for i in v if i.species == sp) for sp in "abcd"} for s, v in result.splits.items()}
+  per = {
+    s: {sp: sum(1 for i in v if i.species == sp) for sp in "abcd"} for s, v in result.splits.items()
+  }
   assert per["val"] == {"a": 5, "b": 2, "c": 1, "d": 1} == per["test"]
   assert per["train"] == {"a": 40, "b": 16, "c": 8, "d": 1}
   assert sorted(i for v in result.splits.values() for i in v) == sorted(items)
 
 
 def test_split_of_one_species_ignores_the_others():
-  a = split_lib.split(_items({"a": 30, "b": 30}), ratios=RATIOS, min_per_class=3,
-                      small_class_policy="drop", seed=0)
-  b = split_lib.split(_items({"a": 30, "z": 12}), ratios=RATIOS, min_per_class=3,
-                      small_class_policy="drop", seed=0)
+  a = split_lib.split(
+    _items({"a": 30, "b": 30}), ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=0
+  )
+  b = split_lib.split(
+    _items({"a": 30, "z": 12}), ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=0
+  )
   for name in split_lib.SPLITS:
-    assert [i for i in a.splits[name] if i.species == "a"] == [i for i in b.splits[name] if i.species == "a"]
+    assert [i for i in a.splits[name] if i.species == "a"] == [
+      i for i in b.splits[name] if i.species == "a"
+    ]
 
 
 def test_small_classes_dropped_or_train_only():
   items = _items({"big": 20, "tiny": 4})
-  dropped = split_lib.split(items, ratios=RATIOS, min_per_class=5, small_class_policy="drop", seed=0)
+  dropped = split_lib.split(
+    items, ratios=RATIOS, min_per_class=5, small_class_policy="drop", seed=0
+  )
   assert dropped.species == ("big",) and dropped.small_species == {"tiny": 4}
   assert all(i.species == "big" for v in dropped.splits.values() for i in v)
-  kept = split_lib.split(items, ratios=RATIOS, min_per_class=5, small_class_policy="train_only", seed=0)
+  kept = split_lib.split(
+    items, ratios=RATIOS, min_per_class=5, small_class_policy="train_only", seed=0
+  )
   assert kept.species == ("big", "tiny")
   assert sum(i.species == "tiny" for i in kept.splits["train"]) == 4
   assert not any(i.species == "tiny" for s in ("val", "test") for i in kept.splits[s])
@@ -148,7 +183,9 @@ def test_small_classes_dropped_or_train_only():
 
 def test_duplicates_never_straddle_splits():
   items = _items({"a": 40, "b": 40})
-  copies = [split_lib.Item(i.sha256, sp, f"mirror/{sp}/{i.location}") for i in items[::3] for sp in "ab"]
+  copies = [
+    split_lib.Item(i.sha256, sp, f"mirror/{sp}/{i.location}") for i in items[::3] for sp in "ab"
+  ]
   unique = split_lib.dedupe(items + copies)
   assert unique.duplicates == len(copies) and len(unique.items) == len(items)
   # The kept copy is the smallest (species, location): "a"'s mirror, so every "b" original and
@@ -156,18 +193,30 @@ def test_duplicates_never_straddle_splits():
   originals = items[::3]
   assert unique.conflicting == sum(2 if i.species == "b" else 1 for i in originals)
   assert {i.species for i in unique.items if i.sha256 in {o.sha256 for o in originals}} == {"a"}
-  result = split_lib.split(unique.items, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=0)
+  result = split_lib.split(
+    unique.items, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=0
+  )
   hashes = [{i.sha256 for i in v} for v in result.splits.values()]
   assert not (hashes[0] & hashes[1] or hashes[0] & hashes[2] or hashes[1] & hashes[2])
   with pytest.raises(ValueError, match="dedupe"):
-    split_lib.split(items + copies, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=0)
+    split_lib.split(
+      items + copies, ratios=RATIOS, min_per_class=3, small_class_policy="drop", seed=0
+    )
 
 
-@pytest.mark.parametrize("ratios", [{"train": 0.8, "val": 0.3, "test": 0.1},
-                                    {"train": 0.9, "val": 0.1}, {"train": 0.0, "val": 0.5, "test": 0.5}])
+@pytest.mark.parametrize(
+  "ratios",
+  [
+    {"train": 0.8, "val": 0.3, "test": 0.1},
+    {"train": 0.9, "val": 0.1},
+    {"train": 0.0, "val": 0.5, "test": 0.5},
+  ],
+)
 def test_bad_ratios_are_named(ratios):
   with pytest.raises(ValueError, match="export.splits"):
-    split_lib.split(_items({"a": 10}), ratios=ratios, min_per_class=3, small_class_policy="drop", seed=0)
+    split_lib.split(
+      _items({"a": 10}), ratios=ratios, min_per_class=3, small_class_policy="drop", seed=0
+    )
 
 
 def test_bad_options_fail_before_any_download(tmp_path, cdn):
@@ -177,9 +226,14 @@ def test_bad_options_fail_before_any_download(tmp_path, cdn):
   assert not cdn.requests
 
 
-@pytest.mark.parametrize("field,value,must", [("concurrency", 0, "an integer >= 1"),
-                                              ("per_host", -1, "an integer >= 1"),
-                                              ("timeout_s", 0.0, "> 0 seconds")])
+@pytest.mark.parametrize(
+  "field,value,must",
+  [
+    ("concurrency", 0, "an integer >= 1"),
+    ("per_host", -1, "an integer >= 1"),
+    ("timeout_s", 0.0, "> 0 seconds"),
+  ],
+)
 def test_http_settings_that_cannot_work_fail_before_any_download(tmp_path, cdn, field, value, must):
   _catalog(tmp_path / "catalog.jsonl", _serve_images(cdn, ["Alpha alba"], 4))
   config = _config(tmp_path / "catalog.jsonl")
@@ -196,20 +250,40 @@ def test_http_settings_that_cannot_work_fail_before_any_download(tmp_path, cdn, 
 def _catalog(path, species_urls, license_for=lambda i: "CC-BY-4.0"):
   with open(path, "w", encoding="utf-8") as f:
     for species, urls in species_urls.items():
-      doc = {"scientificName": species, "family": "Testaceae", "commonNames": {"es": species.lower()},
-             "regions": ["ES", "PT"],
-             "images": [{"url": u, "license": license_for(i), "author": f"author {i}",
-                         "source": "test", "country": "ES" if i % 2 else None}
-                        for i, u in enumerate(urls)]}
+      doc = {
+        "scientificName": species,
+        "family": "Testaceae",
+        "commonNames": {"es": species.lower()},
+        "regions": ["ES", "PT"],
+        "images": [
+          {
+            "url": u,
+            "license": license_for(i),
+            "author": f"author {i}",
+            "source": "test",
+            "country": "ES" if i % 2 else None,
+          }
+          for i, u in enumerate(urls)
+        ],
+      }
       f.write(json.dumps(doc) + "\n")
 
 
 def _serve_images(cdn, species, count, size=(64, 48), delay_s=0.0):
   urls = {}
   for s, name in enumerate(species):
-    urls[name] = [cdn.route(f"/{s}/{i}.jpg", cdn_server.Response(
-        200, _encode(_photo(*size, seed=1000 * s + i), "JPEG"), {"Content-Type": "image/jpeg"},
-        delay_s=delay_s)) for i in range(count)]
+    urls[name] = [
+      cdn.route(
+        f"/{s}/{i}.jpg",
+        cdn_server.Response(
+          200,
+          _encode(_photo(*size, seed=1000 * s + i), "JPEG"),
+          {"Content-Type": "image/jpeg"},
+          delay_s=delay_s,
+        ),
+      )
+      for i in range(count)
+    ]
   return urls
 
 
@@ -228,8 +302,11 @@ def test_export_over_faulty_cdn(cdn, tmp_path):
   urls = _serve_images(cdn, ["Alpha alba", "Beta bella", "Gamma nana"], 12)
   urls["Gamma nana"] = urls["Gamma nana"][:2]  # below min_per_class: dropped
   urls["Alpha alba"] += list(faults.values())
-  _catalog(tmp_path / "catalog.jsonl", urls,
-           license_for=lambda i: ["CC-BY-4.0", "CC0", "cc-by-nc 4.0", "CC BY-SA 4.0", ""][i % 5])
+  _catalog(
+    tmp_path / "catalog.jsonl",
+    urls,
+    license_for=lambda i: ["CC-BY-4.0", "CC0", "cc-by-nc 4.0", "CC BY-SA 4.0", ""][i % 5],
+  )
   summary = export.run(_config(tmp_path / "catalog.jsonl"), str(tmp_path / "w"))
 
   dataset = tmp_path / "w" / "dataset"
@@ -239,15 +316,18 @@ def test_export_over_faulty_cdn(cdn, tmp_path):
   assert set(manifest["downloads"]["failures"]) <= fault_reasons
   positions = [i % 5 for u in urls.values() for i in range(len(u))]
   assert manifest["licenses"]["rejected"] == {
-      "non-commercial (NC) clause forbids commercial use": positions.count(2),
-      "unknown license: no usable license recorded": positions.count(4)}
+    "non-commercial (NC) clause forbids commercial use": positions.count(2),
+    "unknown license: no usable license recorded": positions.count(4),
+  }
   assert manifest["small_classes"]["species"] == {"Gamma nana": 2}
   assert manifest["classes"] == ["Alpha alba", "Beta bella"]
   assert manifest["shippable"] is True and summary["num_classes"] == 2
   assert "s3cr3t" not in (dataset / "manifest.json").read_text()
 
-  records = {name: [r for path in shards.shard_paths(str(dataset), name) for r in shards.read_shard(path)]
-             for name in split_lib.SPLITS}
+  records = {
+    name: [r for path in shards.shard_paths(str(dataset), name) for r in shards.read_shard(path)]
+    for name in split_lib.SPLITS
+  }
   assert {k: len(v) for k, v in records.items()} == manifest["counts"]
   for name, info in manifest["shards"].items():
     assert len(info) == -(-manifest["counts"][name] // 7)
@@ -263,8 +343,13 @@ def test_export_over_faulty_cdn(cdn, tmp_path):
     assert r["regions"] == ([r["country"]] if r["country"] else ["ES", "PT"])
 
   classes = json.loads((dataset / "classes.json").read_text())
-  assert classes[0] == {"index": 0, "species": "Alpha alba", "common_names": {"es": ["alpha alba"]},
-                        "regions": ["ES", "PT"], "family": "Testaceae"}
+  assert classes[0] == {
+    "index": 0,
+    "species": "Alpha alba",
+    "common_names": {"es": ["alpha alba"]},
+    "regions": ["ES", "PT"],
+    "family": "Testaceae",
+  }
   with open(dataset / "attributions.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert sorted(r["sha256"] for r in rows) == sorted(r["sha256"] for r in all_records)
@@ -279,23 +364,39 @@ def test_export_reports_every_fault_reason(cdn, tmp_path):
   export.run(_config(tmp_path / "catalog.jsonl"), str(tmp_path / "w"))
   manifest = json.loads((tmp_path / "w/dataset/manifest.json").read_text())
   assert manifest["downloads"]["failures"] == {
-      "http_404": 1, "timeout": 1, "not_image": 1, "truncated": 1, "decompression_bomb": 1, "noai": 1}
+    "http_404": 1,
+    "timeout": 1,
+    "not_image": 1,
+    "truncated": 1,
+    "decompression_bomb": 1,
+    "noai": 1,
+  }
   # ok, redirect, 500-then-200, 429-then-200 and HEAD-less all serve the same bytes: one is kept.
   assert manifest["dedupe"]["duplicate_content"] == 4
   assert sum(manifest["counts"].values()) == 6 + 1
 
 
 def test_export_needs_some_image(tmp_path, cdn):
-  _catalog(tmp_path / "catalog.jsonl", _serve_images(cdn, ["Alpha alba"], 4),
-           license_for=lambda i: "CC-BY-NC-4.0")
+  _catalog(
+    tmp_path / "catalog.jsonl",
+    _serve_images(cdn, ["Alpha alba"], 4),
+    license_for=lambda i: "CC-BY-NC-4.0",
+  )
   with pytest.raises(ValueError, match="licenses.policy"):
     export.run(_config(tmp_path / "catalog.jsonl"), str(tmp_path / "w"))
   assert not (tmp_path / "w/dataset/manifest.json").exists()
 
 
-@pytest.mark.parametrize("change", [
-    {"export.splits.train": 1.5}, {"catalog.kind": "nosql"}, {"licenses.policy": "comercial"},
-    {"catalog.path": "missing.jsonl"}, {"licenses.policy": "commercial", "catalog.path": "nc.jsonl"}])
+@pytest.mark.parametrize(
+  "change",
+  [
+    {"export.splits.train": 1.5},
+    {"catalog.kind": "nosql"},
+    {"licenses.policy": "comercial"},
+    {"catalog.path": "missing.jsonl"},
+    {"licenses.policy": "commercial", "catalog.path": "nc.jsonl"},
+  ],
+)
 def test_a_bad_rerun_leaves_the_finished_export_whole(tmp_path, cdn, change):
   """Config, catalog and policy are checked before the old dataset stops being complete."""
   urls = _serve_images(cdn, ["Alpha alba", "Beta bella"], 5)
@@ -304,8 +405,9 @@ def test_a_bad_rerun_leaves_the_finished_export_whole(tmp_path, cdn, change):
   workdir = str(tmp_path / "w")
   export.run(_config(tmp_path / "catalog.jsonl"), workdir)
   dataset = tmp_path / "w" / "dataset"
-  before = {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()
-            and "cache" not in p.parts}
+  before = {
+    p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file() and "cache" not in p.parts
+  }
   assert dataset / "manifest.json" in before
   config = _config(tmp_path / "catalog.jsonl")
   for key, value in change.items():
@@ -316,8 +418,9 @@ def test_a_bad_rerun_leaves_the_finished_export_whole(tmp_path, cdn, change):
     node[field] = str(tmp_path / value) if field == "path" else value
   with pytest.raises((ValueError, FileNotFoundError)):
     export.run(config, workdir)
-  after = {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()
-           and "cache" not in p.parts}
+  after = {
+    p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file() and "cache" not in p.parts
+  }
   assert after == before
 
 
@@ -325,10 +428,21 @@ def test_a_bad_rerun_leaves_the_finished_export_whole(tmp_path, cdn, change):
 
 
 def _main(workdir, catalog, *extra):
-  return [sys.executable, "-m", "aplantida_jax.main", "--config=configs/export.py:demo",
-          f"--workdir={workdir}", "--config.catalog.kind=jsonl", f"--config.catalog.path={catalog}",
-          "--config.http.concurrency=2", "--config.http.per_host=2", "--config.export.image_size=32",
-          "--config.export.min_size=16", "--config.export.records_per_shard=10", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    "--config=configs/export.py:demo",
+    f"--workdir={workdir}",
+    "--config.catalog.kind=jsonl",
+    f"--config.catalog.path={catalog}",
+    "--config.http.concurrency=2",
+    "--config.http.per_host=2",
+    "--config.export.image_size=32",
+    "--config.export.min_size=16",
+    "--config.export.records_per_shard=10",
+    *extra,
+  ]
 
 
 def _env():
@@ -337,7 +451,8 @@ def _env():
 
 def _outputs(dataset):
   names = ["manifest.json", "classes.json", "attributions.csv"] + [
-      f"splits/{p.name}" for p in sorted((dataset / "splits").iterdir())]
+    f"splits/{p.name}" for p in sorted((dataset / "splits").iterdir())
+  ]
   return {n: hashlib.sha256((dataset / n).read_bytes()).hexdigest() for n in names}
 
 
@@ -345,14 +460,25 @@ def test_kill_and_resume_gives_identical_shards(cdn, tmp_path):
   urls = _serve_images(cdn, ["Alpha alba", "Beta bella", "Delta dura"], 20, delay_s=0.05)
   catalog = tmp_path / "catalog.jsonl"
   _catalog(catalog, urls)
-  subprocess.run(_main(tmp_path / "full", catalog), cwd=ROOT, env=_env(), check=True,
-                 capture_output=True, timeout=120)
+  subprocess.run(
+    _main(tmp_path / "full", catalog),
+    cwd=ROOT,
+    env=_env(),
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
   full_requests = len(cdn.requests)
   assert full_requests == 60
 
   index = tmp_path / "resumed/dataset/cache"
-  proc = subprocess.Popen(_main(tmp_path / "resumed", catalog), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _main(tmp_path / "resumed", catalog),
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.monotonic() + 60
   while time.monotonic() < deadline:
     lines = sum(len(p.read_text().splitlines()) for p in index.glob("*/index.jsonl"))
@@ -363,13 +489,23 @@ def test_kill_and_resume_gives_identical_shards(cdn, tmp_path):
   proc.wait()
   time.sleep(0.3)  # requests already sent before the kill still reach the server's log
   assert not (tmp_path / "resumed/dataset/manifest.json").exists()
-  cached = {json.loads(line)["key"] for p in index.glob("*/index.jsonl")
-            for line in p.read_text().splitlines() if line.endswith("}")}
+  cached = {
+    json.loads(line)["key"]
+    for p in index.glob("*/index.jsonl")
+    for line in p.read_text().splitlines()
+    if line.endswith("}")
+  }
   assert 15 <= len(cached) < 60, "the kill must land mid-download"
 
   before = len(cdn.requests)
-  subprocess.run(_main(tmp_path / "resumed", catalog), cwd=ROOT, env=_env(), check=True,
-                 capture_output=True, timeout=120)
+  subprocess.run(
+    _main(tmp_path / "resumed", catalog),
+    cwd=ROOT,
+    env=_env(),
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
   assert len(cdn.requests) - before == 60 - len(cached), "only what was missing is downloaded"
   assert _outputs(tmp_path / "resumed/dataset") == _outputs(tmp_path / "full/dataset")
 
@@ -380,17 +516,33 @@ def test_kill_and_resume_gives_identical_shards(cdn, tmp_path):
 @pytest.mark.skipif(not FLOWERS.is_dir(), reason=f"{FLOWERS} absent")
 def test_export_flowers12_folder_source(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "aplantida_jax.main", "--config=configs/export.py:demo",
-       f"--workdir={tmp_path}", "--config.catalog.kind=folder", f"--config.catalog.path={FLOWERS}",
-       "--config.licenses.policy=research", "--config.export.image_size=64"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=170)
+    [
+      sys.executable,
+      "-m",
+      "aplantida_jax.main",
+      "--config=configs/export.py:demo",
+      f"--workdir={tmp_path}",
+      "--config.catalog.kind=folder",
+      f"--config.catalog.path={FLOWERS}",
+      "--config.licenses.policy=research",
+      "--config.export.image_size=64",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=170,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   manifest = json.loads((tmp_path / "dataset/manifest.json").read_text())
   species = sorted(p.name for p in FLOWERS.iterdir() if p.is_dir())
   files = sum(1 for p in FLOWERS.glob("*/*") if p.is_file())
   assert manifest["classes"] == species and manifest["shippable"] is False
-  assert (sum(manifest["counts"].values()) + manifest["dedupe"]["duplicate_content"]
-          + manifest["downloads"]["failed"]) == files
+  assert (
+    sum(manifest["counts"].values())
+    + manifest["dedupe"]["duplicate_content"]
+    + manifest["downloads"]["failed"]
+  ) == files
   for name in split_lib.SPLITS:
     assert set(manifest["counts_per_class"][name]) == set(species)
   first = next(shards.read_shard(shards.shard_paths(str(tmp_path / "dataset"), "val")[0]))
@@ -399,9 +551,28 @@ def test_export_flowers12_folder_source(tmp_path):
 
 def test_bench_export_mode_reports_json(tmp_path):
   out = tmp_path / "export.json"
-  subprocess.run([sys.executable, "tools/bench.py", "export", "--images", "12", "--species", "2",
-                  "--repeats", "1", "--image_size", "48", "--out", str(out)],
-                 cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=120)
+  subprocess.run(
+    [
+      sys.executable,
+      "tools/bench.py",
+      "export",
+      "--images",
+      "12",
+      "--species",
+      "2",
+      "--repeats",
+      "1",
+      "--image_size",
+      "48",
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    env=_env(),
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
   result = json.loads(out.read_text())
   assert result["mode"] == "export" and result["images"] == 12
   assert result["machine"]["cpu_count"] == os.cpu_count()

@@ -1,4 +1,5 @@
 """TF.js export: end to end from an orbax checkpoint, op check, sizes, Node parity."""
+
 import json
 import os
 
@@ -36,26 +37,39 @@ def test_export_writes_the_pwa_folder(workdir):
     assert os.path.exists(os.path.join(tfjs_dir, name)), name
   assert not os.path.exists(tfjs_dir + ".partial")
   assert meta["input"]["shape"] == [1, tfjs_fixture.IMAGE_SIZE, tfjs_fixture.IMAGE_SIZE, 3]
-  assert meta["temperature"] == tfjs_fixture.TEMPERATURE and meta["threshold"] == tfjs_fixture.THRESHOLD
+  assert (
+    meta["temperature"] == tfjs_fixture.TEMPERATURE and meta["threshold"] == tfjs_fixture.THRESHOLD
+  )
   assert meta["num_classes"] == tfjs_fixture.NUM_CLASSES and meta["weights_dtype"] == "float16"
   assert meta["dataset"]["manifest_sha256"] and len(meta["model"]["sha256"]) == 64
   classes = _json(os.path.join(workdir, "dataset", "classes.json"))
-  assert [l["species"] for l in _json(os.path.join(tfjs_dir, "labels.json"))] == [c["species"] for c in classes]
+  assert [label["species"] for label in _json(os.path.join(tfjs_dir, "labels.json"))] == [
+    c["species"] for c in classes
+  ]
   card = open(os.path.join(tfjs_dir, "MODEL_CARD.md")).read()
   assert "attributions.csv" in card and f"T = {tfjs_fixture.TEMPERATURE:.4f}" in card
   # Every weight is stored as FP16.
   manifest = _json(os.path.join(tfjs_dir, "model.json"))["weightsManifest"]
-  assert all(w.get("quantization", {}).get("dtype") == "float16" for g in manifest for w in g["weights"]
-             if w["dtype"] == "float32")
+  assert all(
+    w.get("quantization", {}).get("dtype") == "float16"
+    for g in manifest
+    for w in g["weights"]
+    if w["dtype"] == "float32"
+  )
 
 
 def test_saved_model_matches_jax(workdir):
   """The SavedModel (float32, a deliverable itself) computes the JAX serving function."""
-  images = parity.split_images(os.path.join(workdir, "dataset"), "val", 4, tfjs_fixture.IMAGE_SIZE, 0.875)
+  images = parity.split_images(
+    os.path.join(workdir, "dataset"), "val", 4, tfjs_fixture.IMAGE_SIZE, 0.875
+  )
   expected = tfjs_fixture.jax_probabilities(workdir, images)
-  signature = tf.saved_model.load(os.path.join(workdir, "tfjs", "saved_model")).signatures["serving_default"]
-  got = np.concatenate([signature(image=tf.constant(image[None]))[serving.OUTPUT_NAME].numpy()
-                        for image in images])
+  signature = tf.saved_model.load(os.path.join(workdir, "tfjs", "saved_model")).signatures[
+    "serving_default"
+  ]
+  got = np.concatenate(
+    [signature(image=tf.constant(image[None]))[serving.OUTPUT_NAME].numpy() for image in images]
+  )
   np.testing.assert_allclose(got, expected, atol=1e-5)
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
@@ -76,7 +90,9 @@ def test_export_passes_its_own_op_check(workdir):
   tfjs_dir = os.path.join(workdir, "tfjs")
   ops = opcheck.check_tfjs(os.path.join(tfjs_dir, "model.json"))
   # Batch norm folded and ReLU6 fused: every convolution is one fused op, as in Keras models.
-  assert ops["_FusedConv2D"] + ops["FusedDepthwiseConv2dNative"] == 52  # MobileNetV2's 52 convolutions
+  assert (
+    ops["_FusedConv2D"] + ops["FusedDepthwiseConv2dNative"] == 52
+  )  # MobileNetV2's 52 convolutions
   assert not {"Conv2D", "DepthwiseConv2dNative", "Minimum"} & set(ops)
   opcheck.check_saved_model(os.path.join(tfjs_dir, "saved_model"))
   with pytest.raises(opcheck.OpCheckError, match="over export.max_mb"):
@@ -91,8 +107,10 @@ def test_allow_list_is_what_tfjs_executes():
 def test_op_check_rejects_control_flow(tmp_path):
   """tf.cond: StatelessIf in the SavedModel, Switch/Merge once converted; both rejected."""
   module = tf.Module()
-  module.f = tf.function(lambda x: {"y": tf.cond(tf.reduce_sum(x) > 0, lambda: x * 2.0, lambda: x - 1.0)},
-                         input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+  module.f = tf.function(
+    lambda x: {"y": tf.cond(tf.reduce_sum(x) > 0, lambda: x * 2.0, lambda: x - 1.0)},
+    input_signature=[tf.TensorSpec([1, 4], tf.float32)],
+  )
   saved = str(tmp_path / "saved_model")
   tf.saved_model.save(module, saved, signatures={"serving_default": module.f})
   with pytest.raises(opcheck.OpCheckError, match="If"):
@@ -102,21 +120,28 @@ def test_op_check_rejects_control_flow(tmp_path):
     opcheck.check_tfjs(str(tmp_path / "tfjs" / "model.json"))
 
 
-@pytest.mark.parametrize("flags, bad_op", [
+@pytest.mark.parametrize(
+  "flags, bad_op",
+  [
     (dict(enable_xla=False, with_gradient=False), "PreventGradient"),
     (dict(enable_xla=True, with_gradient=True), "Xla"),
-])
+  ],
+)
 def test_op_check_rejects_wrong_jax2tf_flags(tmp_path, flags, bad_op):
   kernel = np.ones((3, 3, 3, 2), np.float32)
 
   def f(x):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
   converted = jax2tf.convert(f, native_serialization=False, **flags)
   module = tf.Module()
-  module.f = tf.function(lambda x: {"y": converted(x)}, autograph=False,
-                         input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+  module.f = tf.function(
+    lambda x: {"y": converted(x)},
+    autograph=False,
+    input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)],
+  )
   saved = str(tmp_path / "saved_model")
   tf.saved_model.save(module, saved, signatures={"serving_default": module.f})
   with pytest.raises(opcheck.OpCheckError, match=bad_op):
@@ -125,18 +150,44 @@ def test_op_check_rejects_wrong_jax2tf_flags(tmp_path, flags, bad_op):
 
 def test_fused_biases_become_rank_one(tmp_path):
   """A constant [1,1,1,C] bias is relabelled [C]; an activation "bias" is split off."""
+
   def fused(name, x, bias, fused_ops):
     import base64  # pylint: disable=g-import-not-at-top
-    return {"name": name, "op": "_FusedConv2D", "input": [x, "w", bias],
-            "attr": {"T": {"type": "DT_FLOAT"}, "num_args": {"i": "1"},
-                     "fused_ops": {"list": {"s": [base64.b64encode(o.encode()).decode() for o in fused_ops]}},
-                     "strides": {"list": {"i": ["1", "1", "1", "1"]}}, "padding": {"s": "U0FNRQ=="}}}
-  model = {"modelTopology": {"node": [
-      {"name": "x", "op": "Placeholder"}, {"name": "w", "op": "Const"}, {"name": "b", "op": "Const"},
-      fused("conv1", "x", "b", ["BiasAdd", "Relu6"]), fused("conv2", "conv1", "x", ["BiasAdd", "Relu6"]),
-      {"name": "out", "op": "Identity", "input": ["conv2"]}]},
-      "weightsManifest": [{"paths": [], "weights": [{"name": "w", "shape": [1, 1, 3, 3], "dtype": "float32"},
-                                                    {"name": "b", "shape": [1, 1, 1, 3], "dtype": "float32"}]}]}
+
+    return {
+      "name": name,
+      "op": "_FusedConv2D",
+      "input": [x, "w", bias],
+      "attr": {
+        "T": {"type": "DT_FLOAT"},
+        "num_args": {"i": "1"},
+        "fused_ops": {"list": {"s": [base64.b64encode(o.encode()).decode() for o in fused_ops]}},
+        "strides": {"list": {"i": ["1", "1", "1", "1"]}},
+        "padding": {"s": "U0FNRQ=="},
+      },
+    }
+
+  model = {
+    "modelTopology": {
+      "node": [
+        {"name": "x", "op": "Placeholder"},
+        {"name": "w", "op": "Const"},
+        {"name": "b", "op": "Const"},
+        fused("conv1", "x", "b", ["BiasAdd", "Relu6"]),
+        fused("conv2", "conv1", "x", ["BiasAdd", "Relu6"]),
+        {"name": "out", "op": "Identity", "input": ["conv2"]},
+      ]
+    },
+    "weightsManifest": [
+      {
+        "paths": [],
+        "weights": [
+          {"name": "w", "shape": [1, 1, 3, 3], "dtype": "float32"},
+          {"name": "b", "shape": [1, 1, 1, 3], "dtype": "float32"},
+        ],
+      }
+    ],
+  }
   path = str(tmp_path / "model.json")
   with open(path, "w") as f:
     json.dump(model, f)
@@ -165,10 +216,14 @@ def test_sizes(workdir):
   assert factorised["mb"] < dense["mb"]
 
 
-@pytest.mark.skipif(parity.node_missing_reason() is not None, reason=str(parity.node_missing_reason()))
+@pytest.mark.skipif(
+  parity.node_missing_reason() is not None, reason=str(parity.node_missing_reason())
+)
 def test_node_parity(workdir):
   """TF.js (FP16 weights, cpu and wasm backends in Node) agrees with JAX on val images."""
-  images = parity.split_images(os.path.join(workdir, "dataset"), "val", 16, tfjs_fixture.IMAGE_SIZE, 0.875)
+  images = parity.split_images(
+    os.path.join(workdir, "dataset"), "val", 16, tfjs_fixture.IMAGE_SIZE, 0.875
+  )
   expected = tfjs_fixture.jax_probabilities(workdir, images)
   assert expected.argmax(-1).tolist() != [expected.argmax(-1)[0]] * len(images)  # input matters
   result = parity.report(expected, parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), images))
@@ -182,13 +237,17 @@ def test_node_parity(workdir):
     assert {"top1_agreement", "top1_agreement_raw", "n_decided", "max_abs_diff"} <= set(got)
   # The stage checked 8 val images (tfjs_fixture): it reports each side's accuracy on them.
   labels = parity.split_labels(os.path.join(workdir, "dataset"), "val", 8)
-  shipped = parity.split_images(os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875)
+  shipped = parity.split_images(
+    os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875
+  )
   assert len(labels) == len(shipped) == 8
   assert written["jax_top1_accuracy"] == pytest.approx(
-      np.mean(tfjs_fixture.jax_probabilities(workdir, shipped).argmax(-1) == labels))
+    np.mean(tfjs_fixture.jax_probabilities(workdir, shipped).argmax(-1) == labels)
+  )
   cpu = parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), shipped, ("cpu",))["cpu"]
   assert written["backends"]["cpu"]["top1_accuracy"] == pytest.approx(
-      np.mean(cpu["probabilities"].argmax(-1) == labels))
+    np.mean(cpu["probabilities"].argmax(-1) == labels)
+  )
 
 
 def test_margin_aware_parity_passes_a_near_uniform_model_with_rounding_flips():
@@ -210,14 +269,20 @@ def test_margin_aware_parity_passes_a_near_uniform_model_with_rounding_flips():
   assert not parity.report(flipped, {"cpu": {"probabilities": swapped, "median_ms": 1.0}})["passed"]
 
 
-@pytest.mark.skipif(parity.node_missing_reason() is not None, reason=str(parity.node_missing_reason()))
+@pytest.mark.skipif(
+  parity.node_missing_reason() is not None, reason=str(parity.node_missing_reason())
+)
 def test_parity_fails_when_tfjs_sees_wrongly_normalised_input(workdir):
   """Real TF.js fed the ImageNet-normalised pixels instead of 0-255 RGB: the check must fail."""
-  images = parity.split_images(os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875)
+  images = parity.split_images(
+    os.path.join(workdir, "dataset"), "val", 8, tfjs_fixture.IMAGE_SIZE, 0.875
+  )
   expected = tfjs_fixture.jax_probabilities(workdir, images)
-  wrong = ((images / 255 - np.asarray(preprocess.IMAGENET_MEAN))
-           / np.asarray(preprocess.IMAGENET_STD)).astype(np.float32)
-  result = parity.report(expected, parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), wrong,
-                                                             ("cpu",)))
+  wrong = (
+    (images / 255 - np.asarray(preprocess.IMAGENET_MEAN)) / np.asarray(preprocess.IMAGENET_STD)
+  ).astype(np.float32)
+  result = parity.report(
+    expected, parity.tfjs_probabilities(os.path.join(workdir, "tfjs"), wrong, ("cpu",))
+  )
   assert not result["passed"], result
   assert result["backends"]["cpu"]["max_abs_diff"] > parity.TARGET["max_abs_diff"]

@@ -1,4 +1,5 @@
 """The HTTP client against a real misbehaving server on 127.0.0.1."""
+
 import pytest
 
 from aplantida_jax.data import fetch
@@ -28,9 +29,18 @@ def test_download_outcomes_and_reasons(cdn, faults):
   got = _download(faults, _http())
   reasons = {name: d.reason for name, d in got.items()}
   assert reasons == {
-      "ok": "ok", "not_found": "http_404", "flaky": "ok", "rate_limited": "ok",
-      "slow": "timeout", "truncated": "ok", "html": "ok", "huge": "ok",
-      "redirect": "ok", "noai": "noai", "no_head": "ok"}
+    "ok": "ok",
+    "not_found": "http_404",
+    "flaky": "ok",
+    "rate_limited": "ok",
+    "slow": "timeout",
+    "truncated": "ok",
+    "html": "ok",
+    "huge": "ok",
+    "redirect": "ok",
+    "noai": "noai",
+    "no_head": "ok",
+  }
   # Bytes checks (truncated, HTML, huge) are imaging's job; fetch delivers what was served.
   assert got["redirect"].data == got["ok"].data and got["redirect"].status == 200
   assert got["not_found"].data is None and got["not_found"].status == 404
@@ -47,8 +57,11 @@ def test_retry_after_is_honoured(cdn, faults):
 
 
 def test_retry_after_is_capped(cdn, faults):
-  cdn.route("/limited2.jpg", cdn_server.Response(429, b"", {"Retry-After": "3600"}),
-            cdn_server.image(cdn_server.jpeg_bytes()))
+  cdn.route(
+    "/limited2.jpg",
+    cdn_server.Response(429, b"", {"Retry-After": "3600"}),
+    cdn_server.image(cdn_server.jpeg_bytes()),
+  )
   got = _download({"x": cdn.url("/limited2.jpg")}, _http(max_retry_after_s=0.2))
   assert got["x"].ok
 
@@ -65,13 +78,22 @@ def test_noai_is_fetched_when_not_respected(faults):
   assert got["x"].ok
 
 
-@pytest.mark.parametrize("headers,opted_out", [
-    ({"X-Robots-Tag": "noml"}, True), ({"X-Robots-Tag": "googlebot: noimageindex"}, True),
-    ({"X-Robots-Tag": "noindex, nofollow"}, True), ({"tdm-reservation": "1"}, True),
-    ({"tdm-reservation": "0"}, False), ({"X-Robots-Tag": "nofollow"}, False)])
+@pytest.mark.parametrize(
+  "headers,opted_out",
+  [
+    ({"X-Robots-Tag": "noml"}, True),
+    ({"X-Robots-Tag": "googlebot: noimageindex"}, True),
+    ({"X-Robots-Tag": "noindex, nofollow"}, True),
+    ({"tdm-reservation": "1"}, True),
+    ({"tdm-reservation": "0"}, False),
+    ({"X-Robots-Tag": "nofollow"}, False),
+  ],
+)
 def test_opt_out_headers_are_honoured(cdn, headers, opted_out):
-  url = cdn.route("/img.jpg", cdn_server.Response(200, cdn_server.jpeg_bytes(),
-                                                   {"Content-Type": "image/jpeg", **headers}))
+  url = cdn.route(
+    "/img.jpg",
+    cdn_server.Response(200, cdn_server.jpeg_bytes(), {"Content-Type": "image/jpeg", **headers}),
+  )
   got = _download({"x": url}, _http())["x"]
   assert (got.reason == "noai") == opted_out and got.ok != opted_out
 
@@ -82,8 +104,9 @@ def test_too_large(faults):
 
 
 def test_connection_refused_and_invalid_url():
-  got = _download({"refused": "http://127.0.0.1:1/a.jpg", "ftp": "ftp://example.com/a.jpg"},
-                  _http(retries=0))
+  got = _download(
+    {"refused": "http://127.0.0.1:1/a.jpg", "ftp": "ftp://example.com/a.jpg"}, _http(retries=0)
+  )
   assert got["refused"].reason == "connection_error"
   assert got["ftp"].reason == "invalid_url"
 

@@ -1,4 +1,5 @@
 """Atomic writes: a writer that fails half-way leaves the old file and no temp file."""
+
 import hashlib
 import json
 import os

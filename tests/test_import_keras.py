@@ -13,6 +13,7 @@ pixel 127.5 to Keras and the ImageNet mean colour after folding. Only the
 stem's bottom row and right column see it; exact parity is checked on stems
 whose bottom/right taps are zero, the border effect on a full random stem.
 """
+
 import json
 import os
 import subprocess
@@ -46,14 +47,20 @@ def _randomise(model, rng):
     if not weights:
       continue
     if len(weights) == 4:  # gamma, beta, moving mean, moving variance
-      new = [rng.uniform(0.5, 1.5, weights[0].shape), rng.normal(0, 0.2, weights[1].shape),
-             rng.normal(0, 0.2, weights[2].shape), rng.uniform(0.5, 2.0, weights[3].shape)]
+      new = [
+        rng.uniform(0.5, 1.5, weights[0].shape),
+        rng.normal(0, 0.2, weights[1].shape),
+        rng.normal(0, 0.2, weights[2].shape),
+        rng.uniform(0.5, 2.0, weights[3].shape),
+      ]
     elif layer.name == "predictions":
       kernel, bias = weights
-      new = [rng.normal(0, 4 / np.sqrt(kernel.shape[0]), kernel.shape),
-             rng.normal(0, 0.5, bias.shape)]
+      new = [
+        rng.normal(0, 4 / np.sqrt(kernel.shape[0]), kernel.shape),
+        rng.normal(0, 0.5, bias.shape),
+      ]
     else:  # conv (H, W, I, O) or depthwise (H, W, C, 1): fan-in H·W·I or H·W
-      kernel, = weights
+      (kernel,) = weights
       fan_in = np.prod(kernel.shape[:2]) * (1 if kernel.shape[3] == 1 else kernel.shape[2])
       new = [rng.normal(0, np.sqrt(2 / fan_in), kernel.shape)]
     layer.set_weights([w.astype(np.float32) for w in new])
@@ -61,7 +68,7 @@ def _randomise(model, rng):
 
 def _zero_stem_border_taps(model):
   """Stem taps that meet the bottom/right padding → 0, so the fold is exact."""
-  kernel, = model.get_layer("Conv1").get_weights()
+  (kernel,) = model.get_layer("Conv1").get_weights()
   kernel[2, :] = 0
   kernel[:, 2] = 0
   model.get_layer("Conv1").set_weights([kernel])
@@ -81,8 +88,9 @@ def _pipeline_input(pixels):
 
 
 def _flax_logits(variables, x, width):
-  model = models.get_model(ARCH, variables["params"]["head"]["logits"]["bias"].shape[0],
-                           width=width)
+  model = models.get_model(
+    ARCH, variables["params"]["head"]["logits"]["bias"].shape[0], width=width
+  )
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
 
@@ -105,9 +113,12 @@ def download_224(tmp_path_factory):
     weight_file = str(folder / DOWNLOAD_NAME.format("1.0", 224, ""))
     keras_model.save_weights(weight_file)
     pretrained.import_keras_weights(ARCH, weight_file, str(folder / "import"))
-    out[case] = (folder / "import", weight_file,
-                 keras_model(_keras_input(pixels), training=False).numpy(),
-                 stem(_keras_input(pixels), training=False).numpy())
+    out[case] = (
+      folder / "import",
+      weight_file,
+      keras_model(_keras_input(pixels), training=False).numpy(),
+      stem(_keras_input(pixels), training=False).numpy(),
+    )
   return out, pixels
 
 
@@ -117,8 +128,10 @@ def test_weights_download_matches_keras_logits_on_mean_std_input(download_224):
   variables, _ = pretrained.load_pretrained(str(directory))
   logits = _flax_logits(variables, _pipeline_input(pixels), width=1.0)
   delta = np.abs(logits - keras_logits).max()
-  print(f"\nα 1.0, 224 px, bottom/right stem taps 0: max |Δ logits| {delta:.1e} "
-        f"(logits std {keras_logits.std():.2f})")
+  print(
+    f"\nα 1.0, 224 px, bottom/right stem taps 0: max |Δ logits| {delta:.1e} "
+    f"(logits std {keras_logits.std():.2f})"
+  )
   assert delta <= 1e-4
   assert (logits.argmax(1) == keras_logits.argmax(1)).all()
 
@@ -130,14 +143,18 @@ def test_folded_stem_differs_from_keras_only_on_the_padded_border(download_224):
   variables, _ = pretrained.load_pretrained(str(directory))
   x = _pipeline_input(pixels)
   stem = blocks.ConvBN(32, kernel_size=3, strides=2, bn_epsilon=1e-3).apply(
-      {"params": variables["params"]["stem"], "batch_stats": variables["batch_stats"]["stem"]},
-      x, train=False)
+    {"params": variables["params"]["stem"], "batch_stats": variables["batch_stats"]["stem"]},
+    x,
+    train=False,
+  )
   delta = np.abs(np.asarray(stem) - keras_stem)
   border = max(delta[:, -1].max(), delta[:, :, -1].max())
   logits_delta = np.abs(_flax_logits(variables, x, width=1.0) - keras_logits).max()
-  print(f"\nfull random stem: interior max |Δ| {delta[:, :-1, :-1].max():.1e}, "
-        f"bottom/right border {border:.3f}; logits max |Δ| {logits_delta:.2f} "
-        f"(logits std {keras_logits.std():.2f})")
+  print(
+    f"\nfull random stem: interior max |Δ| {delta[:, :-1, :-1].max():.1e}, "
+    f"bottom/right border {border:.3f}; logits max |Δ| {logits_delta:.2f} "
+    f"(logits std {keras_logits.std():.2f})"
+  )
   assert delta[:, :-1, :-1].max() <= 1e-5
   assert border > 1e-2  # the fold's known, documented border effect
   assert logits_delta > 1e-4  # beyond the parity tolerance: why that test zeroes those taps
@@ -181,7 +198,8 @@ def test_saved_model_without_top_imports_backbone_with_its_width(tmp_path):
   too (one row/column each side).
   """
   keras_model = tf.keras.applications.MobileNetV2(
-      input_shape=(100, 100, 3), alpha=0.35, include_top=False, weights=None, pooling="avg")
+    input_shape=(100, 100, 3), alpha=0.35, include_top=False, weights=None, pooling="avg"
+  )
   _randomise(keras_model, np.random.RandomState(2))
   _zero_stem_border_taps(keras_model)
   path = str(tmp_path / "backbone.keras")
@@ -189,7 +207,10 @@ def test_saved_model_without_top_imports_backbone_with_its_width(tmp_path):
   provenance = pretrained.import_keras_weights(ARCH, path, str(tmp_path / "import"))
   imported, _ = pretrained.load_pretrained(str(tmp_path / "import"))
   assert (provenance["width"], provenance["num_classes"], provenance["resolution"]) == (
-      0.35, 0, 100)
+    0.35,
+    0,
+    100,
+  )
   assert "head" not in imported["params"]
 
   model = models.get_model(ARCH, num_classes=12, width=0.35)
@@ -197,8 +218,12 @@ def test_saved_model_without_top_imports_backbone_with_its_width(tmp_path):
   merged, skipped = pretrained.merge_pretrained(init, imported)
   assert sorted(skipped) == ["params/head/logits/bias", "params/head/logits/kernel"]
   pixels = _pixels(2, 100, seed=3)
-  _, state = model.apply(merged, _pipeline_input(pixels), train=False,
-                         capture_intermediates=lambda module, _: module.name == "top")
+  _, state = model.apply(
+    merged,
+    _pipeline_input(pixels),
+    train=False,
+    capture_intermediates=lambda module, _: module.name == "top",
+  )
   features = np.asarray(state["intermediates"]["top"]["__call__"][0]).mean(axis=(1, 2))
   keras_features = keras_model(_keras_input(pixels), training=False).numpy()
   delta = np.abs(features - keras_features).max()
@@ -210,7 +235,8 @@ def test_saved_model_without_top_imports_backbone_with_its_width(tmp_path):
 def keras2_small(tmp_path_factory):
   """tf-keras α 0.35, 96 px, no top: a weights download and a saved .h5 model."""
   keras_model = tf_keras.applications.MobileNetV2(
-      input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None)
+    input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None
+  )
   _randomise(keras_model, np.random.RandomState(4))
   folder = tmp_path_factory.mktemp("keras2")
   weights = folder / DOWNLOAD_NAME.format("0.35", 96, "_no_top")
@@ -229,7 +255,10 @@ def test_keras2_saved_model_and_weights_download_import_alike(keras2_small, tmp_
   assert from_weights["converter"]["keras"] == tf.keras.__version__
   for provenance in (from_weights, from_model):
     assert (provenance["width"], provenance["num_classes"], provenance["resolution"]) == (
-        0.35, 0, 96)
+      0.35,
+      0,
+      96,
+    )
   a, _ = pretrained.load_pretrained(str(tmp_path / "w"))
   b, _ = pretrained.load_pretrained(str(tmp_path / "m"))
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -248,12 +277,13 @@ def test_file_of_another_width_is_refused(keras2_small, tmp_path):
   assert not (tmp_path / "import").exists()
 
 
-@pytest.mark.parametrize("saved_as, message", [
-    ("model", "not a keras.applications.MobileNetV2"), ("weights", "no layer Conv1")])
+@pytest.mark.parametrize(
+  "saved_as, message",
+  [("model", "not a keras.applications.MobileNetV2"), ("weights", "no layer Conv1")],
+)
 def test_file_of_another_architecture_is_refused(tmp_path, saved_as, message):
   """A tf-keras MobileNet (v1), saved with its architecture or as weights."""
-  keras_model = tf_keras.applications.MobileNet(
-      input_shape=(128, 128, 3), alpha=0.25, weights=None)
+  keras_model = tf_keras.applications.MobileNet(input_shape=(128, 128, 3), alpha=0.25, weights=None)
   path = str(tmp_path / "mobilenet_v1.h5")
   if saved_as == "model":
     keras_model.save(path)
@@ -263,13 +293,23 @@ def test_file_of_another_architecture_is_refused(tmp_path, saved_as, message):
     pretrained.import_keras_weights(ARCH, path, str(tmp_path / "import"), width=0.25)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--arch", "mobilenet_v2"], "--arch mobilenet_v2 needs --keras FILE"),
-    (["--arch", "efficientnet_lite0", "--keras", "x.h5"], "--keras/--width/--trained-on are for --arch mobilenet_v2 only"),
-])
+    (
+      ["--arch", "efficientnet_lite0", "--keras", "x.h5"],
+      "--keras/--width/--trained-on are for --arch mobilenet_v2 only",
+    ),
+  ],
+)
 def test_cli_asks_for_keras_file_only_for_mobilenet_v2(tmp_path, args, message):
-  result = subprocess.run([sys.executable, TOOL, *args, "--out", str(tmp_path)],
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, TOOL, *args, "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode != 0
   assert result.stderr.startswith(f"import_pretrained: {message}")
   assert len(result.stderr.strip().splitlines()) == 1
@@ -278,8 +318,20 @@ def test_cli_asks_for_keras_file_only_for_mobilenet_v2(tmp_path, args, message):
 def test_cli_imports_a_keras_weights_download(keras2_small, tmp_path):
   weights, _ = keras2_small
   result = subprocess.run(
-      [sys.executable, TOOL, "--arch", "mobilenet_v2", "--keras", str(weights),
-       "--out", str(tmp_path / "import")], capture_output=True, text=True, check=False)
+    [
+      sys.executable,
+      TOOL,
+      "--arch",
+      "mobilenet_v2",
+      "--keras",
+      str(weights),
+      "--out",
+      str(tmp_path / "import"),
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   printed = json.loads(result.stdout)
   assert printed == pretrained.load_pretrained(str(tmp_path / "import"))[1]

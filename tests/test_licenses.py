@@ -1,52 +1,53 @@
 """License normalisation table and the commercial/research policies."""
+
 import pytest
 
 from aplantida_jax.data import licenses
 
 NORMALISATION = [
-    # CC spelled every which way
-    ("CC BY-SA 4.0", "CC-BY-SA-4.0"),
-    ("CC-BY-SA-4.0", "CC-BY-SA-4.0"),
-    ("cc-by-nc", "CC-BY-NC-4.0"),       # iNaturalist code, no version → 4.0
-    ("cc-by-nc-nd", "CC-BY-NC-ND-4.0"),
-    ("CC BY-NC-SA 2.0", "CC-BY-NC-SA-2.0"),
-    ("CC BY 2.5", "CC-BY-2.5"),
-    ("by-sa", "CC-BY-SA-4.0"),
-    ("Creative Commons Attribution-NonCommercial-ShareAlike 4.0 International", "CC-BY-NC-SA-4.0"),
-    ("Attribution Non-Commercial 3.0", "CC-BY-NC-3.0"),
-    ("Attribution-NoDerivs 3.0", "CC-BY-ND-3.0"),
-    ("https://creativecommons.org/licenses/by/4.0/", "CC-BY-4.0"),
-    ("http://creativecommons.org/licenses/by-sa/3.0/deed.es", "CC-BY-SA-3.0"),
-    ("https://creativecommons.org/licenses/by-nc-nd/3.0/es/", "CC-BY-NC-ND-3.0"),  # port → unported
-    ("https://creativecommons.org/licenses/by/2/", "CC-BY-2.0"),
-    # CC0 and public domain
-    ("CC0", "CC0-1.0"),
-    ("cc0 1.0", "CC0-1.0"),
-    ("CC-0", "CC0-1.0"),
-    ("https://creativecommons.org/publicdomain/zero/1.0/", "CC0-1.0"),
-    ("Public Domain", "LicenseRef-PublicDomain"),
-    ("public domain (author died 1900)", "LicenseRef-PublicDomain"),
-    ("https://creativecommons.org/publicdomain/mark/1.0/", "LicenseRef-PublicDomain"),
-    ("PD", "LicenseRef-PublicDomain"),
-    # nothing granted
-    ("All rights reserved", "LicenseRef-All-Rights-Reserved"),
-    ("(c) Ana García", "LicenseRef-All-Rights-Reserved"),
-    ("© 2021", "LicenseRef-All-Rights-Reserved"),
-    ("Copyright 2019 John", "LicenseRef-All-Rights-Reserved"),
-    # nothing said, or nonsense
-    ("", "unknown"),
-    ("   ", "unknown"),
-    (None, "unknown"),
-    ("unknown", "unknown"),
-    ("N/A", "unknown"),
-    ("photo by John", "unknown"),
-    ("cc-by-sa-nd", "unknown"),         # SA and ND cannot be combined
-    ("https://example.org/my-license", "unknown"),
-    # software licenses (weights)
-    ("Apache Software License", "Apache-2.0"),
-    ("apache-2.0", "Apache-2.0"),
-    ("MIT License", "MIT"),
-    ("BSD-3-Clause", "BSD-3-Clause"),
+  # CC spelled every which way
+  ("CC BY-SA 4.0", "CC-BY-SA-4.0"),
+  ("CC-BY-SA-4.0", "CC-BY-SA-4.0"),
+  ("cc-by-nc", "CC-BY-NC-4.0"),  # iNaturalist code, no version → 4.0
+  ("cc-by-nc-nd", "CC-BY-NC-ND-4.0"),
+  ("CC BY-NC-SA 2.0", "CC-BY-NC-SA-2.0"),
+  ("CC BY 2.5", "CC-BY-2.5"),
+  ("by-sa", "CC-BY-SA-4.0"),
+  ("Creative Commons Attribution-NonCommercial-ShareAlike 4.0 International", "CC-BY-NC-SA-4.0"),
+  ("Attribution Non-Commercial 3.0", "CC-BY-NC-3.0"),
+  ("Attribution-NoDerivs 3.0", "CC-BY-ND-3.0"),
+  ("https://creativecommons.org/licenses/by/4.0/", "CC-BY-4.0"),
+  ("http://creativecommons.org/licenses/by-sa/3.0/deed.es", "CC-BY-SA-3.0"),
+  ("https://creativecommons.org/licenses/by-nc-nd/3.0/es/", "CC-BY-NC-ND-3.0"),  # port → unported
+  ("https://creativecommons.org/licenses/by/2/", "CC-BY-2.0"),
+  # CC0 and public domain
+  ("CC0", "CC0-1.0"),
+  ("cc0 1.0", "CC0-1.0"),
+  ("CC-0", "CC0-1.0"),
+  ("https://creativecommons.org/publicdomain/zero/1.0/", "CC0-1.0"),
+  ("Public Domain", "LicenseRef-PublicDomain"),
+  ("public domain (author died 1900)", "LicenseRef-PublicDomain"),
+  ("https://creativecommons.org/publicdomain/mark/1.0/", "LicenseRef-PublicDomain"),
+  ("PD", "LicenseRef-PublicDomain"),
+  # nothing granted
+  ("All rights reserved", "LicenseRef-All-Rights-Reserved"),
+  ("(c) Ana García", "LicenseRef-All-Rights-Reserved"),
+  ("© 2021", "LicenseRef-All-Rights-Reserved"),
+  ("Copyright 2019 John", "LicenseRef-All-Rights-Reserved"),
+  # nothing said, or nonsense
+  ("", "unknown"),
+  ("   ", "unknown"),
+  (None, "unknown"),
+  ("unknown", "unknown"),
+  ("N/A", "unknown"),
+  ("photo by John", "unknown"),
+  ("cc-by-sa-nd", "unknown"),  # SA and ND cannot be combined
+  ("https://example.org/my-license", "unknown"),
+  # software licenses (weights)
+  ("Apache Software License", "Apache-2.0"),
+  ("apache-2.0", "Apache-2.0"),
+  ("MIT License", "MIT"),
+  ("BSD-3-Clause", "BSD-3-Clause"),
 ]
 
 
@@ -62,16 +63,16 @@ def test_normalize_is_idempotent(raw):
 
 
 COMMERCIAL = [
-    ("CC0-1.0", True, "allowed"),
-    ("LicenseRef-PublicDomain", True, "allowed"),
-    ("CC-BY-4.0", True, "allowed"),
-    ("CC-BY-SA-3.0", True, "allowed"),
-    ("CC-BY-NC-4.0", False, licenses.REASON_NC),
-    ("CC-BY-NC-SA-4.0", False, licenses.REASON_NC),
-    ("CC-BY-ND-4.0", False, licenses.REASON_ND),
-    ("LicenseRef-All-Rights-Reserved", False, licenses.REASON_RESERVED),
-    ("unknown", False, licenses.REASON_UNKNOWN),
-    ("GFDL-1.3-or-later", False, licenses.REASON_NOT_LISTED),
+  ("CC0-1.0", True, "allowed"),
+  ("LicenseRef-PublicDomain", True, "allowed"),
+  ("CC-BY-4.0", True, "allowed"),
+  ("CC-BY-SA-3.0", True, "allowed"),
+  ("CC-BY-NC-4.0", False, licenses.REASON_NC),
+  ("CC-BY-NC-SA-4.0", False, licenses.REASON_NC),
+  ("CC-BY-ND-4.0", False, licenses.REASON_ND),
+  ("LicenseRef-All-Rights-Reserved", False, licenses.REASON_RESERVED),
+  ("unknown", False, licenses.REASON_UNKNOWN),
+  ("GFDL-1.3-or-later", False, licenses.REASON_NOT_LISTED),
 ]
 
 
@@ -101,17 +102,37 @@ def test_unknown_policy_is_a_clear_error():
     licenses.get_policy("comercial")
 
 
-@pytest.mark.parametrize("spdx,needs", [("CC-BY-4.0", True), ("CC-BY-SA-4.0", True), ("CC-BY-NC-4.0", True),
-                                        ("CC0-1.0", False), ("LicenseRef-PublicDomain", False),
-                                        ("unknown", True)])
+@pytest.mark.parametrize(
+  "spdx,needs",
+  [
+    ("CC-BY-4.0", True),
+    ("CC-BY-SA-4.0", True),
+    ("CC-BY-NC-4.0", True),
+    ("CC0-1.0", False),
+    ("LicenseRef-PublicDomain", False),
+    ("unknown", True),
+  ],
+)
 def test_requires_attribution(spdx, needs):
   assert licenses.requires_attribution(spdx) == needs
 
 
-@pytest.mark.parametrize("text,ok", [("Apache-2.0", True), ("Apache Software License", True), ("MIT", True),
-                                     ("BSD-3-Clause", True), ("BSD-2-Clause", True), ("CC0-1.0", True),
-                                     ("CC-BY-4.0", False), ("CC-BY-NC-4.0", False), ("GPL-3.0", False),
-                                     ("", False), (None, False)])
+@pytest.mark.parametrize(
+  "text,ok",
+  [
+    ("Apache-2.0", True),
+    ("Apache Software License", True),
+    ("MIT", True),
+    ("BSD-3-Clause", True),
+    ("BSD-2-Clause", True),
+    ("CC0-1.0", True),
+    ("CC-BY-4.0", False),
+    ("CC-BY-NC-4.0", False),
+    ("GPL-3.0", False),
+    ("", False),
+    (None, False),
+  ],
+)
 def test_weights_license_allowed(text, ok):
   assert licenses.weights_license_allowed(text) == ok
 

@@ -1,4 +1,5 @@
 """main.py: config files, overrides and stage lookup fail with errors that name the problem."""
+
 import textwrap
 
 import pytest
@@ -11,7 +12,8 @@ from tests.helpers import run_main
 @pytest.fixture
 def config_file(tmp_path):
   path = tmp_path / "cfg.py"
-  path.write_text(textwrap.dedent("""
+  path.write_text(
+    textwrap.dedent("""
       import ml_collections
       def get_config(arg=None):
         c = ml_collections.ConfigDict()
@@ -19,7 +21,8 @@ def config_file(tmp_path):
         c.seed = 0
         c.catalog = ml_collections.ConfigDict({"kind": "jsonl"})
         return c
-  """))
+  """)
+  )
   return path
 
 
@@ -46,12 +49,21 @@ def test_every_registered_stage_resolves():
     assert callable(stages.get_stage(name)), name
 
 
-@pytest.mark.parametrize("raw,clean", [
+@pytest.mark.parametrize(
+  "raw,clean",
+  [
     ("mongodb://ana:s3cret@db.example:27017/aplantida", "mongodb://***@db.example:27017/aplantida"),
-    ("mongodb+srv://u:p@cluster0.x.net/?retryWrites=true", "mongodb+srv://***@cluster0.x.net/?retryWrites=true"),
-    ("mongodb://host/?authSource=admin&password=hunter2", "mongodb://host/?authSource=admin&password=***"),
+    (
+      "mongodb+srv://u:p@cluster0.x.net/?retryWrites=true",
+      "mongodb+srv://***@cluster0.x.net/?retryWrites=true",
+    ),
+    (
+      "mongodb://host/?authSource=admin&password=hunter2",
+      "mongodb://host/?authSource=admin&password=***",
+    ),
     ("mongodb://localhost:27017", "mongodb://localhost:27017"),
-])
+  ],
+)
 def test_redact_removes_credentials(raw, clean):
   assert manifest.redact(raw) == clean
   nested = manifest.redacted({"catalog": {"mongo_uri": raw, "list": [raw]}})

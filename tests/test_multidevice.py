@@ -16,6 +16,7 @@ losses and parameters agree up to float summation order (the small learning
 rate keeps that noise from growing). Were the two processes to read the same
 share, or not to reduce gradients across processes, they would not.
 """
+
 import hashlib
 import io
 import json
@@ -56,7 +57,7 @@ def _mirrored_image(rng, label, size=32):
   colours = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40))
   half = rng.integers(40, 200, size=(size, size // 2, 3)).astype(np.uint8)
   top, left = rng.integers(0, size - 12, size=2) // (1, 2)
-  half[top:top + 12, left:left + 8] = colours[label]
+  half[top : top + 12, left : left + 8] = colours[label]
   out = io.BytesIO()
   Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)).save(out, format="PNG")
   return out.getvalue()
@@ -65,29 +66,55 @@ def _mirrored_image(rng, label, size=32):
 def write_flip_invariant_dataset(dataset_dir):
   from aplantida_jax import fileio  # pylint: disable=g-import-not-at-top
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   for split, n, num_shards in (("train", TRAIN_RECORDS, 2), ("val", 8, 1)):
     records = []
     for k in range(n):
       jpeg = _mirrored_image(rng, k % NUM_CLASSES)
-      records.append(dict(
-          jpeg=jpeg, label=k % NUM_CLASSES, species=f"Species {k % NUM_CLASSES}", regions=["ES"],
-          country="ES", license="CC0-1.0", author="test", url=f"https://example.invalid/{k}.jpg",
-          sha256=hashlib.sha256(jpeg).hexdigest()))
+      records.append(
+        dict(
+          jpeg=jpeg,
+          label=k % NUM_CLASSES,
+          species=f"Species {k % NUM_CLASSES}",
+          regions=["ES"],
+          country="ES",
+          license="CC0-1.0",
+          author="test",
+          url=f"https://example.invalid/{k}.jpg",
+          sha256=hashlib.sha256(jpeg).hexdigest(),
+        )
+      )
     shards.write_split(dataset_dir, split, records, num_shards)
-  fileio.write_json(os.path.join(dataset_dir, "classes.json"), [
-      {"index": i, "species": f"Species {i}", "common_names": {}, "regions": ["ES"],
-       "family": "Testaceae"} for i in range(NUM_CLASSES)])
+  fileio.write_json(
+    os.path.join(dataset_dir, "classes.json"),
+    [
+      {
+        "index": i,
+        "species": f"Species {i}",
+        "common_names": {},
+        "regions": ["ES"],
+        "family": "Testaceae",
+      }
+      for i in range(NUM_CLASSES)
+    ],
+  )
 
 
 def tiny_config(coordinator="", num_processes=1, process_id=0):
   from configs import training  # pylint: disable=g-import-not-at-top
-  config = training.training_config(output_dir=STAGE, model_name="efficientnet_lite0",
-                                    image_size=32)
+
+  config = training.training_config(
+    output_dir=STAGE, model_name="efficientnet_lite0", image_size=32
+  )
   # 7 narrow blocks compile fast; no dropout or stochastic depth, whose masks follow the
   # position in the batch, which differs between the runs.
-  config.model.kwargs = {"width_coefficient": 0.25, "depth_coefficient": 0.25,
-                         "dropout_rate": 0.0, "drop_path_rate": 0.0}
+  config.model.kwargs = {
+    "width_coefficient": 0.25,
+    "depth_coefficient": 0.25,
+    "dropout_rate": 0.0,
+    "drop_path_rate": 0.0,
+  }
   config.input.crop_scale = (1.0, 1.0)  # the whole image ...
   config.input.crop_ratio = (1.0, 1.0)  # ... of these square images
   config.input.color_jitter = 0.0
@@ -116,7 +143,9 @@ def _plant_missing_gradient_reduction():
   batch, without the cross-device mean (device 0's replica kept). Forward pass and batch
   statistics are unchanged; only the loss, hence the gradient, covers device 0's 2 examples."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax.train import steps  # pylint: disable=g-import-not-at-top
+
   share = TRAIN_RECORDS // jax.device_count()
 
   def classification_task(label_smoothing):
@@ -125,22 +154,30 @@ def _plant_missing_gradient_reduction():
       logits, batch_stats = steps.forward(apply_fn, variables, batch["image"], rng)
       loss = steps.cross_entropy(logits[:share], batch["label"][:share], label_smoothing).mean()
       return loss, (batch_stats, {"top1": steps.topk_correct(logits, batch["label"], 1).mean()})
+
     return steps.Task(loss_fn=loss_fn)
+
   steps.classification_task = classification_task
 
 
 def _train(workdir, coordinator="", num_processes=1, process_id=0):
   """Subprocess body: train, then print one JSON line with the topology and summary."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   from aplantida_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   if os.environ.get(PLANT_ENV):
     _plant_missing_gradient_reduction()
-  summary = loop.train_and_evaluate(
-      tiny_config(coordinator, num_processes, process_id), workdir)
-  print("RESULT " + json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
-                                "final": summary["final"]}, default=float))
+  summary = loop.train_and_evaluate(tiny_config(coordinator, num_processes, process_id), workdir)
+  print(
+    "RESULT "
+    + json.dumps(
+      {"devices": jax.device_count(), "processes": jax.process_count(), "final": summary["final"]},
+      default=float,
+    )
+  )
 
 
 def _free_port():
@@ -157,11 +194,17 @@ def _start(workdir, *args, devices=1, plant=False):
   flags = [f"--xla_force_host_platform_device_count={devices}"]
   if aplantida_jax.cpu_runtime_flag_supported():
     flags.append("--xla_cpu_use_thunk_runtime=true")
-  env = helpers.cli_env(XLA_FLAGS=" ".join(flags), TQDM_DISABLE="1",
-                        **({PLANT_ENV: "1"} if plant else {}))
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), workdir, *map(str, args)],
-                          cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = helpers.cli_env(
+    XLA_FLAGS=" ".join(flags), TQDM_DISABLE="1", **({PLANT_ENV: "1"} if plant else {})
+  )
+  return subprocess.Popen(
+    [sys.executable, os.path.abspath(__file__), workdir, *map(str, args)],
+    cwd=helpers.ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _finish(name, proc):
@@ -171,7 +214,7 @@ def _finish(name, proc):
     proc.kill()
     out, _ = proc.communicate()
     pytest.fail(f"{name} run timed out after {TIMEOUT_S}s:\n{out[-4000:]}")
-  results = [line[len("RESULT "):] for line in out.splitlines() if line.startswith("RESULT ")]
+  results = [line[len("RESULT ") :] for line in out.splitlines() if line.startswith("RESULT ")]
   assert proc.returncode == 0 and results, f"{name} run failed:\n{out[-4000:]}"
   return json.loads(results[-1])
 
@@ -186,9 +229,9 @@ def _train_losses(workdir):
 
 def _final_params(workdir):
   from aplantida_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+
   variables = checkpointing.load_variables(os.path.join(workdir, STAGE), "latest")
-  return {"/".join(map(str, path)): np.asarray(leaf)
-          for path, leaf in _flatten(variables)}
+  return {"/".join(map(str, path)): np.asarray(leaf) for path, leaf in _flatten(variables)}
 
 
 def _flatten(tree, prefix=()):
@@ -202,8 +245,10 @@ def _flatten(tree, prefix=()):
 def _initial_params():
   """The variables every run starts from (the loop's own init, from the config seed)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   config = loop.resolve_config(tiny_config(), NUM_CLASSES)
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = loop.initial_variables(config, models.from_config(config.model), "", init_rng)
@@ -230,16 +275,19 @@ def relative_deviations(actual, expected, initial):
 def runs(tmp_path_factory):
   """Workdirs and results of all four processes, started together."""
   root = tmp_path_factory.mktemp("multidevice")
-  workdirs = {name: str(root / name)
-              for name in ("reference", "eight_devices", "two_processes", "planted")}
+  workdirs = {
+    name: str(root / name) for name in ("reference", "eight_devices", "two_processes", "planted")
+  }
   for workdir in workdirs.values():
     write_flip_invariant_dataset(os.path.join(workdir, "dataset"))
   coordinator = f"127.0.0.1:{_free_port()}"
-  procs = {"reference": _start(workdirs["reference"]),
-           "eight_devices": _start(workdirs["eight_devices"], devices=8),
-           "process0": _start(workdirs["two_processes"], coordinator, 2, 0),
-           "process1": _start(workdirs["two_processes"], coordinator, 2, 1),
-           "planted": _start(workdirs["planted"], devices=8, plant=True)}
+  procs = {
+    "reference": _start(workdirs["reference"]),
+    "eight_devices": _start(workdirs["eight_devices"], devices=8),
+    "process0": _start(workdirs["two_processes"], coordinator, 2, 0),
+    "process1": _start(workdirs["two_processes"], coordinator, 2, 1),
+    "planted": _start(workdirs["planted"], devices=8, plant=True),
+  }
   results = {}
   for name, proc in procs.items():
     try:
@@ -260,23 +308,28 @@ def test_train_augmentation_is_the_same_for_every_seed_and_epoch(tmp_path):
   whatever the seed and epoch (so the runs' different orders and placements see equal pixels)."""
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+
   write_flip_invariant_dataset(str(tmp_path))
   inp = tiny_config().input
   source = input_pipeline.RecordSource(shards.shard_paths(str(tmp_path), "train"))
   draws = [(seed, epoch) for seed in range(4) for epoch in range(3)]
-  transforms = {seed: input_pipeline.TrainTransform(inp.image_size, inp.crop_scale,
-                                                    inp.crop_ratio, inp.color_jitter, seed=seed)
-                for seed in range(4)}
+  transforms = {
+    seed: input_pipeline.TrainTransform(
+      inp.image_size, inp.crop_scale, inp.crop_ratio, inp.color_jitter, seed=seed
+    )
+    for seed in range(4)
+  }
   flips = set()
   for index in range(len(source)):
     element = source[index]
-    images = [transforms[seed].map({**element, "epoch": epoch})["image"]
-              for seed, epoch in draws]
+    images = [transforms[seed].map({**element, "epoch": epoch})["image"] for seed, epoch in draws]
     for image in images[1:]:
       np.testing.assert_array_equal(image, images[0])
     size = Image.open(io.BytesIO(shards.decode(element["data"])["jpeg"])).size
-    flips |= {transforms[seed].augment.params(epoch, element["position"], *size).flip
-              for seed, epoch in draws}
+    flips |= {
+      transforms[seed].augment.params(epoch, element["position"], *size).flip
+      for seed, epoch in draws
+    }
   assert flips == {False, True}  # both flip outcomes occurred: the equality is not vacuous
 
 
@@ -288,8 +341,9 @@ def test_eight_devices_give_the_single_device_loss_curve_and_params(runs):
   assert np.ptp(expected) > 1e-3  # the parameters moved: the comparison is not vacuous
   np.testing.assert_allclose(_train_losses(workdirs["eight_devices"]), expected, rtol=1e-4)
   initial, expected_params = _initial_params(), _final_params(workdirs["reference"])
-  deviations = relative_deviations(_final_params(workdirs["eight_devices"]), expected_params,
-                                   initial)
+  deviations = relative_deviations(
+    _final_params(workdirs["eight_devices"]), expected_params, initial
+  )
   worst = max(deviations, key=deviations.get)
   assert deviations[worst] < MAX_RELATIVE_DEVIATION, (worst, deviations[worst])
   # The same check on a run whose gradients were not reduced across devices fails by far.
@@ -298,7 +352,9 @@ def test_eight_devices_give_the_single_device_loss_curve_and_params(runs):
   assert max(planted.values()) > 10 * MAX_RELATIVE_DEVIATION
   assert np.median(list(planted.values())) > MAX_RELATIVE_DEVIATION
   assert sharded["final"]["val_count"] == reference["final"]["val_count"] == 8
-  np.testing.assert_allclose(sharded["final"]["val_loss"], reference["final"]["val_loss"], rtol=1e-4)
+  np.testing.assert_allclose(
+    sharded["final"]["val_loss"], reference["final"]["val_loss"], rtol=1e-4
+  )
 
 
 def test_two_processes_give_the_single_process_params(runs):
@@ -312,11 +368,17 @@ def test_two_processes_give_the_single_process_params(runs):
     assert (process["devices"], process["processes"]) == (2, 2)
     # Each process evaluated its share; the reported sums cover the whole split.
     assert process["final"]["val_count"] == reference["final"]["val_count"] == 8
-    np.testing.assert_allclose(process["final"]["val_loss"], reference["final"]["val_loss"], rtol=1e-3)
-  np.testing.assert_allclose(_train_losses(workdirs["two_processes"]),
-                             _train_losses(workdirs["reference"]), rtol=1e-3)
-  deviations = relative_deviations(_final_params(workdirs["two_processes"]),
-                                   _final_params(workdirs["reference"]), _initial_params())
+    np.testing.assert_allclose(
+      process["final"]["val_loss"], reference["final"]["val_loss"], rtol=1e-3
+    )
+  np.testing.assert_allclose(
+    _train_losses(workdirs["two_processes"]), _train_losses(workdirs["reference"]), rtol=1e-3
+  )
+  deviations = relative_deviations(
+    _final_params(workdirs["two_processes"]),
+    _final_params(workdirs["reference"]),
+    _initial_params(),
+  )
   worst = max(deviations, key=deviations.get)
   assert deviations[worst] < MAX_RELATIVE_DEVIATION, (worst, deviations[worst])
 

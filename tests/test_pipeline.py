@@ -6,6 +6,7 @@ workdir skips every stage) and seed 1 once (different ones). The configs are the
 real stage configs' `:demo` variants, shrunk further (slim networks from scratch); the catalog is drawn demo
 data served from 127.0.0.1, so the export goes through the real download path.
 """
+
 import glob
 import json
 import os
@@ -18,7 +19,9 @@ import pytest
 from aplantida_jax import stages
 from aplantida_jax.data import demo_data
 from aplantida_jax.repro import pipeline
-from tests.helpers import ROOT, SLIM_LITE0, cli_env
+from tests.helpers import ROOT
+from tests.helpers import SLIM_LITE0
+from tests.helpers import cli_env
 
 # The demo's networks, slim and from scratch: the run checks the stages and their seams, not
 # ImageNet transfer (tests/test_import_pretrained.py and ./run.sh do), at a fraction of the
@@ -26,16 +29,41 @@ from tests.helpers import ROOT, SLIM_LITE0, cli_env
 SLIM = [f"c.model.kwargs = {SLIM_LITE0!r}", "c.model.init_from = ''", "c.optimizer.frozen = ''"]
 # Per stage: config module, then lines that shrink its :demo variant further.
 SHRINK = {
-    "audit": ["c.catalog.path = CATALOG"],
-    "export": ["c.catalog.path = CATALOG", "c.export.image_size = 40", "c.export.min_per_class = 4"],
-    "teacher_global": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
-                       "c.input.image_size = 32", "c.batch_size = 8", "c.tensorboard = True", *SLIM],
-    "teacher_regional": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
-                         "c.input.image_size = 32", "c.batch_size = 8", "c.optimizer.frozen = ''"],
-    "student_distill": ["c.num_train_steps = 4", "c.eval_every_steps = 4", "c.checkpoint.every_steps = 2",
-                        "c.input.image_size = 32", "c.batch_size = 8", *SLIM],
-    "student_finetune": ["c.num_train_steps = 2", "c.eval_every_steps = 2", "c.checkpoint.every_steps = 2",
-                         "c.input.image_size = 32", "c.batch_size = 8", "c.optimizer.frozen = ''"],
+  "audit": ["c.catalog.path = CATALOG"],
+  "export": ["c.catalog.path = CATALOG", "c.export.image_size = 40", "c.export.min_per_class = 4"],
+  "teacher_global": [
+    "c.num_train_steps = 4",
+    "c.eval_every_steps = 4",
+    "c.checkpoint.every_steps = 2",
+    "c.input.image_size = 32",
+    "c.batch_size = 8",
+    "c.tensorboard = True",
+    *SLIM,
+  ],
+  "teacher_regional": [
+    "c.num_train_steps = 2",
+    "c.eval_every_steps = 2",
+    "c.checkpoint.every_steps = 2",
+    "c.input.image_size = 32",
+    "c.batch_size = 8",
+    "c.optimizer.frozen = ''",
+  ],
+  "student_distill": [
+    "c.num_train_steps = 4",
+    "c.eval_every_steps = 4",
+    "c.checkpoint.every_steps = 2",
+    "c.input.image_size = 32",
+    "c.batch_size = 8",
+    *SLIM,
+  ],
+  "student_finetune": [
+    "c.num_train_steps = 2",
+    "c.eval_every_steps = 2",
+    "c.checkpoint.every_steps = 2",
+    "c.input.image_size = 32",
+    "c.batch_size = 8",
+    "c.optimizer.frozen = ''",
+  ],
 }
 
 
@@ -47,16 +75,30 @@ def write_configs(folder, seed, catalog):
     lines = [f"c.seed = {seed}", *SHRINK.get(module, [])]
     body = "\n".join(f"  {line}" for line in lines)
     with open(os.path.join(folder, stage.config), "w") as f:
-      f.write(f"from configs import {module} as base\nCATALOG = {catalog!r}\n\n\n"
-              f"def get_config(arg=None):\n  c = base.get_config('demo')\n{body}\n  return c\n")
+      f.write(
+        f"from configs import {module} as base\nCATALOG = {catalog!r}\n\n\n"
+        f"def get_config(arg=None):\n  c = base.get_config('demo')\n{body}\n  return c\n"
+      )
 
 
 def start_pipeline(configs, workdir, env):
   """`python -m aplantida_jax.repro.pipeline` in the background, output to <workdir>.log."""
   with open(f"{workdir}.log", "w") as log:
-    return subprocess.Popen([sys.executable, "-m", "aplantida_jax.repro.pipeline", "--configs",
-                             str(configs), "--workdir", str(workdir)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "aplantida_jax.repro.pipeline",
+        "--configs",
+        str(configs),
+        "--workdir",
+        str(workdir),
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def finish_pipeline(proc, workdir):
@@ -82,8 +124,14 @@ def outputs(manifest):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("pipeline")
-  demo_data.make_demo_data(str(base / "catalog"), "http://127.0.0.1:1", seed=0, num_species=4,
-                           images_per_species=(14, 14), image_size=64)
+  demo_data.make_demo_data(
+    str(base / "catalog"),
+    "http://127.0.0.1:1",
+    seed=0,
+    num_species=4,
+    images_per_species=(14, 14),
+    image_size=64,
+  )
   results = {}
   with demo_data.serve_directory(str(base / "catalog"), 0) as server:
     catalog = str(base / "served.jsonl")
@@ -115,7 +163,11 @@ def test_every_stage_runs_and_the_run_is_recorded(runs):
   assert manifest["jax"]["backend"] == "cpu" and manifest["versions"]["jax"]
   assert manifest["git"]["commit"] is None or len(manifest["git"]["commit"]) == 40
   assert set(manifest["outputs"]["best_params_sha256"]) == {
-      "teacher_global", "teacher_regional", "student/distill", "student/finetune"}
+    "teacher_global",
+    "teacher_regional",
+    "student/distill",
+    "student/finetune",
+  }
   criteria = {row["criterion"]: row for row in manifest["success_criteria"]}
   assert criteria["licence check passes"]["passed"] is True
   assert criteria["model size (MB)"]["value"] > 0
@@ -126,7 +178,7 @@ def test_every_stage_runs_and_the_run_is_recorded(runs):
 
 def test_rerun_skips_every_stage(runs):
   stdout, _, _ = runs["a_again"]
-  table = stdout[stdout.index("stage               status"):]
+  table = stdout[stdout.index("stage               status") :]
   for stage in stages.PIPELINE:
     row = next(line for line in table.splitlines() if line.startswith(stage.name + " "))
     assert row.split()[1] == "skipped", row
@@ -137,7 +189,10 @@ def test_same_seed_gives_identical_outputs(runs):
 
 
 def test_other_seed_gives_different_outputs(runs):
-  (shards_a, params_a, tfjs_a), (shards_c, params_c, tfjs_c) = outputs(runs["a"][1]), outputs(runs["c"][1])
+  (shards_a, params_a, tfjs_a), (shards_c, params_c, tfjs_c) = (
+    outputs(runs["a"][1]),
+    outputs(runs["c"][1]),
+  )
   assert shards_a != shards_c
   assert all(params_a[stage] != params_c[stage] for stage in params_a)
   assert tfjs_a != tfjs_c
@@ -149,12 +204,26 @@ def test_a_failing_stage_prints_one_line_and_keeps_the_traceback_in_its_log(tmp_
   configs.mkdir()
   missing = tmp_path / "no_such_catalog.jsonl"
   (configs / "audit.py").write_text(
-      "from configs import audit\n\n\ndef get_config(arg=None):\n"
-      f"  c = audit.get_config()\n  c.catalog.path = {str(missing)!r}\n  return c\n")
+    "from configs import audit\n\n\ndef get_config(arg=None):\n"
+    f"  c = audit.get_config()\n  c.catalog.path = {str(missing)!r}\n  return c\n"
+  )
   workdir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "-m", "aplantida_jax.repro.pipeline", "--configs", str(configs),
-                         "--workdir", str(workdir)], cwd=ROOT, env=cli_env(), capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "aplantida_jax.repro.pipeline",
+      "--configs",
+      str(configs),
+      "--workdir",
+      str(workdir),
+    ],
+    cwd=ROOT,
+    env=cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert "Traceback" not in proc.stdout + proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -172,11 +241,14 @@ def test_demo_starts_every_network_from_the_weights_its_pretrained_stage_imports
     config = pipeline.load_config(os.path.join(configs, name), "demo")
     assert config.model.name in imported.archs, name
     assert config.model.init_from == os.path.join(imported.out_dir, config.model.name), name
-  for name, upstream in (("teacher_regional.py", "teacher_global"),
-                         ("student_finetune.py", "student/distill")):
+  for name, upstream in (
+    ("teacher_regional.py", "teacher_global"),
+    ("student_finetune.py", "student/distill"),
+  ):
     config = pipeline.load_config(os.path.join(configs, name), "demo")
     assert config.init_from_stage == upstream and not config.model.init_from, name
-  demo = {s.name: pipeline.load_config(os.path.join(configs, s.config), "demo")
-          for s in stages.PIPELINE}
+  demo = {
+    s.name: pipeline.load_config(os.path.join(configs, s.config), "demo") for s in stages.PIPELINE
+  }
   deps = {s.name: d for s, d in stages.plan(stages.PIPELINE, demo, "/w")}
   assert "pretrained" in deps["teacher_global"] and "pretrained" in deps["distill"]

@@ -1,4 +1,5 @@
 """Catalog sources: Mongo (mongomock, or a real server via APLANTIDA_TEST_MONGO_URI), JSONL, folder."""
+
 import collections
 import csv
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 import mongomock
 import pymongo
 import pytest
-from pymongo import monitoring
 from PIL import Image
+from pymongo import monitoring
 
 from aplantida_jax.data import licenses
 from aplantida_jax.data import sources
@@ -22,32 +23,79 @@ FLOWERS12 = Path(__file__).resolve().parents[2] / "shared/data/flowers12/train"
 
 # Realistic documents in the default (DESIGN.md) shape, with noise fields a projection should drop.
 LAVANDULA = {
-    "scientificName": "Lavandula stoechas", "family": "Lamiaceae",
-    "commonNames": {"es": ["cantueso", "tomillo borriquero"], "en": "French lavender"},
-    "regions": ["ES", "PT", "fr"], "description": "x" * 1000,
-    "images": [
-        {"url": "https://cdn.example/p/1.jpg", "license": "CC BY-SA 4.0", "author": "Ana",
-         "source": "inaturalist", "country": "ES", "exif": {"camera": "X100"}},
-        {"url": "https://cdn.example/p/2.jpg", "license": "https://creativecommons.org/licenses/by-nc/4.0/",
-         "author": "Jordi", "source": "flickr"},
-    ]}
+  "scientificName": "Lavandula stoechas",
+  "family": "Lamiaceae",
+  "commonNames": {"es": ["cantueso", "tomillo borriquero"], "en": "French lavender"},
+  "regions": ["ES", "PT", "fr"],
+  "description": "x" * 1000,
+  "images": [
+    {
+      "url": "https://cdn.example/p/1.jpg",
+      "license": "CC BY-SA 4.0",
+      "author": "Ana",
+      "source": "inaturalist",
+      "country": "ES",
+      "exif": {"camera": "X100"},
+    },
+    {
+      "url": "https://cdn.example/p/2.jpg",
+      "license": "https://creativecommons.org/licenses/by-nc/4.0/",
+      "author": "Jordi",
+      "source": "flickr",
+    },
+  ],
+}
 CISTUS = {
-    "scientificName": "Cistus albidus", "family": "Cistaceae", "regions": ["ES", "FR"],
-    "images": [{"url": "https://cdn.example/c/1.jpg", "license": "CC0", "author": "Marta",
-                "source": "wikimedia", "country": "fr"}]}
+  "scientificName": "Cistus albidus",
+  "family": "Cistaceae",
+  "regions": ["ES", "FR"],
+  "images": [
+    {
+      "url": "https://cdn.example/c/1.jpg",
+      "license": "CC0",
+      "author": "Marta",
+      "source": "wikimedia",
+      "country": "fr",
+    }
+  ],
+}
 
 EXPECTED = [
-    ImageRecord(species="Lavandula stoechas", url="https://cdn.example/p/1.jpg", license="CC-BY-SA-4.0",
-                license_raw="CC BY-SA 4.0", author="Ana", source="inaturalist", country="ES",
-                species_regions=("ES", "FR", "PT"), family="Lamiaceae",
-                common_names=(("en", "French lavender"), ("es", "cantueso"), ("es", "tomillo borriquero"))),
-    ImageRecord(species="Lavandula stoechas", url="https://cdn.example/p/2.jpg", license="CC-BY-NC-4.0",
-                license_raw="https://creativecommons.org/licenses/by-nc/4.0/", author="Jordi",
-                source="flickr", country=None, species_regions=("ES", "FR", "PT"), family="Lamiaceae",
-                common_names=(("en", "French lavender"), ("es", "cantueso"), ("es", "tomillo borriquero"))),
-    ImageRecord(species="Cistus albidus", url="https://cdn.example/c/1.jpg", license="CC0-1.0",
-                license_raw="CC0", author="Marta", source="wikimedia", country="FR",
-                species_regions=("ES", "FR"), family="Cistaceae"),
+  ImageRecord(
+    species="Lavandula stoechas",
+    url="https://cdn.example/p/1.jpg",
+    license="CC-BY-SA-4.0",
+    license_raw="CC BY-SA 4.0",
+    author="Ana",
+    source="inaturalist",
+    country="ES",
+    species_regions=("ES", "FR", "PT"),
+    family="Lamiaceae",
+    common_names=(("en", "French lavender"), ("es", "cantueso"), ("es", "tomillo borriquero")),
+  ),
+  ImageRecord(
+    species="Lavandula stoechas",
+    url="https://cdn.example/p/2.jpg",
+    license="CC-BY-NC-4.0",
+    license_raw="https://creativecommons.org/licenses/by-nc/4.0/",
+    author="Jordi",
+    source="flickr",
+    country=None,
+    species_regions=("ES", "FR", "PT"),
+    family="Lamiaceae",
+    common_names=(("en", "French lavender"), ("es", "cantueso"), ("es", "tomillo borriquero")),
+  ),
+  ImageRecord(
+    species="Cistus albidus",
+    url="https://cdn.example/c/1.jpg",
+    license="CC0-1.0",
+    license_raw="CC0",
+    author="Marta",
+    source="wikimedia",
+    country="FR",
+    species_regions=("ES", "FR"),
+    family="Cistaceae",
+  ),
 ]
 
 
@@ -93,12 +141,19 @@ def _catalog(**overrides):
 
 
 def _mongo_cfg(db, **overrides):
-  return _catalog(kind="mongo", db=db, collection="Plant", mongo_uri=REAL_MONGO_URI or "mongodb://mock",
-                  **overrides)
+  return _catalog(
+    kind="mongo",
+    db=db,
+    collection="Plant",
+    mongo_uri=REAL_MONGO_URI or "mongodb://mock",
+    **overrides,
+  )
 
 
 def _insert(client, db, docs):
-  client[db]["Plant"].insert_many([json.loads(json.dumps(d)) for d in docs])  # copies: insert adds _id
+  client[db]["Plant"].insert_many(
+    [json.loads(json.dumps(d)) for d in docs]
+  )  # copies: insert adds _id
 
 
 def _records(cfg, client=None):
@@ -117,37 +172,71 @@ def test_mongo_default_mapping(mongo):
 
 def test_mongo_field_mapping_override(mongo):
   client, db, _ = mongo
-  nested = {"taxon": {"name": "Lavandula stoechas", "family": "Lamiaceae"},
-            "vernacular": {"es": ["cantueso", "tomillo borriquero"], "en": "French lavender"},
-            "distribution": {"countries": ["ES", "PT", "FR"]},
-            "media": {"images": [
-                {"src": {"href": "https://cdn.example/p/1.jpg"}, "meta": {"license": {"name": "CC BY-SA 4.0"}},
-                 "credit": {"author": "Ana", "site": "inaturalist"}, "where": {"cc": "ES"}},
-                {"src": {"href": "https://cdn.example/p/2.jpg"},
-                 "meta": {"license": {"name": "https://creativecommons.org/licenses/by-nc/4.0/"}},
-                 "credit": {"author": "Jordi", "site": "flickr"}}]}}
+  nested = {
+    "taxon": {"name": "Lavandula stoechas", "family": "Lamiaceae"},
+    "vernacular": {"es": ["cantueso", "tomillo borriquero"], "en": "French lavender"},
+    "distribution": {"countries": ["ES", "PT", "FR"]},
+    "media": {
+      "images": [
+        {
+          "src": {"href": "https://cdn.example/p/1.jpg"},
+          "meta": {"license": {"name": "CC BY-SA 4.0"}},
+          "credit": {"author": "Ana", "site": "inaturalist"},
+          "where": {"cc": "ES"},
+        },
+        {
+          "src": {"href": "https://cdn.example/p/2.jpg"},
+          "meta": {"license": {"name": "https://creativecommons.org/licenses/by-nc/4.0/"}},
+          "credit": {"author": "Jordi", "site": "flickr"},
+        },
+      ]
+    },
+  }
   _insert(client, db, [nested])
-  cfg = _mongo_cfg(db, **{"fields.species": "taxon.name", "fields.family": "taxon.family",
-                          "fields.common_names": "vernacular", "fields.regions": "distribution.countries",
-                          "fields.images": "media.images", "fields.url": "src.href",
-                          "fields.license": "meta.license.name", "fields.author": "credit.author",
-                          "fields.source": "credit.site", "fields.country": "where.cc"})
+  cfg = _mongo_cfg(
+    db,
+    **{
+      "fields.species": "taxon.name",
+      "fields.family": "taxon.family",
+      "fields.common_names": "vernacular",
+      "fields.regions": "distribution.countries",
+      "fields.images": "media.images",
+      "fields.url": "src.href",
+      "fields.license": "meta.license.name",
+      "fields.author": "credit.author",
+      "fields.source": "credit.site",
+      "fields.country": "where.cc",
+    },
+  )
   records, stats = _records(cfg, client)
   assert records == EXPECTED[:2]
   assert not stats
 
 
 BROKEN_DOCS = [
-    {"family": "Lamiaceae", "images": [{"url": "https://cdn.example/a.jpg"}]},           # no species
-    {"scientificName": "  ", "images": [{"url": "https://cdn.example/b.jpg"}]},          # blank species
-    {"scientificName": "Ruta montana"},                                                   # no images
-    {"scientificName": "Ruta angustifolia", "images": []},                                # empty images
-    {"scientificName": "Ruta chalepensis", "images": {"url": "https://cdn.example/c.jpg"}},  # not a list
-    {"scientificName": "Thymus vulgaris", "regions": ["ES", "Spain", 7], "images": [
-        {"url": "https://cdn.example/t/1.jpg", "license": "CC-BY-4.0", "country": "España", "author": {"x": 1}},
-        {"license": "CC-BY-4.0"},                                                         # no url
-        {"url": "ftp://cdn.example/t/3.jpg"},                                             # not http(s)
-        {"url": "https://cdn.example/t/5.jpg", "country": "pt"}]},
+  {"family": "Lamiaceae", "images": [{"url": "https://cdn.example/a.jpg"}]},  # no species
+  {"scientificName": "  ", "images": [{"url": "https://cdn.example/b.jpg"}]},  # blank species
+  {"scientificName": "Ruta montana"},  # no images
+  {"scientificName": "Ruta angustifolia", "images": []},  # empty images
+  {
+    "scientificName": "Ruta chalepensis",
+    "images": {"url": "https://cdn.example/c.jpg"},
+  },  # not a list
+  {
+    "scientificName": "Thymus vulgaris",
+    "regions": ["ES", "Spain", 7],
+    "images": [
+      {
+        "url": "https://cdn.example/t/1.jpg",
+        "license": "CC-BY-4.0",
+        "country": "España",
+        "author": {"x": 1},
+      },
+      {"license": "CC-BY-4.0"},  # no url
+      {"url": "ftp://cdn.example/t/3.jpg"},  # not http(s)
+      {"url": "https://cdn.example/t/5.jpg", "country": "pt"},
+    ],
+  },
 ]
 
 
@@ -155,18 +244,20 @@ def test_missing_and_invalid_fields_are_counted_not_fatal(mongo):
   client, db, _ = mongo
   _insert(client, db, BROKEN_DOCS)
   records, stats = _records(_mongo_cfg(db), client)
-  assert [(r.species, r.url, r.country, r.species_regions, r.author, r.license) for r in records] == [
-      ("Thymus vulgaris", "https://cdn.example/t/1.jpg", None, ("ES",), "", "CC-BY-4.0"),
-      ("Thymus vulgaris", "https://cdn.example/t/5.jpg", "PT", ("ES",), "", "unknown"),
+  assert [
+    (r.species, r.url, r.country, r.species_regions, r.author, r.license) for r in records
+  ] == [
+    ("Thymus vulgaris", "https://cdn.example/t/1.jpg", None, ("ES",), "", "CC-BY-4.0"),
+    ("Thymus vulgaris", "https://cdn.example/t/5.jpg", "PT", ("ES",), "", "unknown"),
   ]
   assert stats == {
-      "document: missing species (field 'scientificName')": 2,
-      "document: images missing or empty (field 'images')": 2,
-      "document: images not a list (field 'images')": 1,
-      "document: invalid region codes (dropped)": 1,
-      "image: invalid country code ignored (field 'country')": 1,
-      "image: missing url (field 'url')": 1,
-      "image: invalid url, not http(s) (field 'url')": 1,
+    "document: missing species (field 'scientificName')": 2,
+    "document: images missing or empty (field 'images')": 2,
+    "document: images not a list (field 'images')": 1,
+    "document: invalid region codes (dropped)": 1,
+    "image: invalid country code ignored (field 'country')": 1,
+    "image: missing url (field 'url')": 1,
+    "image: invalid url, not http(s) (field 'url')": 1,
   }
 
 
@@ -204,16 +295,21 @@ class _SpyClient:
       for doc in cursor:
         self.log["pulled"] += 1
         yield doc
+
     return pull()
 
 
 def test_mongo_streams_documents_in_batches(mongo):
   client, db, log = mongo
-  docs = [{"scientificName": f"Species {i:02d}", "images": [{"url": f"https://cdn.example/{i}.jpg"}]}
-          for i in range(25)]
+  docs = [
+    {"scientificName": f"Species {i:02d}", "images": [{"url": f"https://cdn.example/{i}.jpg"}]}
+    for i in range(25)
+  ]
   _insert(client, db, docs)
   spy = _SpyClient(client)
-  stream = sources.iter_records(_mongo_cfg(db, batch_size=10), collections.Counter(), mongo_client=spy)
+  stream = sources.iter_records(
+    _mongo_cfg(db, batch_size=10), collections.Counter(), mongo_client=spy
+  )
   first = next(stream)
   assert first.species == "Species 00"
   assert spy.log["find"]["batch_size"] == 10
@@ -239,17 +335,35 @@ def test_mongo_connection_error_never_shows_the_password():
   assert "s3cr3t" not in json.dumps(sources.describe(_catalog(kind="mongo", mongo_uri=uri)))
 
 
-@pytest.mark.parametrize("uri,redacted", [
-    ("mongodb://user:pass@host:27017/db?authSource=admin", "mongodb://***@host:27017/db?authSource=admin"),
-    ("mongodb+srv://u:p%40ss@c0.x.mongodb.net/?retryWrites=true", "mongodb+srv://***@c0.x.mongodb.net/?retryWrites=true"),
-    ("mongodb://u:p@ss/w@h1:1,h2:2/db", "mongodb://***@h1:1,h2:2/db"),  # unescaped @ and / in password
+@pytest.mark.parametrize(
+  "uri,redacted",
+  [
+    (
+      "mongodb://user:pass@host:27017/db?authSource=admin",
+      "mongodb://***@host:27017/db?authSource=admin",
+    ),
+    (
+      "mongodb+srv://u:p%40ss@c0.x.mongodb.net/?retryWrites=true",
+      "mongodb+srv://***@c0.x.mongodb.net/?retryWrites=true",
+    ),
+    (
+      "mongodb://u:p@ss/w@h1:1,h2:2/db",
+      "mongodb://***@h1:1,h2:2/db",
+    ),  # unescaped @ and / in password
     ("mongodb://alice:Qx?zPW77@host/db?authSource=admin", "mongodb://***@host/db?authSource=admin"),
     ("mongodb://h/?authSource=x&password=hunter2", "mongodb://h/?authSource=x&password=***"),
-    ("mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN:abc", "mongodb://h/?authMechanismProperties=***"),
-    ("https://cdn.example/a.jpg?X-Amz-Signature=abc&w=3", "https://cdn.example/a.jpg?X-Amz-Signature=***&w=3"),
+    (
+      "mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN:abc",
+      "mongodb://h/?authMechanismProperties=***",
+    ),
+    (
+      "https://cdn.example/a.jpg?X-Amz-Signature=abc&w=3",
+      "https://cdn.example/a.jpg?X-Amz-Signature=***&w=3",
+    ),
     ("mongodb://localhost:27017", "mongodb://localhost:27017"),
     ("", ""),
-])
+  ],
+)
 def test_redact_uri(uri, redacted):
   assert sources.redact_uri(uri) == redacted
 
@@ -257,28 +371,52 @@ def test_redact_uri(uri, redacted):
 def test_jsonl_source_shares_the_mongo_normalisation(tmp_path):
   path = tmp_path / "catalog.jsonl"
   odd_image = {"scientificName": "Ruta montana", "images": ["https://cdn.example/r.jpg"]}
-  lines = [json.dumps(LAVANDULA), "", "{not json", json.dumps(CISTUS), json.dumps(["a list"]),
-           json.dumps(odd_image)]
+  lines = [
+    json.dumps(LAVANDULA),
+    "",
+    "{not json",
+    json.dumps(CISTUS),
+    json.dumps(["a list"]),
+    json.dumps(odd_image),
+  ]
   path.write_text("\n".join(lines) + "\n", encoding="utf-8")
   records, stats = _records(_catalog(kind="jsonl", path=str(path)))
   assert records == EXPECTED
-  assert stats == {"document: invalid JSON line": 1, "document: not an object": 1,
-                   "image: entry is not an object": 1}
+  assert stats == {
+    "document: invalid JSON line": 1,
+    "document: not an object": 1,
+    "image: entry is not an object": 1,
+  }
 
 
 def test_jsonl_lines_not_utf8_and_malformed_urls_are_counted_not_fatal(tmp_path):
   path = tmp_path / "catalog.jsonl"
-  broken = {"scientificName": "Ruta montana", "images": [
-      {"url": "http://[::1/x.jpg"}, {"url": "http://cdn.example:99999/y.jpg"},
-      {"url": "https://cdn.example/ok.jpg"}]}
-  path.write_bytes(b"\n".join([json.dumps(LAVANDULA).encode(),
-                               '{"scientificName": "Cistus \xe9"}'.encode("latin-1"),
-                               json.dumps(broken).encode(), json.dumps(CISTUS).encode()]) + b"\n")
+  broken = {
+    "scientificName": "Ruta montana",
+    "images": [
+      {"url": "http://[::1/x.jpg"},
+      {"url": "http://cdn.example:99999/y.jpg"},
+      {"url": "https://cdn.example/ok.jpg"},
+    ],
+  }
+  path.write_bytes(
+    b"\n".join(
+      [
+        json.dumps(LAVANDULA).encode(),
+        '{"scientificName": "Cistus \xe9"}'.encode("latin-1"),
+        json.dumps(broken).encode(),
+        json.dumps(CISTUS).encode(),
+      ]
+    )
+    + b"\n"
+  )
   records, stats = _records(_catalog(kind="jsonl", path=str(path)))
   assert [r for r in records if r.species != "Ruta montana"] == EXPECTED
   assert [r.url for r in records if r.species == "Ruta montana"] == ["https://cdn.example/ok.jpg"]
-  assert stats == {"document: line not UTF-8": 1,
-                   "image: invalid url, not http(s) (field 'url')": 2}
+  assert stats == {
+    "document: line not UTF-8": 1,
+    "image: invalid url, not http(s) (field 'url')": 2,
+  }
 
 
 def test_jsonl_missing_file_names_the_fix(tmp_path):
@@ -293,7 +431,10 @@ def test_unknown_kind_is_a_clear_error():
 
 def test_folder_source_with_sidecar_csv(tmp_path):
   root = tmp_path / "photos"
-  for species, names in {"Cistus albidus": ["a.jpg", "b.png"], "Lavandula stoechas": ["c.jpg"]}.items():
+  for species, names in {
+    "Cistus albidus": ["a.jpg", "b.png"],
+    "Lavandula stoechas": ["c.jpg"],
+  }.items():
     (root / species).mkdir(parents=True)
     for name in names:
       Image.new("RGB", (8, 8), "green").save(root / species / name)
@@ -304,20 +445,47 @@ def test_folder_source_with_sidecar_csv(tmp_path):
     w = csv.writer(f)
     w.writerow(["path", "license", "author", "source", "country"])
     w.writerow([os.path.join("Cistus albidus", "a.jpg"), "CC BY 4.0", "Ana", "inaturalist", "es"])
-    w.writerow([str(root / "Lavandula stoechas" / "c.jpg"), "cc-by-nd", "", "", ""])  # absolute path
+    w.writerow(
+      [str(root / "Lavandula stoechas" / "c.jpg"), "cc-by-nd", "", "", ""]
+    )  # absolute path
     w.writerow([os.path.join("Gone", "x.jpg"), "CC0", "Bob", "", ""])
-  cfg = _catalog(kind="folder", path=str(root), sidecar_csv=str(sidecar), default_license="CC0",
-                 default_author="Team")
+  cfg = _catalog(
+    kind="folder",
+    path=str(root),
+    sidecar_csv=str(sidecar),
+    default_license="CC0",
+    default_author="Team",
+  )
   records, stats = _records(cfg)
-  got = [(r.species, os.path.relpath(r.path, root), r.license, r.author, r.source, r.country) for r in records]
+  got = [
+    (r.species, os.path.relpath(r.path, root), r.license, r.author, r.source, r.country)
+    for r in records
+  ]
   assert got == [
-      ("Cistus albidus", os.path.join("Cistus albidus", "a.jpg"), "CC-BY-4.0", "Ana", "inaturalist", "ES"),
-      ("Cistus albidus", os.path.join("Cistus albidus", "b.png"), "CC0-1.0", "Team", "local", None),
-      ("Lavandula stoechas", os.path.join("Lavandula stoechas", "c.jpg"), "CC-BY-ND-4.0", "Team", "local", None),
+    (
+      "Cistus albidus",
+      os.path.join("Cistus albidus", "a.jpg"),
+      "CC-BY-4.0",
+      "Ana",
+      "inaturalist",
+      "ES",
+    ),
+    ("Cistus albidus", os.path.join("Cistus albidus", "b.png"), "CC0-1.0", "Team", "local", None),
+    (
+      "Lavandula stoechas",
+      os.path.join("Lavandula stoechas", "c.jpg"),
+      "CC-BY-ND-4.0",
+      "Team",
+      "local",
+      None,
+    ),
   ]
   assert all(r.url is None and os.path.isfile(r.path) for r in records)
-  assert stats == {"image: not an image file extension": 1, "image: file outside a species folder": 1,
-                   "sidecar: row for a file that is not in the folder": 1}
+  assert stats == {
+    "image: not an image file extension": 1,
+    "image: file outside a species folder": 1,
+    "sidecar: row for a file that is not in the folder": 1,
+  }
 
 
 @pytest.mark.skipif(not FLOWERS12.is_dir(), reason=f"{FLOWERS12} not present")

@@ -1,4 +1,5 @@
 """The stage registry: run order and dependencies come from what the configs read."""
+
 import os
 
 import pytest
@@ -11,8 +12,10 @@ WORKDIR = "/runs/w"
 
 
 def _demo_configs():
-  return {s.name: pipeline.load_config(os.path.join(ROOT, "configs", s.config), "demo")
-          for s in stages.PIPELINE}
+  return {
+    s.name: pipeline.load_config(os.path.join(ROOT, "configs", s.config), "demo")
+    for s in stages.PIPELINE
+  }
 
 
 def test_the_demo_runs_in_registry_order_with_the_deps_its_configs_name():
@@ -20,17 +23,19 @@ def test_the_demo_runs_in_registry_order_with_the_deps_its_configs_name():
   assert [s.name for s, _ in planned] == [s.name for s in stages.PIPELINE]
   deps = {s.name: d for s, d in planned}
   assert deps == {
-      "audit": (), "export": (), "pretrained": (),
-      "teacher_global": ("export", "pretrained"),
-      "teacher_regional": ("export", "teacher_global"),
-      "soft_labels": ("export", "teacher_global", "teacher_regional"),
-      # The online teachers (distill.teachers) are read in online mode; listed in both.
-      "distill": ("export", "pretrained", "teacher_global", "teacher_regional", "soft_labels"),
-      "finetune": ("export", "distill"),
-      # Its fallbacks (student/distill, teacher_global) and the demo's teacher comparison.
-      "evaluate": ("export", "teacher_global", "distill", "finetune"),
-      "export_tfjs": ("export", "teacher_global", "distill", "finetune", "evaluate"),
-      "license_check": tuple(s.name for s in stages.PIPELINE[:-1]),
+    "audit": (),
+    "export": (),
+    "pretrained": (),
+    "teacher_global": ("export", "pretrained"),
+    "teacher_regional": ("export", "teacher_global"),
+    "soft_labels": ("export", "teacher_global", "teacher_regional"),
+    # The online teachers (distill.teachers) are read in online mode; listed in both.
+    "distill": ("export", "pretrained", "teacher_global", "teacher_regional", "soft_labels"),
+    "finetune": ("export", "distill"),
+    # Its fallbacks (student/distill, teacher_global) and the demo's teacher comparison.
+    "evaluate": ("export", "teacher_global", "distill", "finetune"),
+    "export_tfjs": ("export", "teacher_global", "distill", "finetune", "evaluate"),
+    "license_check": tuple(s.name for s in stages.PIPELINE[:-1]),
   }
   configs = _demo_configs()
   assert stages.output(configs["pretrained"], WORKDIR) == os.path.join(ROOT, "runs", "pretrained")
@@ -54,8 +59,9 @@ def test_a_config_that_reads_another_stage_gets_it_as_a_dep_and_runs_after_it():
 def test_stages_that_read_each_other_are_a_cycle_error():
   configs = _demo_configs()
   configs["teacher_global"].init_from_stage = "student/finetune"
-  with pytest.raises(ValueError, match="cycle: .*teacher_global reads \\['export', 'pretrained', "
-                                       "'finetune'\\]"):
+  with pytest.raises(
+    ValueError, match="cycle: .*teacher_global reads \\['export', 'pretrained', 'finetune'\\]"
+  ):
     stages.plan(stages.PIPELINE, configs, WORKDIR)
 
 

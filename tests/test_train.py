@@ -6,6 +6,7 @@ with a slim EfficientNet-Lite0 at 32 px, sharing one persistent XLA cache so eac
 program compiles once per session. Multi-device equivalence (8 forced host
 devices, 2 processes) is tests/test_multidevice.py.
 """
+
 import functools
 import json
 import os
@@ -36,17 +37,28 @@ from tests import helpers
 from tests.tiny_dataset import write_tiny_dataset
 
 NUM_CLASSES = 3
-TINY_MODEL = {"width_coefficient": 0.25, "depth_coefficient": 0.1, "dropout_rate": 0.0,
-              "bn_momentum": 0.9}
+TINY_MODEL = {
+  "width_coefficient": 0.25,
+  "depth_coefficient": 0.1,
+  "dropout_rate": 0.0,
+  "bn_momentum": 0.9,
+}
 STEPS = 12
 LEARNING_RATE = 0.03
 # The same overrides for both teachers: identical programs, compiled once.
-TINY = [*helpers.model_overrides(),
-        "--config.input.image_size=32", "--config.batch_size=8", "--config.eval_batch_size=8",
-        f"--config.num_train_steps={STEPS}", "--config.checkpoint.every_steps=2",
-        "--config.eval_every_steps=6", "--config.log_every_steps=2",
-        f"--config.optimizer.learning_rate={LEARNING_RATE}", "--config.optimizer.warmup_steps=2",
-        "--config.tensorboard=False"]
+TINY = [
+  *helpers.model_overrides(),
+  "--config.input.image_size=32",
+  "--config.batch_size=8",
+  "--config.eval_batch_size=8",
+  f"--config.num_train_steps={STEPS}",
+  "--config.checkpoint.every_steps=2",
+  "--config.eval_every_steps=6",
+  "--config.log_every_steps=2",
+  f"--config.optimizer.learning_rate={LEARNING_RATE}",
+  "--config.optimizer.warmup_steps=2",
+  "--config.tensorboard=False",
+]
 
 
 def _tiny_model():
@@ -63,8 +75,10 @@ def _optimizer_config(**overrides):
 
 def _batch(seed, size=8, image_size=32):
   rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (size, image_size, image_size, 3), dtype=np.uint8),
-          "label": (np.arange(size) % NUM_CLASSES).astype(np.int32)}
+  return {
+    "image": rng.integers(0, 256, (size, image_size, image_size, 3), dtype=np.uint8),
+    "label": (np.arange(size) % NUM_CLASSES).astype(np.int32),
+  }
 
 
 def test_loss_goes_down_on_a_tiny_batch():
@@ -72,8 +86,9 @@ def test_loss_goes_down_on_a_tiny_batch():
   variables = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 3)), train=False)
   opt = _optimizer_config(name="adamw", learning_rate=3e-3, weight_decay=0.0)
   state = state_lib.create_train_state(model, variables, opt, 8, 30)
-  step = jax.jit(functools.partial(steps.train_step,
-                                   loss_fn=steps.classification_task(0.0).loss_fn))
+  step = jax.jit(
+    functools.partial(steps.train_step, loss_fn=steps.classification_task(0.0).loss_fn)
+  )
   batch, rng = _batch(0), jax.random.PRNGKey(1)
   losses = []
   for _ in range(30):
@@ -103,8 +118,7 @@ def test_gradient_accumulation_equals_one_big_batch(name):
   rng = jax.random.PRNGKey(0)
 
   def run(accum, batches, updates):
-    opt = _optimizer_config(name=name, learning_rate=0.1, grad_accum_steps=accum,
-                            weight_decay=1e-3)
+    opt = _optimizer_config(name=name, learning_rate=0.1, grad_accum_steps=accum, weight_decay=1e-3)
     state = state_lib.create_train_state(model, variables, opt, 16, updates)
     step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn))
     history = []
@@ -114,9 +128,9 @@ def test_gradient_accumulation_equals_one_big_batch(name):
     return history
 
   one = run(1, [big, big], updates=2)
-  micro = [jax.tree.map(lambda x, i=i: x[i * 4:(i + 1) * 4], big) for i in range(k)]
+  micro = [jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], big) for i in range(k)]
   accumulated = run(k, micro + micro, updates=2)
-  for partial in accumulated[:k - 1]:  # nothing moves until the k-th micro-batch
+  for partial in accumulated[: k - 1]:  # nothing moves until the k-th micro-batch
     jax.tree.map(np.testing.assert_array_equal, partial, variables["params"])
   for got, want in ((accumulated[k - 1], one[0]), (accumulated[-1], one[1])):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
@@ -127,14 +141,14 @@ def test_ema_params_follow_updates_only():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
   opt = _optimizer_config(learning_rate=0.1, grad_accum_steps=2, ema_decay=0.5)
   state = state_lib.create_train_state(model, variables, opt, 8, 4)
-  step = jax.jit(functools.partial(steps.train_step,
-                                   loss_fn=steps.classification_task(0.0).loss_fn))
+  step = jax.jit(
+    functools.partial(steps.train_step, loss_fn=steps.classification_task(0.0).loss_fn)
+  )
   state, _ = step(state, _batch(0, 4), jax.random.PRNGKey(0), None)
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, variables["params"])
   state, _ = step(state, _batch(1, 4), jax.random.PRNGKey(0), None)
   expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, variables["params"], state.params)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), state.ema_params,
-               expected)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), state.ema_params, expected)
   assert state.eval_variables()["params"] is state.ema_params
 
 
@@ -144,10 +158,13 @@ def test_schedule_warms_up_then_decays_and_decay_skips_biases_and_norms():
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(0.2)
   assert float(schedule(100)) == pytest.approx(0.02)
-  mask = state_lib.decay_mask(_tiny_model().init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"])
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  mask = state_lib.decay_mask(
+    _tiny_model().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+  )
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): v
+    for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+  }
   assert all(flat[p] for p in flat if p.endswith("kernel"))
   assert not any(flat[p] for p in flat if p.endswith(("bias", "scale")))
 
@@ -157,8 +174,9 @@ def test_frozen_layers_keep_their_weights_and_the_rest_train():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
   opt = _optimizer_config(learning_rate=0.1, frozen="^(stem|block0)/")
   state = state_lib.create_train_state(model, variables, opt, 8, 4)
-  step = jax.jit(functools.partial(steps.train_step,
-                                   loss_fn=steps.classification_task(0.0).loss_fn))
+  step = jax.jit(
+    functools.partial(steps.train_step, loss_fn=steps.classification_task(0.0).loss_fn)
+  )
   for seed in range(2):
     state, _ = step(state, _batch(seed), jax.random.PRNGKey(seed), None)
   before, after = _flat(variables["params"]), _flat(state.params)
@@ -167,8 +185,11 @@ def test_frozen_layers_keep_their_weights_and_the_rest_train():
   for key in before:
     if key in frozen:
       np.testing.assert_array_equal(after[key], before[key], err_msg=key)
-  assert all(not np.array_equal(after[k], before[k]) for k in before
-             if k not in frozen and k.endswith("['kernel']"))
+  assert all(
+    not np.array_equal(after[k], before[k])
+    for k in before
+    if k not in frozen and k.endswith("['kernel']")
+  )
 
 
 def test_frozen_layers_cost_no_backward_pass_and_grad_norm_covers_the_trained_ones():
@@ -180,25 +201,37 @@ def test_frozen_layers_cost_no_backward_pass_and_grad_norm_covers_the_trained_on
   flops, metrics = {}, {}
   for frozen in ("", "^(stem|block0)/"):
     state = state_lib.create_train_state(model, variables, _optimizer_config(frozen=frozen), 8, 4)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn)).lower(
-        state, _batch(0), jax.random.PRNGKey(0), None).compile()
+    step = (
+      jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn))
+      .lower(state, _batch(0), jax.random.PRNGKey(0), None)
+      .compile()
+    )
     cost = step.cost_analysis()
     flops[frozen] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     metrics[frozen] = step(state, _batch(0), jax.random.PRNGKey(0), None)[1]
   assert flops["^(stem|block0)/"] < 0.9 * flops[""], flops
   # The same gradients, but the norm covers only the trained ones.
-  grads = jax.jit(jax.grad(lambda p: task.loss_fn(
-      model.apply, {**variables, "params": p}, _batch(0), jax.random.PRNGKey(0), None)[0]))(
-          variables["params"])
-  trained = [g for path, g in _flat(grads).items() if not path.startswith(("['stem']", "['block0']"))]
+  grads = jax.jit(
+    jax.grad(
+      lambda p: task.loss_fn(
+        model.apply, {**variables, "params": p}, _batch(0), jax.random.PRNGKey(0), None
+      )[0]
+    )
+  )(variables["params"])
+  trained = [
+    g for path, g in _flat(grads).items() if not path.startswith(("['stem']", "['block0']"))
+  ]
   np.testing.assert_allclose(metrics[""]["grad_norm"], optax.global_norm(grads), rtol=1e-4)
-  np.testing.assert_allclose(metrics["^(stem|block0)/"]["grad_norm"], optax.global_norm(trained),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    metrics["^(stem|block0)/"]["grad_norm"], optax.global_norm(trained), rtol=1e-4
+  )
 
 
 @pytest.mark.parametrize("pattern,what", [("^nothing_here/", "no"), (".", "every")])
 def test_frozen_pattern_that_freezes_all_or_nothing_is_a_clear_error(pattern, what):
-  params = _tiny_model().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+  params = _tiny_model().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)[
+    "params"
+  ]
   with pytest.raises(ValueError, match=f"config.optimizer.frozen.*matches {what} parameter"):
     state_lib.create_optimizer(_optimizer_config(frozen=pattern), 8, 4, params)
 
@@ -207,8 +240,7 @@ def test_frozen_pattern_that_freezes_all_or_nothing_is_a_clear_error(pattern, wh
 def cache_env(tmp_path_factory):
   """One XLA cache for every run here (or the caller's JAX_COMPILATION_CACHE_DIR)."""
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("xla_cache"))
-  return {"JAX_COMPILATION_CACHE_DIR": cache,
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def _new_workdir(path):
@@ -225,8 +257,9 @@ def _checked(result):
 def straight(tmp_path_factory, cache_env):
   """The global teacher trained in one go (the reference for resume)."""
   workdir = _new_workdir(tmp_path_factory.mktemp("straight"))
-  summary = _checked(helpers.run_main("configs/teacher_global.py:demo", workdir, *TINY,
-                                      **cache_env))
+  summary = _checked(
+    helpers.run_main("configs/teacher_global.py:demo", workdir, *TINY, **cache_env)
+  )
   return workdir, summary
 
 
@@ -236,8 +269,10 @@ def _metrics(workdir, stage="teacher_global"):
 
 
 def _flat(variables):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]
+  }
 
 
 def test_teacher_global_trains_through_main_and_logs(straight):
@@ -287,10 +322,21 @@ def test_best_checkpoint_reproduces_its_recorded_top1(straight):
 
 def _kill_mid_run(workdir, cache_env, after_step=4):
   """Starts the global teacher, SIGKILLs it once checkpoint `after_step` is committed."""
-  cmd = [sys.executable, "-m", "aplantida_jax.main", "--config=configs/teacher_global.py:demo",
-         f"--workdir={workdir}", *TINY]
-  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.cli_env(**cache_env),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cmd = [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    "--config=configs/teacher_global.py:demo",
+    f"--workdir={workdir}",
+    *TINY,
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=helpers.ROOT,
+    env=helpers.cli_env(**cache_env),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   committed = os.path.join(workdir, "teacher_global", "checkpoints", str(after_step))
   deadline = time.time() + 600
   while not os.path.isdir(committed) and proc.poll() is None and time.time() < deadline:
@@ -305,9 +351,10 @@ def test_resume_after_sigkill_gives_bitwise_identical_params(straight, tmp_path,
   workdir = str(tmp_path)
   shutil.copytree(os.path.join(reference, "dataset"), os.path.join(workdir, "dataset"))
   _kill_mid_run(workdir, cache_env)
-  latest = checkpointing.StageCheckpoints(os.path.join(workdir, "teacher_global"),
-                                          ml_collections.ConfigDict(
-                                              {"keep": 3, "async_save": False, "best_metric": "val_top1"}))
+  latest = checkpointing.StageCheckpoints(
+    os.path.join(workdir, "teacher_global"),
+    ml_collections.ConfigDict({"keep": 3, "async_save": False, "best_metric": "val_top1"}),
+  )
   killed_at = latest.latest.latest_step()
   latest.close()
   assert 4 <= killed_at < STEPS
@@ -316,7 +363,7 @@ def test_resume_after_sigkill_gives_bitwise_identical_params(straight, tmp_path,
   # A resume, not a restart from step 0 (orbax would skip the saves it already holds, and
   # the metrics rows would be rewritten, so equal results alone could not tell).
   assert re.findall(r"resumed \S+ at step (\d+)", rerun.stderr) == [str(killed_at)]
-  trained = [int(s) for s in re.findall(r"\bstep (\d+)/%d\b" % STEPS, rerun.stderr)]
+  trained = [int(s) for s in re.findall(rf"\bstep (\d+)/{STEPS}\b", rerun.stderr)]
   assert trained and min(trained) > killed_at and max(trained) == STEPS
   for which in ("latest", "best"):
     got = _flat(checkpointing.load_variables(os.path.join(workdir, "teacher_global"), which))
@@ -332,21 +379,30 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_after(tmp_path, ca
   """loss NaN: the stage exits 1 naming the step and the learning rate, and saves, logs and
   evaluates nothing from then on (the programs of `straight`; only the learning rate differs)."""
   workdir = _new_workdir(tmp_path)
-  result = helpers.run_main("configs/teacher_global.py:demo", workdir, *TINY,
-                            "--config.optimizer.learning_rate=1e12", **cache_env)
+  result = helpers.run_main(
+    "configs/teacher_global.py:demo",
+    workdir,
+    *TINY,
+    "--config.optimizer.learning_rate=1e12",
+    **cache_env,
+  )
   assert result.returncode == 1, result.stderr[-4000:]
   last = result.stderr.strip().splitlines()[-1]
   # Steps 1-2 are finite (warmup starts at 0); update 2 at 5e11 blows up the loss of step 3,
   # seen at the next log step, 4, before its checkpoint is written.
-  assert re.fullmatch(r"error: train: training diverged: grad_norm nan, loss nan, param_norm nan "
-                      r"in the steps up to 4 \(learning rate 9\.76e\+11\); the latest checkpoint "
-                      r"is step 2 \(the rerun resumes there\)\. Lower "
-                      r"--config\.optimizer\.learning_rate .*", last), last
+  assert re.fullmatch(
+    r"error: train: training diverged: grad_norm nan, loss nan, param_norm nan "
+    r"in the steps up to 4 \(learning rate 9\.76e\+11\); the latest checkpoint "
+    r"is step 2 \(the rerun resumes there\)\. Lower "
+    r"--config\.optimizer\.learning_rate .*",
+    last,
+  ), last
   assert "Traceback" not in result.stderr
   stage = os.path.join(workdir, "teacher_global")
   assert os.listdir(os.path.join(stage, "checkpoints")) == ["2"]
   assert not os.path.isdir(os.path.join(stage, "best")) or not os.listdir(
-      os.path.join(stage, "best"))  # no evaluation ran (the first is at step 6)
+    os.path.join(stage, "best")
+  )  # no evaluation ran (the first is at step 6)
   assert [r["step"] for r in _metrics(workdir) if "train_loss" in r] == [2]
 
 
@@ -354,14 +410,17 @@ def test_a_stage_start_refuses_a_checkpoint_with_another_head(straight):
   """From a stage every tensor must fit: a class-count change is an error, not a silently
   re-initialised head (ImageNet imports replace it; stages do not)."""
   from configs import teacher_regional  # pylint: disable=g-import-not-at-top
+
   workdir, _ = straight
   config = loop.inherit_from_stage(teacher_regional.get_config("demo"), workdir)
   config = loop.resolve_config(config, NUM_CLASSES + 1)
-  with pytest.raises(ValueError, match=r"teacher_global's best checkpoint does not fit "
-                                       r"teacher_regional's network: 2 tensors differ "
-                                       r"\(e\.g\. \['params/head/"):
-    loop.initial_variables(config, models.from_config(config.model), workdir,
-                           jax.random.PRNGKey(0))
+  with pytest.raises(
+    ValueError,
+    match=r"teacher_global's best checkpoint does not fit "
+    r"teacher_regional's network: 2 tensors differ "
+    r"\(e\.g\. \['params/head/",
+  ):
+    loop.initial_variables(config, models.from_config(config.model), workdir, jax.random.PRNGKey(0))
 
 
 def test_non_finite_logits_are_never_correct():
@@ -378,8 +437,9 @@ def test_teacher_regional_starts_from_the_global_best(straight, tmp_path, cache_
   workdir = str(tmp_path)
   for folder in ("dataset", "teacher_global"):
     shutil.copytree(os.path.join(reference, folder), os.path.join(workdir, folder))
-  result = helpers.run_main(f"configs/teacher_regional.py:demo,mode={mode}", workdir, *TINY,
-                            **cache_env)
+  result = helpers.run_main(
+    f"configs/teacher_regional.py:demo,mode={mode}", workdir, *TINY, **cache_env
+  )
   summary = _checked(result)
   assert "initialised from" in result.stderr and "teacher_global" in result.stderr
   with open(os.path.join(workdir, "teacher_regional", "config.json")) as f:
@@ -397,5 +457,8 @@ def test_teacher_regional_starts_from_the_global_best(straight, tmp_path, cache_
   evals = [r for r in _metrics(workdir, "teacher_regional") if "val_top1" in r]
   assert evals and all(0 < r["val_spain_count"] < r["val_count"] for r in evals)
   best = max(evals, key=lambda r: r["val_spain_top1"])  # the first of equals
-  assert summary["best"] == {"metric": "val_spain_top1", "value": pytest.approx(best["val_spain_top1"])}
+  assert summary["best"] == {
+    "metric": "val_spain_top1",
+    "value": pytest.approx(best["val_spain_top1"]),
+  }
   assert os.listdir(os.path.join(workdir, "teacher_regional", "best")) == [str(best["step"])]

@@ -7,6 +7,7 @@ loop's layout, calibrated (eval/calibration.json), then exported with the
 real CLI. The export takes minutes on 2 busy cores, so it is built once per
 pytest session under the session's base temp folder.
 """
+
 import csv
 import functools
 import json
@@ -29,7 +30,9 @@ from configs import training
 from tests import helpers
 from tests import tiny_dataset
 
-IMAGE_SIZE = 56    # 64 px test photos → centre crop of 0.875 is exactly 56: the browser resizes nothing
+IMAGE_SIZE = (
+  56  # 64 px test photos → centre crop of 0.875 is exactly 56: the browser resizes nothing
+)
 PHOTO_SIZE = 64
 NUM_CLASSES = 4
 TEMPERATURE = 1.3
@@ -49,8 +52,9 @@ class _EvalState:
 
 
 def _train_config():
-  config = training.training_config(output_dir=STUDENT, model_name="mobilenet_v2",
-                                    image_size=IMAGE_SIZE)
+  config = training.training_config(
+    output_dir=STUDENT, model_name="mobilenet_v2", image_size=IMAGE_SIZE
+  )
   config.model.num_classes = NUM_CLASSES
   config.model.kwargs = MODEL_KWARGS
   return config
@@ -59,22 +63,30 @@ def _train_config():
 def _variables(dataset_dir):
   """Random init with batch-norm statistics of the train images (momentum 0 = one batch)."""
   model = models.get_model("mobilenet_v2", NUM_CLASSES, **MODEL_KWARGS)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False)
+  variables = model.init(
+    jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False
+  )
   images = parity.split_images(dataset_dir, "train", 32, IMAGE_SIZE, 0.875)
   mean = np.asarray(preprocess.IMAGENET_MEAN) * 255
   std = np.asarray(preprocess.IMAGENET_STD) * 255
   stats_model = models.get_model("mobilenet_v2", NUM_CLASSES, bn_momentum=0.0, **MODEL_KWARGS)
   _, updated = jax.jit(functools.partial(stats_model.apply, train=True, mutable=["batch_stats"]))(
-      variables, (images - mean) / std, rngs={"dropout": jax.random.PRNGKey(1)})
-  return jax.tree.map(np.asarray, {"params": variables["params"], "batch_stats": updated["batch_stats"]})
+    variables, (images - mean) / std, rngs={"dropout": jax.random.PRNGKey(1)}
+  )
+  return jax.tree.map(
+    np.asarray, {"params": variables["params"], "batch_stats": updated["batch_stats"]}
+  )
 
 
 def _write_workdir(workdir):
   dataset_dir = os.path.join(workdir, "dataset")
-  tiny_dataset.write_tiny_dataset(dataset_dir, num_classes=NUM_CLASSES, size=PHOTO_SIZE,
-                                  per_class={"train": 8, "val": 4})
+  tiny_dataset.write_tiny_dataset(
+    dataset_dir, num_classes=NUM_CLASSES, size=PHOTO_SIZE, per_class={"train": 8, "val": 4}
+  )
   with open(os.path.join(dataset_dir, "attributions.csv"), "w", newline="") as f:
-    csv.writer(f).writerows([["sha256", "species", "author", "license"], ["ab12", "Rosa rubra", "test", "CC0-1.0"]])
+    csv.writer(f).writerows(
+      [["sha256", "species", "author", "license"], ["ab12", "Rosa rubra", "test", "CC0-1.0"]]
+    )
   student = os.path.join(workdir, STUDENT)
   os.makedirs(student)
   fileio.write_json(os.path.join(student, workdir_lib.CONFIG_FILE), _train_config().to_dict())
@@ -83,8 +95,14 @@ def _write_workdir(workdir):
   checkpoints.close()
   os.makedirs(os.path.join(workdir, "eval"))
   with open(os.path.join(workdir, "eval", "calibration.json"), "w") as f:
-    json.dump({"temperature": TEMPERATURE, "threshold": THRESHOLD,
-               "checkpoint": {"stage_dir": STUDENT, "which": "best"}}, f)
+    json.dump(
+      {
+        "temperature": TEMPERATURE,
+        "threshold": THRESHOLD,
+        "checkpoint": {"stage_dir": STUDENT, "which": "best"},
+      },
+      f,
+    )
 
 
 def tiny_export(base_dir):
@@ -98,9 +116,18 @@ def tiny_export(base_dir):
   _write_workdir(workdir)
   parity_images = 0 if parity.node_missing_reason() else 8
   proc = subprocess.run(
-      [sys.executable, os.path.join(helpers.ROOT, "tools", "export_tfjs.py"), f"--workdir={workdir}",
-       f"--config.export.parity_images={parity_images}"],
-      cwd=helpers.ROOT, env=helpers.cli_env(), capture_output=True, text=True, timeout=1200)
+    [
+      sys.executable,
+      os.path.join(helpers.ROOT, "tools", "export_tfjs.py"),
+      f"--workdir={workdir}",
+      f"--config.export.parity_images={parity_images}",
+    ],
+    cwd=helpers.ROOT,
+    env=helpers.cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
   if proc.returncode != 0:
     raise RuntimeError(f"tools/export_tfjs.py failed:\n{proc.stderr[-5000:]}")
   with open(os.path.join(workdir, "export_summary.json"), "w") as f:
@@ -115,7 +142,7 @@ def load_student(workdir):
   return models.get_model("mobilenet_v2", NUM_CLASSES, **MODEL_KWARGS), variables
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(workdir):
   model, variables = load_student(workdir)
   serve = jax.jit(serving.serving_fn(model, TEMPERATURE))

@@ -11,6 +11,7 @@ bench_results/<mode>.json). Speed targets live here, never in timed tests.
 Add a mode: write `@register("name", "what it measures", [("--flag", {...})])`
 above a function that returns a dict of numbers.
 """
+
 import argparse
 import contextlib
 import gc
@@ -39,6 +40,7 @@ def register(name: str, help_text: str, arguments=()):
   def wrap(fn):
     MODES[name] = (fn, help_text, list(arguments))
     return fn
+
   return wrap
 
 
@@ -48,11 +50,20 @@ def machine_info() -> dict:
       return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
       return None
-  return dict(cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)),
-              load_avg_1m=os.getloadavg()[0], platform=platform.platform(),
-              processor=platform.processor() or platform.machine(), python=platform.python_version(),
-              jax=version("jax"), jaxlib=version("jaxlib"), tensorflow=version("tensorflow"),
-              pillow=version("pillow"), aiohttp=version("aiohttp"))
+
+  return dict(
+    cpu_count=os.cpu_count(),
+    cpus_usable=len(os.sched_getaffinity(0)),
+    load_avg_1m=os.getloadavg()[0],
+    platform=platform.platform(),
+    processor=platform.processor() or platform.machine(),
+    python=platform.python_version(),
+    jax=version("jax"),
+    jaxlib=version("jaxlib"),
+    tensorflow=version("tensorflow"),
+    pillow=version("pillow"),
+    aiohttp=version("aiohttp"),
+  )
 
 
 def summarise(values) -> dict:
@@ -67,8 +78,11 @@ def _photo_jpeg(seed: int, size=(800, 600)) -> bytes:
   """A photo-like JPEG (smooth colour field + grain), ~100 KB at 800x600, q=90."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
-  field = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+  field = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(
+    size, Image.BICUBIC
+  )
   grain = rng.normal(0, 6, (size[1], size[0], 1))
   pixels = np.clip(np.asarray(field, np.float32) + grain, 0, 255).astype(np.uint8)
   buf = io.BytesIO()
@@ -86,9 +100,20 @@ def _free_port() -> int:
 def _http_server(directory: str):
   """`python -m http.server` in its own process, so its CPU is not counted as the exporter's."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
-                           "--directory", directory, str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "http.server",
+      "--bind",
+      "127.0.0.1",
+      "--directory",
+      directory,
+      str(port),
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   base = f"http://127.0.0.1:{port}"
   try:
     for _ in range(100):
@@ -103,17 +128,24 @@ def _http_server(directory: str):
     proc.wait()
 
 
-@register("export", "download → validate → resize → shard of N 800x600 JPEGs served from 127.0.0.1",
-          [("--images", dict(type=int, default=600, help="number of JPEGs")),
-           ("--species", dict(type=int, default=10)),
-           ("--repeats", dict(type=int, default=3)),
-           ("--image_size", dict(type=int, default=320, help="export.image_size")),
-           ("--workers", dict(type=int, default=0, help="export.workers (0 = one per core)"))])
+@register(
+  "export",
+  "download → validate → resize → shard of N 800x600 JPEGs served from 127.0.0.1",
+  [
+    ("--images", dict(type=int, default=600, help="number of JPEGs")),
+    ("--species", dict(type=int, default=10)),
+    ("--repeats", dict(type=int, default=3)),
+    ("--image_size", dict(type=int, default=320, help="export.image_size")),
+    ("--workers", dict(type=int, default=0, help="export.workers (0 = one per core)")),
+  ],
+)
 def bench_export(args) -> dict:
   os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax.data import export  # pylint: disable=g-import-not-at-top
   from configs import export as export_config  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
   with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
     served = pathlib.Path(tmp, "served")
@@ -131,8 +163,11 @@ def bench_export(args) -> dict:
       catalog = pathlib.Path(tmp, "catalog.jsonl")
       with open(catalog, "w") as f:
         for s in range(args.species):
-          images = [{"url": f"{base}/{n}", "license": "CC-BY-4.0", "author": "bench"}
-                    for n in names if n.startswith(f"img/{s}/")]
+          images = [
+            {"url": f"{base}/{n}", "license": "CC-BY-4.0", "author": "bench"}
+            for n in names
+            if n.startswith(f"img/{s}/")
+          ]
           f.write(json.dumps({"scientificName": f"Species {s}", "images": images}) + "\n")
       for repeat in range(args.repeats):
         config = export_config.get_config()
@@ -140,7 +175,9 @@ def bench_export(args) -> dict:
         config.export.image_size, config.export.workers = args.image_size, args.workers
         config.export.min_per_class = 3
         wall, cpu = time.perf_counter(), time.process_time()
-        summary = export.run(config, str(pathlib.Path(tmp, f"run{repeat}")))  # fresh cache each time
+        summary = export.run(
+          config, str(pathlib.Path(tmp, f"run{repeat}"))
+        )  # fresh cache each time
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         kept = sum(summary["counts"].values())
         if kept != args.images:
@@ -148,16 +185,21 @@ def bench_export(args) -> dict:
         runs.append(dict(wall_s=wall, cpu_s=cpu))
   images_per_s = [args.images / r["wall_s"] for r in runs]
   return dict(
-      images=args.images, source_size="800x600", mean_source_kb=total_bytes / args.images / 1024,
-      image_size=args.image_size, repeats=args.repeats, runs=runs,
-      images_per_s=summarise(images_per_s),
-      mb_per_s=summarise([total_bytes / 1e6 / r["wall_s"] for r in runs]),
-      # Per core = per CPU-second the exporter process used (all its threads); the
-      # HTTP server runs in another process and is not counted.
-      images_per_s_per_core=summarise([args.images / r["cpu_s"] for r in runs]),
-      cores_used=summarise([r["cpu_s"] / r["wall_s"] for r in runs]),
-      images_per_s_per_machine_core=summarise([v / os.cpu_count() for v in images_per_s]),
-      target_images_per_s_per_core=100)
+    images=args.images,
+    source_size="800x600",
+    mean_source_kb=total_bytes / args.images / 1024,
+    image_size=args.image_size,
+    repeats=args.repeats,
+    runs=runs,
+    images_per_s=summarise(images_per_s),
+    mb_per_s=summarise([total_bytes / 1e6 / r["wall_s"] for r in runs]),
+    # Per core = per CPU-second the exporter process used (all its threads); the
+    # HTTP server runs in another process and is not counted.
+    images_per_s_per_core=summarise([args.images / r["cpu_s"] for r in runs]),
+    cores_used=summarise([r["cpu_s"] / r["wall_s"] for r in runs]),
+    images_per_s_per_machine_core=summarise([v / os.cpu_count() for v in images_per_s]),
+    target_images_per_s_per_core=100,
+  )
 
 
 # ---------------------------------------------------------------- timing and devices
@@ -185,7 +227,9 @@ def time_windows(run_once, sync, *, warmup=2, windows=5, window_s=2.0, calls=Non
       run_once()
     sync()
     per_call.append((time.perf_counter() - start) / calls)
-  return dict(first_call_s=first, calls_per_window=calls, windows=windows, seconds_per_call=per_call)
+  return dict(
+    first_call_s=first, calls_per_window=calls, windows=windows, seconds_per_call=per_call
+  )
 
 
 def rate(timing, items_per_call) -> dict:
@@ -195,15 +239,22 @@ def rate(timing, items_per_call) -> dict:
 
 def jax_device_info() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+
   device = jax.devices()[0]
-  return dict(backend=jax.default_backend(), device_count=jax.device_count(),
-              device_kind=device.device_kind, jax=jax.__version__)
+  return dict(
+    backend=jax.default_backend(),
+    device_count=jax.device_count(),
+    device_kind=device.device_kind,
+    jax=jax.__version__,
+  )
 
 
 def torch_device_info() -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  info = dict(torch=torch.__version__, threads=torch.get_num_threads(),
-              cuda=torch.cuda.is_available())
+
+  info = dict(
+    torch=torch.__version__, threads=torch.get_num_threads(), cuda=torch.cuda.is_available()
+  )
   if info["cuda"]:
     info["device_name"] = torch.cuda.get_device_name()
   return info
@@ -222,26 +273,43 @@ def _synthetic_dataset(dataset_dir: str, images: int, short_side: int, num_shard
   Same format and size as the export stage writes (shorter side 320, q=90).
   """
   import hashlib  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax import fileio  # pylint: disable=g-import-not-at-top
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
+
   num_classes = 10
   records = []
   for i in range(images):
     jpeg = _photo_jpeg(i, size=(short_side * 4 // 3, short_side))
-    records.append(dict(
-        jpeg=jpeg, label=i % num_classes, species=f"Species {i % num_classes}", regions=["ES"],
-        country="ES", license="CC0-1.0", author="bench", url=f"https://bench.invalid/{i}.jpg",
-        sha256=hashlib.sha256(jpeg).hexdigest()))
+    records.append(
+      dict(
+        jpeg=jpeg,
+        label=i % num_classes,
+        species=f"Species {i % num_classes}",
+        regions=["ES"],
+        country="ES",
+        license="CC0-1.0",
+        author="bench",
+        url=f"https://bench.invalid/{i}.jpg",
+        sha256=hashlib.sha256(jpeg).hexdigest(),
+      )
+    )
   shards.write_split(dataset_dir, "train", records, num_shards)
-  fileio.write_json(os.path.join(dataset_dir, "classes.json"), [
+  fileio.write_json(
+    os.path.join(dataset_dir, "classes.json"),
+    [
       {"index": i, "species": f"Species {i}", "common_names": {}, "regions": ["ES"], "family": ""}
-      for i in range(num_classes)])
+      for i in range(num_classes)
+    ],
+  )
 
 
 def _loader_config(image_size: int, workers: int, seed: int):
   from configs import training  # pylint: disable=g-import-not-at-top
-  config = training.training_config(output_dir="bench", model_name="mobilenet_v2",
-                                    image_size=image_size)
+
+  config = training.training_config(
+    output_dir="bench", model_name="mobilenet_v2", image_size=image_size
+  )
   config.input.worker_count = workers
   config.seed = seed
   return config
@@ -250,7 +318,9 @@ def _loader_config(image_size: int, workers: int, seed: int):
 def grain_batches(dataset_dir, config, batch):
   """The trainer's own train loader (input_pipeline.train_loader), as an iterator."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     # With jaxlib >= 0.11 Grain's workers read an absl flag; argparse leaves absl unparsed.
     flags.FLAGS.mark_as_parsed()
@@ -270,7 +340,9 @@ def tfdata_batches(dataset_dir, config, batch):
   import grain  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], "GPU")
   inp, size = config.input, config.input.image_size
   source = grain.sources.ArrayRecordDataSource(shards.shard_paths(dataset_dir, config.train_split))
@@ -285,16 +357,22 @@ def tfdata_batches(dataset_dir, config, batch):
 
   def augment(jpeg, label):
     begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        tf.io.extract_jpeg_shape(jpeg), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        min_object_covered=0.0, aspect_ratio_range=tuple(inp.crop_ratio),
-        area_range=tuple(inp.crop_scale), max_attempts=10, use_image_if_no_bounding_boxes=True)
+      tf.io.extract_jpeg_shape(jpeg),
+      tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      min_object_covered=0.0,
+      aspect_ratio_range=tuple(inp.crop_ratio),
+      area_range=tuple(inp.crop_scale),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+    )
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
     pixels = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     pixels = tf.image.random_flip_left_right(pixels)
     if inp.color_jitter:
       brightness, contrast, saturation = tf.unstack(
-          tf.random.uniform([3], 1 - inp.color_jitter, 1 + inp.color_jitter))
+        tf.random.uniform([3], 1 - inp.color_jitter, 1 + inp.color_jitter)
+      )
       pixels = pixels * brightness
       mean = tf.reduce_mean(pixels)
       pixels = (pixels - mean) * contrast + mean
@@ -307,12 +385,15 @@ def tfdata_batches(dataset_dir, config, batch):
   options = tf.data.Options()
   options.threading.private_threadpool_size = workers
   options.threading.max_intra_op_parallelism = 1
-  dataset = (tf.data.Dataset.from_generator(
-      records, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
-             .map(augment, num_parallel_calls=workers)
-             .batch(batch, drop_remainder=True)
-             .prefetch(inp.worker_buffer_size)
-             .with_options(options))
+  dataset = (
+    tf.data.Dataset.from_generator(
+      records, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64))
+    )
+    .map(augment, num_parallel_calls=workers)
+    .batch(batch, drop_remainder=True)
+    .prefetch(inp.worker_buffer_size)
+    .with_options(options)
+  )
   return dataset.as_numpy_iterator()
 
 
@@ -326,17 +407,25 @@ def _measure_loader(make_batches, dataset_dir, config, batch, args, *, in_proces
 
   try:
     cpu = time.process_time()
-    timing = time_windows(run_once, lambda: None, warmup=args.warmup_batches, windows=args.windows,
-                          calls=args.batches_per_window)
+    timing = time_windows(
+      run_once,
+      lambda: None,
+      warmup=args.warmup_batches,
+      windows=args.windows,
+      calls=args.batches_per_window,
+    )
     cpu = time.process_time() - cpu
   finally:
     batches = None  # drops the iterator (run_once shares this cell) ...
     gc.collect()  # ... so grain's worker processes stop before the next measurement
   images_per_s = rate(timing, batch)
   workers = max(config.input.worker_count, 1)
-  result = dict(images_per_s=images_per_s,
-                images_per_s_per_worker={k: v / workers for k, v in images_per_s.items()},
-                image=shapes.get("image"), timing=timing)
+  result = dict(
+    images_per_s=images_per_s,
+    images_per_s_per_worker={k: v / workers for k, v in images_per_s.items()},
+    image=shapes.get("image"),
+    timing=timing,
+  )
   if in_process:
     # CPU-seconds of this process per image (warm-up included): a per-core cost that a
     # busy machine does not distort the way wall-clock rates are distorted.
@@ -345,20 +434,36 @@ def _measure_loader(make_batches, dataset_dir, config, batch, args, *, in_proces
   return result
 
 
-@register("loader", "Grain train pipeline vs the same work in tf.data, side by side (images/s)",
-          [("--dataset", dict(default="", help="dataset folder with splits/train.array_record-* "
-                                              "(default: synthetic shards in a temp dir)")),
-           ("--images", dict(type=int, default=512, help="synthetic JPEGs")),
-           ("--source_px", dict(type=int, default=320, help="synthetic JPEG shorter side")),
-           ("--image_size", dict(type=int, default=224, help="train crop size")),
-           ("--batch", dict(type=int, default=32)),
-           ("--workers", dict(default="0,1,2", help="comma list: grain worker processes (0 = in "
-                                                    "this process) / tf.data threads (0 = 1)")),
-           ("--pipelines", dict(default="grain,tfdata")),
-           ("--windows", dict(type=int, default=5)),
-           ("--batches_per_window", dict(type=int, default=4)),
-           ("--warmup_batches", dict(type=int, default=4)),
-           ("--seed", dict(type=int, default=0))])
+@register(
+  "loader",
+  "Grain train pipeline vs the same work in tf.data, side by side (images/s)",
+  [
+    (
+      "--dataset",
+      dict(
+        default="",
+        help="dataset folder with splits/train.array_record-* "
+        "(default: synthetic shards in a temp dir)",
+      ),
+    ),
+    ("--images", dict(type=int, default=512, help="synthetic JPEGs")),
+    ("--source_px", dict(type=int, default=320, help="synthetic JPEG shorter side")),
+    ("--image_size", dict(type=int, default=224, help="train crop size")),
+    ("--batch", dict(type=int, default=32)),
+    (
+      "--workers",
+      dict(
+        default="0,1,2",
+        help="comma list: grain worker processes (0 = in this process) / tf.data threads (0 = 1)",
+      ),
+    ),
+    ("--pipelines", dict(default="grain,tfdata")),
+    ("--windows", dict(type=int, default=5)),
+    ("--batches_per_window", dict(type=int, default=4)),
+    ("--warmup_batches", dict(type=int, default=4)),
+    ("--seed", dict(type=int, default=0)),
+  ],
+)
 def bench_loader(args) -> dict:
   os.environ.setdefault("TQDM_DISABLE", "1")
   makers = {"grain": grain_batches, "tfdata": tfdata_batches}
@@ -373,21 +478,33 @@ def bench_loader(args) -> dict:
         try:
           # workers=0: grain decodes in this process; tf.data always runs in-process threads.
           results.setdefault(name, {})[str(workers)] = _measure_loader(
-              makers[name], dataset_dir, _loader_config(args.image_size, workers, args.seed),
-              args.batch, args, in_process=name == "tfdata" or workers == 0)
+            makers[name],
+            dataset_dir,
+            _loader_config(args.image_size, workers, args.seed),
+            args.batch,
+            args,
+            in_process=name == "tfdata" or workers == 0,
+          )
         except ImportError as e:  # e.g. no tensorflow on the GPU machine
           skipped[name] = f"{type(e).__name__}: {e}"
           results.pop(name, None)
   ratios = {}
   if "grain" in results and "tfdata" in results:
-    ratios = {w: results["grain"][w]["images_per_s"]["median"]
-                 / results["tfdata"][w]["images_per_s"]["median"] for w in results["grain"]}
-  return dict(dataset=args.dataset or f"synthetic: {args.images} JPEGs, shorter side "
-                                      f"{args.source_px}, q=90",
-              image_size=args.image_size, batch=args.batch,
-              workers_meaning="grain: worker processes (0 = main process); tfdata: map threads "
-                              "(private pool; 0 = 1)",
-              results=results, skipped=skipped, grain_over_tfdata=ratios)
+    ratios = {
+      w: results["grain"][w]["images_per_s"]["median"]
+      / results["tfdata"][w]["images_per_s"]["median"]
+      for w in results["grain"]
+    }
+  return dict(
+    dataset=args.dataset or f"synthetic: {args.images} JPEGs, shorter side {args.source_px}, q=90",
+    image_size=args.image_size,
+    batch=args.batch,
+    workers_meaning="grain: worker processes (0 = main process); tfdata: map threads "
+    "(private pool; 0 = 1)",
+    results=results,
+    skipped=skipped,
+    grain_over_tfdata=ratios,
+  )
 
 
 # ---------------------------------------------------------------- train (JAX vs PyTorch)
@@ -396,14 +513,23 @@ def bench_loader(args) -> dict:
 def jax_train_step_fn(name, *, batch, res, dtype="float32", num_classes=1000, seed=0):
   """(run_once, sync, info): one `steps.train_step` as train/loop.py runs it, synthetic batch."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import steps  # pylint: disable=g-import-not-at-top
+
   np_rng = np.random.default_rng(seed)
-  data = {"image": np_rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
-          "label": np_rng.integers(0, num_classes, batch).astype(np.int32)}
-  run_once, sync = _step_fn(steps.classification_task(0.1),
-                            models.get_model(name, num_classes, dtype=dtype), data,
-                            batch=batch, res=res, seed=seed)
+  data = {
+    "image": np_rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
+    "label": np_rng.integers(0, num_classes, batch).astype(np.int32),
+  }
+  run_once, sync = _step_fn(
+    steps.classification_task(0.1),
+    models.get_model(name, num_classes, dtype=dtype),
+    data,
+    batch=batch,
+    res=res,
+    seed=seed,
+  )
   return run_once, sync, dict(precision=f"{dtype} compute, float32 params")
 
 
@@ -418,39 +544,61 @@ def _torch_side(name, args):
     return {"skipped": f"{type(e).__name__}: {e}"}
   compile_model = {"auto": None, "on": True, "off": False}[args.torch_compile]
   run_once, sync, info = torch_reference.train_step_fn(
-      name, batch=args.batch, res=args.res, num_classes=args.num_classes,
-      bf16=args.dtype == "bfloat16", compile_model=compile_model)
-  timing = time_windows(run_once, sync, warmup=args.warmup, windows=args.windows,
-                        window_s=args.window_s)
+    name,
+    batch=args.batch,
+    res=args.res,
+    num_classes=args.num_classes,
+    bf16=args.dtype == "bfloat16",
+    compile_model=compile_model,
+  )
+  timing = time_windows(
+    run_once, sync, warmup=args.warmup, windows=args.windows, window_s=args.window_s
+  )
   del run_once
   if torch.cuda.is_available():
     torch.cuda.empty_cache()  # leave the GPU memory to the next JAX model
   return dict(images_per_s=rate(timing, args.batch), **info, timing=timing)
 
 
-@register("train", "train-step images/s of the JAX step vs PyTorch (same model, batch, resolution)",
-          [("--model", dict(default="mobilenet_v2,efficientnet_lite2", help="comma list")),
-           ("--batch", dict(type=int, default=32)),
-           ("--res", dict(type=int, default=128)),
-           ("--dtype", dict(default="float32", choices=("float32", "bfloat16"),
-                            help="JAX compute dtype; bfloat16 = torch bf16 autocast")),
-           ("--num_classes", dict(type=int, default=1000)),
-           ("--torch", dict(default="auto", choices=("auto", "off"))),
-           ("--torch_compile", dict(default="auto", choices=("auto", "on", "off"),
-                                    help="auto: on GPU only")),
-           ("--warmup", dict(type=int, default=2)),
-           ("--windows", dict(type=int, default=5)),
-           ("--window_s", dict(type=float, default=3.0))])
+@register(
+  "train",
+  "train-step images/s of the JAX step vs PyTorch (same model, batch, resolution)",
+  [
+    ("--model", dict(default="mobilenet_v2,efficientnet_lite2", help="comma list")),
+    ("--batch", dict(type=int, default=32)),
+    ("--res", dict(type=int, default=128)),
+    (
+      "--dtype",
+      dict(
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="JAX compute dtype; bfloat16 = torch bf16 autocast",
+      ),
+    ),
+    ("--num_classes", dict(type=int, default=1000)),
+    ("--torch", dict(default="auto", choices=("auto", "off"))),
+    (
+      "--torch_compile",
+      dict(default="auto", choices=("auto", "on", "off"), help="auto: on GPU only"),
+    ),
+    ("--warmup", dict(type=int, default=2)),
+    ("--windows", dict(type=int, default=5)),
+    ("--window_s", dict(type=float, default=3.0)),
+  ],
+)
 def bench_train(args) -> dict:
   # Both frameworks share the GPU: JAX must not grab 75% of its memory up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax  # pylint: disable=g-import-not-at-top
+
   results = {}
   for name in _comma_list(args.model):
-    run_once, sync, info = jax_train_step_fn(name, batch=args.batch, res=args.res,
-                                             dtype=args.dtype, num_classes=args.num_classes)
-    timing = time_windows(run_once, sync, warmup=args.warmup, windows=args.windows,
-                          window_s=args.window_s)
+    run_once, sync, info = jax_train_step_fn(
+      name, batch=args.batch, res=args.res, dtype=args.dtype, num_classes=args.num_classes
+    )
+    timing = time_windows(
+      run_once, sync, warmup=args.warmup, windows=args.windows, window_s=args.window_s
+    )
     del run_once, sync
     gc.collect()
     jax_result = dict(images_per_s=rate(timing, args.batch), **info, timing=timing)
@@ -463,27 +611,41 @@ def bench_train(args) -> dict:
   info = dict(jax=jax_device_info())
   if any("torch" in r["torch"] for r in results.values()):
     info["torch"] = torch_device_info()
-  return dict(batch=args.batch, res=args.res, dtype=args.dtype, num_classes=args.num_classes,
-              device=info, results=results)
+  return dict(
+    batch=args.batch,
+    res=args.res,
+    dtype=args.dtype,
+    num_classes=args.num_classes,
+    device=info,
+    results=results,
+  )
 
 
 # ---------------------------------------------------------------- infer
 
 
-@register("infer", "JAX inference images/s of the student (eval mode), batch 1 and 64",
-          [("--model", dict(default="mobilenet_v2")),
-           ("--batches", dict(default="1,64", help="comma list of batch sizes")),
-           ("--res", dict(type=int, default=224)),
-           ("--dtype", dict(default="float32", choices=("float32", "bfloat16"))),
-           ("--num_classes", dict(type=int, default=1000)),
-           ("--warmup", dict(type=int, default=2)),
-           ("--windows", dict(type=int, default=5)),
-           ("--window_s", dict(type=float, default=2.0))])
+@register(
+  "infer",
+  "JAX inference images/s of the student (eval mode), batch 1 and 64",
+  [
+    ("--model", dict(default="mobilenet_v2")),
+    ("--batches", dict(default="1,64", help="comma list of batch sizes")),
+    ("--res", dict(type=int, default=224)),
+    ("--dtype", dict(default="float32", choices=("float32", "bfloat16"))),
+    ("--num_classes", dict(type=int, default=1000)),
+    ("--warmup", dict(type=int, default=2)),
+    ("--windows", dict(type=int, default=5)),
+    ("--window_s", dict(type=float, default=2.0)),
+  ],
+)
 def bench_infer(args) -> dict:
   import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
+
   model = models.get_model(args.model, args.num_classes, dtype=args.dtype)
   rng = jax.random.PRNGKey(0)
   variables = models.init_variables(model, rng, args.res)
@@ -493,16 +655,29 @@ def bench_infer(args) -> dict:
     images = jax.random.normal(rng, (batch, args.res, args.res, 3), jnp.float32)
     held = {}
 
-    def run_once(images=images):
+    def run_once(images=images, held=held):
       held["logits"] = predict(variables, images)
 
-    timing = time_windows(run_once, lambda: jax.block_until_ready(held["logits"]),
-                          warmup=args.warmup, windows=args.windows, window_s=args.window_s)
-    results[str(batch)] = dict(images_per_s=rate(timing, batch),
-                               latency_ms=summarise([1e3 * s for s in timing["seconds_per_call"]]),
-                               timing=timing)
-  return dict(model=args.model, res=args.res, dtype=args.dtype, num_classes=args.num_classes,
-              device=dict(jax=jax_device_info()), results=results)
+    timing = time_windows(
+      run_once,
+      lambda held=held: jax.block_until_ready(held["logits"]),
+      warmup=args.warmup,
+      windows=args.windows,
+      window_s=args.window_s,
+    )
+    results[str(batch)] = dict(
+      images_per_s=rate(timing, batch),
+      latency_ms=summarise([1e3 * s for s in timing["seconds_per_call"]]),
+      timing=timing,
+    )
+  return dict(
+    model=args.model,
+    res=args.res,
+    dtype=args.dtype,
+    num_classes=args.num_classes,
+    device=dict(jax=jax_device_info()),
+    results=results,
+  )
 
 
 # ---------------------------------------------------------------- distill
@@ -511,20 +686,28 @@ def bench_infer(args) -> dict:
 def _step_fn(task, model, batch_data, *, batch, res, seed=0):
   """(run_once, sync) of one loop-identical train step for `task` on a fixed device batch."""
   import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
+
+  from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import steps  # pylint: disable=g-import-not-at-top
   from configs import training  # pylint: disable=g-import-not-at-top
-  from aplantida_jax import models  # pylint: disable=g-import-not-at-top
+
   rng = jax.random.PRNGKey(seed)
   variables = models.init_variables(model, {"params": rng, "dropout": rng}, res)
   mesh = sharding.create_mesh()
   replicated = sharding.replicated(mesh)
-  state = jax.device_put(state_lib.create_train_state(
-      model, variables, training.optimizer_config(), batch, 10_000), replicated)
-  step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  state = jax.device_put(
+    state_lib.create_train_state(model, variables, training.optimizer_config(), batch, 10_000),
+    replicated,
+  )
+  step = jax.jit(
+    functools.partial(steps.train_step, loss_fn=task.loss_fn),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
   data = sharding.global_batch(mesh, batch_data)
   step_rng, aux = jax.device_put((rng, task.aux), replicated)
   held = {"state": state}
@@ -535,91 +718,154 @@ def _step_fn(task, model, batch_data, *, batch, res, seed=0):
   return run_once, lambda: jax.block_until_ready(held["state"])
 
 
-@register("distill", "train-step images/s: precomputed vs online distillation vs plain CE",
-          [("--student", dict(default="mobilenet_v2")),
-           ("--width", dict(type=float, default=1.0, help="student width multiplier")),
-           ("--teacher", dict(default="efficientnet_lite0", help="teacher model (online mode)")),
-           ("--teachers", dict(type=int, default=2, help="teachers run in the online step")),
-           ("--teacher_res", dict(type=int, default=0, help="teacher input size (0 = --res)")),
-           ("--batch", dict(type=int, default=32)),
-           ("--res", dict(type=int, default=224)),
-           ("--num_classes", dict(type=int, default=1000)),
-           ("--top_k", dict(type=int, default=10)),
-           ("--dtype", dict(default="float32", choices=("float32", "bfloat16"),
-                            help="compute dtype of student and teachers")),
-           ("--warmup", dict(type=int, default=2)),
-           ("--windows", dict(type=int, default=5)),
-           ("--window_s", dict(type=float, default=3.0))])
+@register(
+  "distill",
+  "train-step images/s: precomputed vs online distillation vs plain CE",
+  [
+    ("--student", dict(default="mobilenet_v2")),
+    ("--width", dict(type=float, default=1.0, help="student width multiplier")),
+    ("--teacher", dict(default="efficientnet_lite0", help="teacher model (online mode)")),
+    ("--teachers", dict(type=int, default=2, help="teachers run in the online step")),
+    ("--teacher_res", dict(type=int, default=0, help="teacher input size (0 = --res)")),
+    ("--batch", dict(type=int, default=32)),
+    ("--res", dict(type=int, default=224)),
+    ("--num_classes", dict(type=int, default=1000)),
+    ("--top_k", dict(type=int, default=10)),
+    (
+      "--dtype",
+      dict(
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of student and teachers",
+      ),
+    ),
+    ("--warmup", dict(type=int, default=2)),
+    ("--windows", dict(type=int, default=5)),
+    ("--window_s", dict(type=float, default=3.0)),
+  ],
+)
 def bench_distill(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
   from aplantida_jax.distill import loop as distill_loop  # pylint: disable=g-import-not-at-top
   from aplantida_jax.distill import soft_labels  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import steps  # pylint: disable=g-import-not-at-top
   from configs import student_distill  # pylint: disable=g-import-not-at-top
+
   config = student_distill.get_config()
   config.distill.top_k = args.top_k
   teacher_res = args.teacher_res or args.res
   np_rng = np.random.default_rng(0)
   k = min(args.top_k, args.num_classes)
   probs = np_rng.dirichlet(np.ones(k + 1), args.batch).astype(np.float32)
-  base = {"image": np_rng.integers(0, 256, (args.batch, args.res, args.res, 3), dtype=np.uint8),
-          "label": np_rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
-  precomputed = {**base, "teacher_probs": probs[:, :k].astype(np.float16),
-                 "teacher_classes": np.stack([np_rng.choice(args.num_classes, k, replace=False)
-                                              for _ in range(args.batch)]).astype(np.int32),
-                 "teacher_rest": probs[:, k]}
+  base = {
+    "image": np_rng.integers(0, 256, (args.batch, args.res, args.res, 3), dtype=np.uint8),
+    "label": np_rng.integers(0, args.num_classes, args.batch).astype(np.int32),
+  }
+  precomputed = {
+    **base,
+    "teacher_probs": probs[:, :k].astype(np.float16),
+    "teacher_classes": np.stack(
+      [np_rng.choice(args.num_classes, k, replace=False) for _ in range(args.batch)]
+    ).astype(np.int32),
+    "teacher_rest": probs[:, k],
+  }
   teachers = []
   for t in range(args.teachers):
     model = models.get_model(args.teacher, args.num_classes, dtype=args.dtype)
     variables = models.init_variables(model, jax.random.PRNGKey(100 + t), teacher_res)
-    teachers.append(soft_labels.Teacher(
-        name=f"t{t}", dir=f"bench_teacher_{t}", model=model, variables=variables,
-        image_size=teacher_res, eval_crop_fraction=0.875, weight=1.0, countries=(),
-        region_weight=1.0, checkpoint_sha256=""))
+    teachers.append(
+      soft_labels.Teacher(
+        name=f"t{t}",
+        dir=f"bench_teacher_{t}",
+        model=model,
+        variables=variables,
+        image_size=teacher_res,
+        eval_crop_fraction=0.875,
+        weight=1.0,
+        countries=(),
+        region_weight=1.0,
+        checkpoint_sha256="",
+      )
+    )
   online = {**base, "teacher_weights": np.ones((args.batch, args.teachers), np.float32)}
   student = models.get_model(args.student, args.num_classes, width=args.width, dtype=args.dtype)
-  cases = {"ce": (steps.classification_task(0.1), base),
-           "precomputed": (distill_loop.precomputed_task(config, None), precomputed),
-           "online": (distill_loop.online_task(config, teachers), online)}
+  cases = {
+    "ce": (steps.classification_task(0.1), base),
+    "precomputed": (distill_loop.precomputed_task(config, None), precomputed),
+    "online": (distill_loop.online_task(config, teachers), online),
+  }
   results = {}
   for name, (task, data) in cases.items():
     run_once, sync = _step_fn(task, student, data, batch=args.batch, res=args.res)
-    timing = time_windows(run_once, sync, warmup=args.warmup, windows=args.windows,
-                          window_s=args.window_s)
+    timing = time_windows(
+      run_once, sync, warmup=args.warmup, windows=args.windows, window_s=args.window_s
+    )
     results[name] = dict(images_per_s=rate(timing, args.batch), timing=timing)
     del run_once, sync
     jax.clear_caches()
-  ratio = results["precomputed"]["images_per_s"]["median"] / results["online"]["images_per_s"]["median"]
-  return dict(student=args.student, width=args.width, teacher=args.teacher,
-              teachers=args.teachers, teacher_res=teacher_res, batch=args.batch, res=args.res,
-              dtype=args.dtype, num_classes=args.num_classes, top_k=args.top_k, device=dict(jax=jax_device_info()),
-              results=results, precomputed_over_online=ratio,
-              note="steps only, on a fixed device batch (the input pipeline is not timed); "
-                   "the plan claims precomputed is ~10x faster than online")
+  ratio = (
+    results["precomputed"]["images_per_s"]["median"] / results["online"]["images_per_s"]["median"]
+  )
+  return dict(
+    student=args.student,
+    width=args.width,
+    teacher=args.teacher,
+    teachers=args.teachers,
+    teacher_res=teacher_res,
+    batch=args.batch,
+    res=args.res,
+    dtype=args.dtype,
+    num_classes=args.num_classes,
+    top_k=args.top_k,
+    device=dict(jax=jax_device_info()),
+    results=results,
+    precomputed_over_online=ratio,
+    note="steps only, on a fixed device batch (the input pipeline is not timed); "
+    "the plan claims precomputed is ~10x faster than online",
+  )
 
 
 # ---------------------------------------------------------------- browser
 
 
-@register("browser", "TF.js wasm latency in Chromium: exported student vs Keras MobileNetV2 (same size), ratio",
-          [("--width", dict(type=float, default=1.0, help="MobileNetV2 width multiplier")),
-           ("--num_classes", dict(type=int, default=1000)),
-           ("--res", dict(type=int, default=224)),
-           ("--runs", dict(type=int, default=20, help="predictions per model (median)")),
-           ("--student", dict(default=None, help="an existing TF.js export to time instead of a fresh one"))])
+@register(
+  "browser",
+  "TF.js wasm latency in Chromium: exported student vs Keras MobileNetV2 (same size), ratio",
+  [
+    ("--width", dict(type=float, default=1.0, help="MobileNetV2 width multiplier")),
+    ("--num_classes", dict(type=int, default=1000)),
+    ("--res", dict(type=int, default=224)),
+    ("--runs", dict(type=int, default=20, help="predictions per model (median)")),
+    (
+      "--student",
+      dict(default=None, help="an existing TF.js export to time instead of a fresh one"),
+    ),
+  ],
+)
 def bench_browser(args) -> dict:
   from aplantida_jax.export import browser_bench  # pylint: disable=g-import-not-at-top
-  result = browser_bench.compare_with_keras(width=args.width, num_classes=args.num_classes,
-                                            image_size=args.res, runs=args.runs, student_dir=args.student)
-  result["target"] = "ratio_ours_over_keras <= 1 (no slower than Keras MobileNetV2); user limit 5 s CPU"
+
+  result = browser_bench.compare_with_keras(
+    width=args.width,
+    num_classes=args.num_classes,
+    image_size=args.res,
+    runs=args.runs,
+    student_dir=args.student,
+  )
+  result["target"] = (
+    "ratio_ours_over_keras <= 1 (no slower than Keras MobileNetV2); user limit 5 s CPU"
+  )
   return result
 
 
 def main(argv=None) -> dict:
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--out", default=None, help="JSON output file (default bench_results/<mode>.json)")
+  common.add_argument(
+    "--out", default=None, help="JSON output file (default bench_results/<mode>.json)"
+  )
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="mode", required=True)
   for name, (_, help_text, arguments) in MODES.items():

@@ -15,6 +15,7 @@ Start training from it with `--config.model.init_from=DIR` (for MobileNetV2
 with the same width, config.model.kwargs.width); DIR/provenance.json records
 source, sha256, license and width for the license checker.
 """
+
 import argparse
 import json
 import os
@@ -27,31 +28,45 @@ from aplantida_jax.models import pretrained  # pylint: disable=g-import-not-at-t
 
 def main():
   parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="\n".join(__doc__.splitlines()[2:]))
-  parser.add_argument("--arch", required=True,
-                      choices=sorted(pretrained.PACKAGES) + list(pretrained.KERAS_ARCHS))
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n".join(__doc__.splitlines()[2:]),
+  )
+  parser.add_argument(
+    "--arch", required=True, choices=sorted(pretrained.PACKAGES) + list(pretrained.KERAS_ARCHS)
+  )
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--keras", metavar="FILE",
-                      help="Keras MobileNetV2 .h5/.keras file (mobilenet_v2 only)")
-  parser.add_argument("--width", type=float,
-                      help="width multiplier α of the --keras file, if its name does not state it")
-  parser.add_argument("--trained-on", default=None,
-                      help="what the --keras weights were trained on, for the provenance "
-                           f"(default: {pretrained.IMAGENET_1K})")
+  parser.add_argument(
+    "--keras", metavar="FILE", help="Keras MobileNetV2 .h5/.keras file (mobilenet_v2 only)"
+  )
+  parser.add_argument(
+    "--width",
+    type=float,
+    help="width multiplier α of the --keras file, if its name does not state it",
+  )
+  parser.add_argument(
+    "--trained-on",
+    default=None,
+    help="what the --keras weights were trained on, for the provenance "
+    f"(default: {pretrained.IMAGENET_1K})",
+  )
   args = parser.parse_args()
   keras_arch = args.arch in pretrained.KERAS_ARCHS
   if keras_arch and not args.keras:
-    sys.exit(f"import_pretrained: --arch {args.arch} needs --keras FILE, the .h5 that "
-             "tf.keras.applications.MobileNetV2(weights='imagenet') downloads or a saved model.")
+    sys.exit(
+      f"import_pretrained: --arch {args.arch} needs --keras FILE, the .h5 that "
+      "tf.keras.applications.MobileNetV2(weights='imagenet') downloads or a saved model."
+    )
   if not keras_arch and (args.keras or args.width is not None or args.trained_on):
-    sys.exit(f"import_pretrained: --keras/--width/--trained-on are for --arch mobilenet_v2 only; "
-             f"{args.arch} weights come from its installed package: drop them.")
+    sys.exit(
+      f"import_pretrained: --keras/--width/--trained-on are for --arch mobilenet_v2 only; "
+      f"{args.arch} weights come from its installed package: drop them."
+    )
   try:
     if keras_arch:
       provenance = pretrained.import_keras_weights(
-          args.arch, args.keras, args.out, args.width, args.trained_on or pretrained.IMAGENET_1K)
+        args.arch, args.keras, args.out, args.width, args.trained_on or pretrained.IMAGENET_1K
+      )
     else:
       provenance = pretrained.import_weights(args.arch, args.out)
   except (RuntimeError, ValueError, OSError) as e:

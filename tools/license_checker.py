@@ -5,6 +5,7 @@
 Prints a table (one row per check) and every violation with its fix, and writes
 <workdir>/license_report.json. The checks: aplantida_jax/repro/license_check.py.
 """
+
 import argparse
 import os
 import sys
@@ -16,10 +17,16 @@ from aplantida_jax.repro import license_check  # pylint: disable=g-import-not-at
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--workdir", required=True, help="root folder of one pipeline run")
-  parser.add_argument("--policy", default=license_check.DEFAULT_POLICY, choices=sorted(licenses.POLICIES),
-                      help="image license policy the shard records must pass (default %(default)s)")
+  parser.add_argument(
+    "--policy",
+    default=license_check.DEFAULT_POLICY,
+    choices=sorted(licenses.POLICIES),
+    help="image license policy the shard records must pass (default %(default)s)",
+  )
   args = parser.parse_args(argv)
   if not os.path.isdir(args.workdir):
     parser.error(f"--workdir {args.workdir} does not exist")

@@ -5,6 +5,7 @@ r"""Serve the PWA demo with an export on 127.0.0.1 (what `./run.sh serve` runs).
 Open the printed URL, pick a photo. --no-isolate drops the COOP/COEP headers
 (the wasm backend then runs single-threaded).
 """
+
 import argparse
 import os
 import sys
@@ -17,11 +18,17 @@ from aplantida_jax.export import pwa_server  # pylint: disable=g-import-not-at-t
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/demo", help="pipeline root; serves <workdir>/tfjs")
-  parser.add_argument("--model", default=None, help="export folder to serve (default <workdir>/tfjs)")
+  parser.add_argument(
+    "--model", default=None, help="export folder to serve (default <workdir>/tfjs)"
+  )
   parser.add_argument("--host", default="127.0.0.1")
   parser.add_argument("--port", type=int, default=8000)
-  parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                      help="serve without COOP/COEP (no wasm threads)")
+  parser.add_argument(
+    "--no-isolate",
+    dest="isolate",
+    action="store_false",
+    help="serve without COOP/COEP (no wasm threads)",
+  )
   args = parser.parse_args()
   model_dir = args.model or os.path.join(args.workdir, "tfjs")
   try:
@@ -29,8 +36,11 @@ def main():
   except FileNotFoundError as e:
     sys.exit(f"serve_pwa: {e}")
   host, port = server.server_address[:2]
-  print(f"Serving the PWA on http://{host}:{port}/ (model {os.path.abspath(model_dir)}, "
-        f"cross-origin isolation {'on' if args.isolate else 'off'}); Ctrl-C stops.", flush=True)
+  print(
+    f"Serving the PWA on http://{host}:{port}/ (model {os.path.abspath(model_dir)}, "
+    f"cross-origin isolation {'on' if args.isolate else 'off'}); Ctrl-C stops.",
+    flush=True,
+  )
   try:
     server.serve_forever()
   except KeyboardInterrupt:

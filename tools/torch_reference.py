@@ -10,6 +10,7 @@ the device, label-smoothed cross-entropy, SGD with Nesterov momentum and
 weight decay on kernels only; on GPU with bf16 autocast, channels_last and
 `torch.compile` when it works.
 """
+
 import torch
 from torch import nn
 
@@ -22,8 +23,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def conv_bn(in_ch, out_ch, kernel=1, stride=1, groups=1, activation=True):
-  layers = [nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups,
-                      bias=False), nn.BatchNorm2d(out_ch)]
+  layers = [
+    nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+    nn.BatchNorm2d(out_ch),
+  ]
   return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if activation else nn.Sequential(*layers)
 
 
@@ -34,8 +37,10 @@ class InvertedResidual(nn.Module):
     super().__init__()
     hidden = in_ch * expand
     layers = [conv_bn(in_ch, hidden)] if expand != 1 else []
-    layers += [conv_bn(hidden, hidden, kernel, stride, groups=hidden),
-               conv_bn(hidden, out_ch, activation=False)]
+    layers += [
+      conv_bn(hidden, hidden, kernel, stride, groups=hidden),
+      conv_bn(hidden, out_ch, activation=False),
+    ]
     self.conv = nn.Sequential(*layers)
     self.skip = stride == 1 and in_ch == out_ch
     self.drop_path = drop_path
@@ -57,8 +62,9 @@ class MBConvNet(nn.Module):
     super().__init__()
     layers, in_ch = [conv_bn(3, stem, 3, 2)], stem
     for index, (features, expand, kernel, stride) in enumerate(plan):
-      layers.append(InvertedResidual(in_ch, features, expand, kernel, stride,
-                                     drop_path * index / len(plan)))
+      layers.append(
+        InvertedResidual(in_ch, features, expand, kernel, stride, drop_path * index / len(plan))
+      )
       in_ch = features
     self.features = nn.Sequential(*layers, conv_bn(in_ch, top))
     self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(top, num_classes))
@@ -70,12 +76,16 @@ class MBConvNet(nn.Module):
 def pure_torch_model(name, num_classes):
   """The Flax model's architecture in plain torch (same plan, widths and rounding)."""
   if name == "mobilenet_v2":
-    plan = [(blocks.round_filters(c, 1.0), t, 3, s if i == 0 else 1)
-            for t, c, n, s in mobilenet_v2.STAGES for i in range(n)]
+    plan = [
+      (blocks.round_filters(c, 1.0), t, 3, s if i == 0 else 1)
+      for t, c, n, s in mobilenet_v2.STAGES
+      for i in range(n)
+    ]
     return MBConvNet(32, plan, 1280, num_classes, dropout=0.2)
   width, depth, _, dropout = efficientnet_lite.VARIANTS[name]
-  return MBConvNet(32, efficientnet_lite.stage_plan(width, depth), 1280, num_classes, dropout,
-                   drop_path=0.2)
+  return MBConvNet(
+    32, efficientnet_lite.stage_plan(width, depth), 1280, num_classes, dropout, drop_path=0.2
+  )
 
 
 def reference_model(name, num_classes):
@@ -83,8 +93,10 @@ def reference_model(name, num_classes):
   try:
     if name == "mobilenet_v2":
       import torchvision  # pylint: disable=g-import-not-at-top
+
       return torchvision.models.mobilenet_v2(num_classes=num_classes), "torchvision"
     import timm  # pylint: disable=g-import-not-at-top
+
     return timm.create_model(name, num_classes=num_classes, drop_path_rate=0.2), "timm"
   except Exception:  # pylint: disable=broad-except  # torchvision/timm absent or broken
     return pure_torch_model(name, num_classes), "tools/torch_reference.py"
@@ -96,14 +108,26 @@ def _optimizer(model, device, batch):
   Peak learning rate 0.1 scaled by batch / 256, as configs/training.py.
   """
   params = list(model.parameters())
-  groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-5},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+  groups = [
+    {"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-5},
+    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+  ]
   fused = device.type == "cuda"  # the fastest PyTorch SGD on GPU
   return torch.optim.SGD(groups, lr=0.1 * batch / 256, momentum=0.9, nesterov=True, fused=fused)
 
 
-def train_step_fn(name, *, batch, res, num_classes=1000, bf16=False, compile_model=None,
-                  channels_last=None, device=None, seed=0):
+def train_step_fn(
+  name,
+  *,
+  batch,
+  res,
+  num_classes=1000,
+  bf16=False,
+  compile_model=None,
+  channels_last=None,
+  device=None,
+  seed=0,
+):
   """(step, sync, info): step() runs one optimizer update on a fixed synthetic batch.
 
   compile_model / channels_last default to True on GPU, False on CPU. When
@@ -124,12 +148,19 @@ def train_step_fn(name, *, batch, res, num_classes=1000, bf16=False, compile_mod
   mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
   std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
   generator = torch.Generator().manual_seed(seed)
-  images = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8,
-                         generator=generator).to(device)
+  images = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8, generator=generator).to(
+    device
+  )
   labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
-  info = {"source": source, "device": str(device), "torch": torch.__version__,
-          "precision": "bf16 autocast" if bf16 else "float32", "channels_last": channels_last,
-          "compile": "off", "threads": torch.get_num_threads()}
+  info = {
+    "source": source,
+    "device": str(device),
+    "torch": torch.__version__,
+    "precision": "bf16 autocast" if bf16 else "float32",
+    "channels_last": channels_last,
+    "compile": "off",
+    "threads": torch.get_num_threads(),
+  }
   forward = {"model": model}
   if compile_model:
     forward["model"] = torch.compile(model)
@@ -163,4 +194,3 @@ def train_step_fn(name, *, batch, res, num_classes=1000, bf16=False, compile_mod
 
 def parameter_count(module) -> int:
   return sum(p.numel() for p in module.parameters())
-

@@ -8,6 +8,7 @@ and the set of URLs are held in memory. When more than
 and then `AuditFailed` is raised (main.py exits non-zero) with the rate and the
 top failure reasons.
 """
+
 import collections
 import json
 import os
@@ -50,16 +51,16 @@ class _Tally:
   def __init__(self, policy, regions_cfg):
     self.policy = policy
     self.regions_cfg = regions_cfg
-    self.images = collections.Counter()          # species → images
-    self.allowed = collections.Counter()         # species → allowed images
-    self.species_regions = {}                    # species → its regions (first document wins)
-    self.by_license = collections.Counter()      # SPDX id → images
-    self.decisions = {}                          # SPDX id → (allowed, reason)
-    self.unrecognised = collections.Counter()    # raw strings that normalised to "unknown"
-    self.regions = collections.Counter()         # (bucket, allowed) → images
-    self.first_species = {}                      # url or path → first species that listed it
-    self.repeats = collections.Counter()         # url or path → extra listings
-    self.cross_species = set()                   # URLs listed under several species
+    self.images = collections.Counter()  # species → images
+    self.allowed = collections.Counter()  # species → allowed images
+    self.species_regions = {}  # species → its regions (first document wins)
+    self.by_license = collections.Counter()  # SPDX id → images
+    self.decisions = {}  # SPDX id → (allowed, reason)
+    self.unrecognised = collections.Counter()  # raw strings that normalised to "unknown"
+    self.regions = collections.Counter()  # (bucket, allowed) → images
+    self.first_species = {}  # url or path → first species that listed it
+    self.repeats = collections.Counter()  # url or path → extra listings
+    self.cross_species = set()  # URLs listed under several species
 
   def add(self, record):
     if record.license not in self.decisions:
@@ -89,8 +90,12 @@ def _spread(counts) -> dict:
   values = sorted(counts)
   if not values:
     return dict(min=0, median=0, max=0, mean=0.0)
-  return dict(min=values[0], median=statistics.median(values), max=values[-1],
-              mean=round(statistics.fmean(values), 2))
+  return dict(
+    min=values[0],
+    median=statistics.median(values),
+    max=values[-1],
+    mean=round(statistics.fmean(values), 2),
+  )
 
 
 def _urls_to_check(urls, audit_cfg, seed: int) -> list:
@@ -109,11 +114,19 @@ def _urls_to_check(urls, audit_cfg, seed: int) -> list:
 def _url_report(checks, mode: str, max_rate: float) -> dict:
   failed = [c for c in checks if not c.ok]
   rate = len(failed) / len(checks) if checks else 0.0
-  return dict(mode=mode, checked=len(checks), ok=len(checks) - len(failed), failed=len(failed),
-              failure_rate=round(rate, 4), max_failure_rate=max_rate, passed=rate <= max_rate,
-              failures_by_reason=dict(collections.Counter(c.reason for c in failed).most_common()),
-              failed_examples=[dict(url=sources.redact_uri(c.url), status=c.status, reason=c.reason)
-                               for c in failed[:_TOP]])
+  return dict(
+    mode=mode,
+    checked=len(checks),
+    ok=len(checks) - len(failed),
+    failed=len(failed),
+    failure_rate=round(rate, 4),
+    max_failure_rate=max_rate,
+    passed=rate <= max_rate,
+    failures_by_reason=dict(collections.Counter(c.reason for c in failed).most_common()),
+    failed_examples=[
+      dict(url=sources.redact_uri(c.url), status=c.status, reason=c.reason) for c in failed[:_TOP]
+    ],
+  )
 
 
 def build_report(tally: _Tally, stats, url_check: dict, config) -> dict:
@@ -127,41 +140,48 @@ def build_report(tally: _Tally, stats, url_check: dict, config) -> dict:
     if not ok:
       rejected_by_reason[reason] += count
   species_by_bucket = collections.Counter(
-      region_bucket(r, config.regions) for r in tally.species_regions.values())
+    region_bucket(r, config.regions) for r in tally.species_regions.values()
+  )
   ranked = per_species.most_common()
   return {
-      "catalog": sources.describe(config.catalog),
-      "policy": {"name": tally.policy.name, "shippable": tally.policy.shippable},
-      "species": {
-          "count": len(per_species),
-          "images_per_species": _spread(per_species.values()),
-          "allowed_images_per_species": _spread(tally.allowed[s] for s in per_species),
-          "without_allowed_images": sorted(s for s in per_species if not tally.allowed[s]),
-          "most_images": ranked[:_TOP],
-          "fewest_images": ranked[::-1][:_TOP],
+    "catalog": sources.describe(config.catalog),
+    "policy": {"name": tally.policy.name, "shippable": tally.policy.shippable},
+    "species": {
+      "count": len(per_species),
+      "images_per_species": _spread(per_species.values()),
+      "allowed_images_per_species": _spread(tally.allowed[s] for s in per_species),
+      "without_allowed_images": sorted(s for s in per_species if not tally.allowed[s]),
+      "most_images": ranked[:_TOP],
+      "fewest_images": ranked[::-1][:_TOP],
+    },
+    "images": {"total": total, "allowed": allowed, "rejected": total - allowed},
+    "licenses": {
+      "by_license": {
+        spdx: {"images": n, "allowed": tally.decisions[spdx][0], "reason": tally.decisions[spdx][1]}
+        for spdx, n in tally.by_license.most_common()
       },
-      "images": {"total": total, "allowed": allowed, "rejected": total - allowed},
-      "licenses": {
-          "by_license": {spdx: {"images": n, "allowed": tally.decisions[spdx][0],
-                                "reason": tally.decisions[spdx][1]}
-                         for spdx, n in tally.by_license.most_common()},
-          "rejected_by_reason": dict(rejected_by_reason.most_common()),
-          "unrecognised_strings": dict(tally.unrecognised.most_common(_TOP)),
+      "rejected_by_reason": dict(rejected_by_reason.most_common()),
+      "unrecognised_strings": dict(tally.unrecognised.most_common(_TOP)),
+    },
+    "regions": {
+      "images": {
+        b: {
+          "images": tally.regions[(b, True)] + tally.regions[(b, False)],
+          "allowed": tally.regions[(b, True)],
+        }
+        for b in REGION_BUCKETS
       },
-      "regions": {
-          "images": {b: {"images": tally.regions[(b, True)] + tally.regions[(b, False)],
-                         "allowed": tally.regions[(b, True)]} for b in REGION_BUCKETS},
-          "species": {b: species_by_bucket[b] for b in REGION_BUCKETS},
-      },
-      "duplicates": {
-          "locations_listed_more_than_once": len(tally.repeats),
-          "extra_listings": sum(tally.repeats.values()),
-          "urls_in_several_species": len(tally.cross_species),
-          "examples": [sources.redact_uri(loc) for loc in sorted(tally.repeats)[:_TOP]],
-      },
-      "invalid": dict(stats.most_common()),
-      "url_check": url_check,
-      "passed": url_check.get("passed", True) and bool(per_species),
+      "species": {b: species_by_bucket[b] for b in REGION_BUCKETS},
+    },
+    "duplicates": {
+      "locations_listed_more_than_once": len(tally.repeats),
+      "extra_listings": sum(tally.repeats.values()),
+      "urls_in_several_species": len(tally.cross_species),
+      "examples": [sources.redact_uri(loc) for loc in sorted(tally.repeats)[:_TOP]],
+    },
+    "invalid": dict(stats.most_common()),
+    "url_check": url_check,
+    "passed": url_check.get("passed", True) and bool(per_species),
   }
 
 
@@ -169,49 +189,81 @@ def _markdown(report: dict) -> str:
   sp, im, lic, uc = report["species"], report["images"], report["licenses"], report["url_check"]
   spread = sp["images_per_species"]
   lines = [
-      "# Catalog audit", "",
-      f"Catalog: `{json.dumps(report['catalog'], ensure_ascii=False)}`", "",
-      f"License policy: **{report['policy']['name']}** "
-      f"({'shippable' if report['policy']['shippable'] else 'NOT shippable: research only'})", "",
-      f"- Species: **{sp['count']}**; images per species min {spread['min']}, "
-      f"median {spread['median']}, max {spread['max']}",
-      f"- Images: **{im['total']}**, allowed **{im['allowed']}**, rejected {im['rejected']}",
-      f"- Species without any allowed image: {len(sp['without_allowed_images'])}",
-      f"- URL check ({uc['mode']}): {uc.get('checked', 0)} checked, {uc.get('failed', 0)} failed "
-      f"({uc.get('failure_rate', 0):.1%}, max {uc.get('max_failure_rate', 0):.1%}) → "
-      f"**{'PASS' if report['passed'] else 'FAIL'}**", "",
-      "## Licenses", "", "| license | images | allowed | reason |", "|---|---:|---|---|"]
-  lines += [f"| {k} | {v['images']} | {'yes' if v['allowed'] else 'no'} | {v['reason']} |"
-            for k, v in lic["by_license"].items()]
+    "# Catalog audit",
+    "",
+    f"Catalog: `{json.dumps(report['catalog'], ensure_ascii=False)}`",
+    "",
+    f"License policy: **{report['policy']['name']}** "
+    f"({'shippable' if report['policy']['shippable'] else 'NOT shippable: research only'})",
+    "",
+    f"- Species: **{sp['count']}**; images per species min {spread['min']}, "
+    f"median {spread['median']}, max {spread['max']}",
+    f"- Images: **{im['total']}**, allowed **{im['allowed']}**, rejected {im['rejected']}",
+    f"- Species without any allowed image: {len(sp['without_allowed_images'])}",
+    f"- URL check ({uc['mode']}): {uc.get('checked', 0)} checked, {uc.get('failed', 0)} failed "
+    f"({uc.get('failure_rate', 0):.1%}, max {uc.get('max_failure_rate', 0):.1%}) → "
+    f"**{'PASS' if report['passed'] else 'FAIL'}**",
+    "",
+    "## Licenses",
+    "",
+    "| license | images | allowed | reason |",
+    "|---|---:|---|---|",
+  ]
+  lines += [
+    f"| {k} | {v['images']} | {'yes' if v['allowed'] else 'no'} | {v['reason']} |"
+    for k, v in lic["by_license"].items()
+  ]
   lines += ["", "Rejected by reason:", ""]
   lines += [f"- {reason}: {n}" for reason, n in lic["rejected_by_reason"].items()] or ["- none"]
   if lic["unrecognised_strings"]:
     lines += ["", "License strings not recognised (treated as unknown):", ""]
     lines += [f"- `{raw}`: {n}" for raw, n in lic["unrecognised_strings"].items()]
-  lines += ["", "## Regions", "",
-            "An image counts for Spain when its own country is ES or, without a country, its species "
-            "occurs in ES; likewise for Europe (configs/common.py regions_config).", "",
-            "| region | species | images | allowed images |", "|---|---:|---:|---:|"]
-  lines += [f"| {b} | {report['regions']['species'][b]} | {v['images']} | {v['allowed']} |"
-            for b, v in report["regions"]["images"].items()]
+  lines += [
+    "",
+    "## Regions",
+    "",
+    "An image counts for Spain when its own country is ES or, without a country, its species "
+    "occurs in ES; likewise for Europe (configs/common.py regions_config).",
+    "",
+    "| region | species | images | allowed images |",
+    "|---|---:|---:|---:|",
+  ]
+  lines += [
+    f"| {b} | {report['regions']['species'][b]} | {v['images']} | {v['allowed']} |"
+    for b, v in report["regions"]["images"].items()
+  ]
   dup = report["duplicates"]
-  lines += ["", "## Duplicates", "",
-            f"{dup['locations_listed_more_than_once']} URLs/paths listed more than once "
-            f"({dup['extra_listings']} extra listings; {dup['urls_in_several_species']} in several species)."]
+  lines += [
+    "",
+    "## Duplicates",
+    "",
+    f"{dup['locations_listed_more_than_once']} URLs/paths listed more than once "
+    f"({dup['extra_listings']} extra listings; {dup['urls_in_several_species']} in several species).",
+  ]
   lines += ["", "## Invalid documents and images (skipped)", ""]
   lines += [f"- {reason}: {n}" for reason, n in report["invalid"].items()] or ["- none"]
   lines += ["", "## URL check", ""]
   if uc["mode"] == "none" or not uc.get("checked"):
     lines.append(f"Not run ({uc.get('note', 'audit.url_check=none')}).")
   else:
-    lines += [f"- {reason}: {n}" for reason, n in uc["failures_by_reason"].items()] or ["- no failures"]
-  lines += ["", "## Species", "", "Fewest images: " + ", ".join(f"{s} ({n})" for s, n in sp["fewest_images"]),
-            "", "Plots: images_per_species.png, licenses.png, regions.png, url_check.png", ""]
+    lines += [f"- {reason}: {n}" for reason, n in uc["failures_by_reason"].items()] or [
+      "- no failures"
+    ]
+  lines += [
+    "",
+    "## Species",
+    "",
+    "Fewest images: " + ", ".join(f"{s} ({n})" for s, n in sp["fewest_images"]),
+    "",
+    "Plots: images_per_species.png, licenses.png, regions.png, url_check.png",
+    "",
+  ]
   return "\n".join(lines)
 
 
 def _save(fig, path: str):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig.tight_layout()
   with fileio.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=100)
@@ -232,43 +284,77 @@ def _barh(ax, labels, values, colors, title, xlabel):
 def write_plots(report: dict, tally: _Tally, out_dir: str):
   """Four PNGs: long tail of images per species, licenses, regions, URL failures."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
   ranked = tally.images.most_common()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-  ax1.bar(range(len(ranked)), [n for _, n in ranked], color="#9ecae1", label="all images", width=1.0)
-  ax1.bar(range(len(ranked)), [tally.allowed[s] for s, _ in ranked], color="#3182bd",
-          label="allowed by license policy", width=1.0)
+  ax1.bar(
+    range(len(ranked)), [n for _, n in ranked], color="#9ecae1", label="all images", width=1.0
+  )
+  ax1.bar(
+    range(len(ranked)),
+    [tally.allowed[s] for s, _ in ranked],
+    color="#3182bd",
+    label="allowed by license policy",
+    width=1.0,
+  )
   if ranked and ranked[0][1] > 50 * max(1, ranked[-1][1]):
     ax1.set_yscale("log")
-  ax1.set(title="Images per species (long tail)", xlabel="species rank (most images first)",
-          ylabel="images")
+  ax1.set(
+    title="Images per species (long tail)",
+    xlabel="species rank (most images first)",
+    ylabel="images",
+  )
   ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax1.legend()
-  ax2.hist([tally.allowed[s] for s in tally.images], bins=min(30, max(5, len(ranked) // 2)),
-           color="#3182bd")
-  ax2.set(title="Species by number of allowed images", xlabel="allowed images per species",
-          ylabel="species")
+  ax2.hist(
+    [tally.allowed[s] for s in tally.images],
+    bins=min(30, max(5, len(ranked) // 2)),
+    color="#3182bd",
+  )
+  ax2.set(
+    title="Species by number of allowed images",
+    xlabel="allowed images per species",
+    ylabel="species",
+  )
   ax2.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   _save(fig, os.path.join(out_dir, "images_per_species.png"))
 
   by_license = report["licenses"]["by_license"]
   rejected = report["licenses"]["rejected_by_reason"]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.6 + 0.45 * max(len(by_license), len(rejected), 3)))
-  _barh(ax1, list(by_license), [v["images"] for v in by_license.values()],
-        ["#31a354" if v["allowed"] else "#de2d26" for v in by_license.values()],
-        f"Images per license (green: allowed by '{report['policy']['name']}')", "images")
-  _barh(ax2, list(rejected) or ["(none)"], list(rejected.values()) or [0], "#de2d26",
-        "Rejected images by reason", "images")
+  fig, (ax1, ax2) = plt.subplots(
+    1, 2, figsize=(13, 0.6 + 0.45 * max(len(by_license), len(rejected), 3))
+  )
+  _barh(
+    ax1,
+    list(by_license),
+    [v["images"] for v in by_license.values()],
+    ["#31a354" if v["allowed"] else "#de2d26" for v in by_license.values()],
+    f"Images per license (green: allowed by '{report['policy']['name']}')",
+    "images",
+  )
+  _barh(
+    ax2,
+    list(rejected) or ["(none)"],
+    list(rejected.values()) or [0],
+    "#de2d26",
+    "Rejected images by reason",
+    "images",
+  )
   _save(fig, os.path.join(out_dir, "licenses.png"))
 
   regions = report["regions"]["images"]
   fig, ax = plt.subplots(figsize=(7, 4))
   x = range(len(REGION_BUCKETS))
-  ax.bar([i - 0.2 for i in x], [regions[b]["images"] for b in REGION_BUCKETS], 0.4, label="all images")
-  ax.bar([i + 0.2 for i in x], [regions[b]["allowed"] for b in REGION_BUCKETS], 0.4, label="allowed")
+  ax.bar(
+    [i - 0.2 for i in x], [regions[b]["images"] for b in REGION_BUCKETS], 0.4, label="all images"
+  )
+  ax.bar(
+    [i + 0.2 for i in x], [regions[b]["allowed"] for b in REGION_BUCKETS], 0.4, label="allowed"
+  )
   ax.set_xticks(list(x), REGION_BUCKETS)
   ax.set(title="Images by region (photo country, else species range)", ylabel="images")
   ax.legend()
@@ -276,9 +362,15 @@ def write_plots(report: dict, tally: _Tally, out_dir: str):
 
   failures = report["url_check"].get("failures_by_reason", {})
   fig, ax = plt.subplots(figsize=(7, 0.8 + 0.45 * max(len(failures), 2)))
-  _barh(ax, list(failures) or ["(no failures)"], list(failures.values()) or [0], "#de2d26",
-        f"URL check: {report['url_check'].get('failed', 0)} of {report['url_check'].get('checked', 0)} "
-        "failed", "URLs")
+  _barh(
+    ax,
+    list(failures) or ["(no failures)"],
+    list(failures.values()) or [0],
+    "#de2d26",
+    f"URL check: {report['url_check'].get('failed', 0)} of {report['url_check'].get('checked', 0)} "
+    "failed",
+    "URLs",
+  )
   _save(fig, os.path.join(out_dir, "url_check.png"))
 
 
@@ -292,37 +384,55 @@ def run(config, workdir: str, mongo_client=None) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   policy = licenses.get_policy(config.licenses.policy)
   tally, stats = _Tally(policy, config.regions), collections.Counter()
-  for record in tqdm(sources.iter_records(config.catalog, stats, mongo_client), desc="audit: reading catalog",
-                     unit="img", mininterval=2):
+  for record in tqdm(
+    sources.iter_records(config.catalog, stats, mongo_client),
+    desc="audit: reading catalog",
+    unit="img",
+    mininterval=2,
+  ):
     tally.add(record)
 
   urls = _urls_to_check(tally.urls, config.audit, config.seed)
   checks = fetch.check_urls(urls, config.http) if urls else []
   url_check = _url_report(checks, config.audit.url_check, config.audit.max_failure_rate)
   if not urls:
-    url_check["note"] = ("audit.url_check=none" if config.audit.url_check == "none"
-                         else "no URLs in the catalog (local files)")
+    url_check["note"] = (
+      "audit.url_check=none"
+      if config.audit.url_check == "none"
+      else "no URLs in the catalog (local files)"
+    )
   report = build_report(tally, stats, url_check, config)
-  fileio.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
+  fileio.write_text(
+    os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, ensure_ascii=False)
+  )
   fileio.write_text(os.path.join(out_dir, "report.md"), _markdown(report))
   write_plots(report, tally, out_dir)
 
   images = report["images"]
-  metric = (f"{report['species']['count']} species, {images['allowed']}/{images['total']} images "
-            f"allowed ({policy.name}), URL failures {url_check['failure_rate']:.1%} "
-            f"of {url_check['checked']}")
+  metric = (
+    f"{report['species']['count']} species, {images['allowed']}/{images['total']} images "
+    f"allowed ({policy.name}), URL failures {url_check['failure_rate']:.1%} "
+    f"of {url_check['checked']}"
+  )
   logging.info("audit: %s", metric)
   if not report["species"]["count"]:
     skipped = ", ".join(f"{r} ×{n}" for r, n in stats.most_common(3)) or "the catalog is empty"
     raise AuditFailed(
-        f"the catalog ({sources.describe(config.catalog)}) yielded no species with an image "
-        f"({skipped}). Check --config.catalog.path and --config.catalog.fields.* (the field "
-        f"names of your documents). Details: {os.path.join(out_dir, 'report.md')}")
+      f"the catalog ({sources.describe(config.catalog)}) yielded no species with an image "
+      f"({skipped}). Check --config.catalog.path and --config.catalog.fields.* (the field "
+      f"names of your documents). Details: {os.path.join(out_dir, 'report.md')}"
+    )
   if not url_check["passed"]:
     top = ", ".join(f"{r} ×{n}" for r, n in list(url_check["failures_by_reason"].items())[:5])
     raise AuditFailed(
-        f"URL check failed: {url_check['failure_rate']:.1%} of {url_check['checked']} checked URLs "
-        f"are broken (audit.max_failure_rate={url_check['max_failure_rate']:.1%}); top reasons: {top}. "
-        f"Details: {os.path.join(out_dir, 'report.md')}")
-  return {"metric": metric, "species": report["species"]["count"], "images": images["total"],
-          "allowed": images["allowed"], "url_failure_rate": url_check["failure_rate"]}
+      f"URL check failed: {url_check['failure_rate']:.1%} of {url_check['checked']} checked URLs "
+      f"are broken (audit.max_failure_rate={url_check['max_failure_rate']:.1%}); top reasons: {top}. "
+      f"Details: {os.path.join(out_dir, 'report.md')}"
+    )
+  return {
+    "metric": metric,
+    "species": report["species"]["count"],
+    "images": images["total"],
+    "allowed": images["allowed"],
+    "url_failure_rate": url_check["failure_rate"],
+  }

@@ -9,6 +9,7 @@ everything after the cache is a pure function of it. A killed run, rerun,
 downloads only what is missing and writes byte-identical shards. The manifest
 is written last and atomically: a complete manifest means a complete export.
 """
+
 import collections
 import concurrent.futures as cf
 import contextlib
@@ -19,8 +20,8 @@ import json
 import math
 import os
 
-from absl import logging
 import tqdm
+from absl import logging
 
 from aplantida_jax import fileio
 from aplantida_jax import workdir as workdir_lib
@@ -119,8 +120,13 @@ def _normalise_to_cache(cache, key, data, path, export_cfg):
     if path is not None:
       with open(path, "rb") as f:
         data = f.read()
-    jpeg, _ = imaging.normalise(data, image_size=export_cfg.image_size, min_size=export_cfg.min_size,
-                                max_pixels=export_cfg.max_pixels, quality=export_cfg.jpeg_quality)
+    jpeg, _ = imaging.normalise(
+      data,
+      image_size=export_cfg.image_size,
+      min_size=export_cfg.min_size,
+      max_pixels=export_cfg.max_pixels,
+      quality=export_cfg.jpeg_quality,
+    )
   except imaging.ImageError as e:
     return {"key": key, "reason": e.reason}
   except OSError:
@@ -143,13 +149,21 @@ def _fill_cache(todo: dict, cache: Cache, config, total: int) -> collections.Cou
   def finish(entry):
     if entry.pop("transient", False):
       transient[entry["reason"]] += 1
-      logging.log_first_n(logging.WARNING, "export: %s (%s); retried on the next run", 10,
-                          todo[entry["key"]].location, entry["reason"])
+      logging.log_first_n(
+        logging.WARNING,
+        "export: %s (%s); retried on the next run",
+        10,
+        todo[entry["key"]].location,
+        entry["reason"],
+      )
     else:
       cache.record(entry)
     bar.update(1)
 
-  with contextlib.closing(downloads), cf.ThreadPoolExecutor(workers, thread_name_prefix="normalise") as pool:
+  with (
+    contextlib.closing(downloads),
+    cf.ThreadPoolExecutor(workers, thread_name_prefix="normalise") as pool,
+  ):
     pending = set()
 
     def submit(key, data, path):
@@ -166,8 +180,13 @@ def _fill_cache(todo: dict, cache: Cache, config, total: int) -> collections.Cou
       if result.ok:
         submit(result.key, result.data, None)
       else:
-        finish({"key": result.key, "reason": result.reason,
-                "transient": result.reason not in _PERMANENT_HTTP})
+        finish(
+          {
+            "key": result.key,
+            "reason": result.reason,
+            "transient": result.reason not in _PERMANENT_HTTP,
+          }
+        )
     for future in cf.as_completed(pending):
       finish(future.result())
   bar.close()
@@ -181,15 +200,30 @@ def _classes(species_names, records_by_species) -> list:
     names = collections.defaultdict(list)
     for lang, name in first.common_names:
       names[lang].append(name)
-    out.append(dict(index=index, species=species, common_names=dict(names),
-                    regions=list(first.species_regions), family=first.family))
+    out.append(
+      dict(
+        index=index,
+        species=species,
+        common_names=dict(names),
+        regions=list(first.species_regions),
+        family=first.family,
+      )
+    )
   return out
 
 
 def _shard_record(record, label, sha, jpeg) -> dict:
-  return dict(jpeg=jpeg, label=label, species=record.species, regions=list(record.regions),
-              country=record.country, license=record.license, author=record.author,
-              url=record.location, sha256=sha)
+  return dict(
+    jpeg=jpeg,
+    label=label,
+    species=record.species,
+    regions=list(record.regions),
+    country=record.country,
+    license=record.license,
+    author=record.author,
+    url=record.location,
+    sha256=sha,
+  )
 
 
 def _write_split(splits_dir, name, items, records, labels, cache, records_per_shard) -> list:
@@ -197,15 +231,29 @@ def _write_split(splits_dir, name, items, records, labels, cache, records_per_sh
   num_shards = max(1, math.ceil(len(items) / records_per_shard))
   info = []
   for i in range(num_shards):
-    chunk = items[i * records_per_shard:(i + 1) * records_per_shard]
+    chunk = items[i * records_per_shard : (i + 1) * records_per_shard]
     path = shards.shard_path(os.path.dirname(splits_dir), name, i, num_shards)
-    shards.write_shard(path, (shards.encode(_shard_record(
-        records[(item.species, item.location)], labels[item.species], item.sha256,
-        cache.read(_location_key(item.location)))) for item in chunk))
+    shards.write_shard(
+      path,
+      (
+        shards.encode(
+          _shard_record(
+            records[(item.species, item.location)],
+            labels[item.species],
+            item.sha256,
+            cache.read(_location_key(item.location)),
+          )
+        )
+        for item in chunk
+      ),
+    )
     with open(path, "rb") as f:
       digest = hashlib.file_digest(f, "sha256").hexdigest()
-    info.append(dict(file=os.path.relpath(path, os.path.dirname(splits_dir)),
-                     records=len(chunk), sha256=digest))
+    info.append(
+      dict(
+        file=os.path.relpath(path, os.path.dirname(splits_dir)), records=len(chunk), sha256=digest
+      )
+    )
   return info
 
 
@@ -218,11 +266,22 @@ def _remove_stale_shards(splits_dir, keep):
 def _write_attributions(path, splits, records):
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow(["sha256", "species", "author", "license", "source", "url", "attribution_required"])
+  writer.writerow(
+    ["sha256", "species", "author", "license", "source", "url", "attribution_required"]
+  )
   for item in sorted((i for items in splits.values() for i in items), key=lambda i: i.sha256):
     r = records[(item.species, item.location)]
-    writer.writerow([item.sha256, r.species, r.author, r.license, r.source, r.location,
-                     licenses.requires_attribution(r.license)])
+    writer.writerow(
+      [
+        item.sha256,
+        r.species,
+        r.author,
+        r.license,
+        r.source,
+        r.location,
+        licenses.requires_attribution(r.license),
+      ]
+    )
   fileio.write_text(path, buf.getvalue())
 
 
@@ -244,15 +303,23 @@ def run(config, workdir: str) -> dict:
 
   source_stats = collections.Counter()
   records, license_rejections = _licensed_records(config, source_stats, policy)
-  logging.info("export: %d records allowed by policy %r, %d rejected",
-               len(records), policy.name, sum(license_rejections.values()))
+  logging.info(
+    "export: %d records allowed by policy %r, %d rejected",
+    len(records),
+    policy.name,
+    sum(license_rejections.values()),
+  )
   locations = {_location_key(r.location): r for r in records}  # one fetch per URL or path
 
   cache = Cache(os.path.join(out_dir, "cache"), config.export)
   try:
     todo = {k: r for k, r in locations.items() if k not in cache.entries}
-    logging.info("export: %d unique images, %d cached, %d to fetch",
-                 len(locations), len(locations) - len(todo), len(todo))
+    logging.info(
+      "export: %d unique images, %d cached, %d to fetch",
+      len(locations),
+      len(locations) - len(todo),
+      len(todo),
+    )
     transient = _fill_cache(todo, cache, config, total=len(locations))
     entries = {k: cache.entries.get(k, {}) for k in locations}
 
@@ -261,32 +328,43 @@ def run(config, workdir: str) -> dict:
     by_location = {}
     for r in records:  # one record per (species, location): the metadata shards carry
       by_location.setdefault((r.species, r.location), r)
-    items = [split_lib.Item(entries[_location_key(loc)]["sha256"], species, loc)
-             for (species, loc) in sorted(by_location)
-             if "sha256" in entries[_location_key(loc)]]
+    items = [
+      split_lib.Item(entries[_location_key(loc)]["sha256"], species, loc)
+      for (species, loc) in sorted(by_location)
+      if "sha256" in entries[_location_key(loc)]
+    ]
     unique = split_lib.dedupe(items)
-    result = split_lib.split(unique.items, ratios=dict(config.export.splits),
-                             min_per_class=config.export.min_per_class,
-                             small_class_policy=config.export.small_class_policy, seed=config.seed)
+    result = split_lib.split(
+      unique.items,
+      ratios=dict(config.export.splits),
+      min_per_class=config.export.min_per_class,
+      small_class_policy=config.export.small_class_policy,
+      seed=config.seed,
+    )
     if not result.species:
       raise ValueError(
-          f"export: no image survived (catalog {sources.describe(config.catalog)}; "
-          f"license rejections {dict(license_rejections)}; failures {dict(failures)}; "
-          f"species below export.min_per_class={config.export.min_per_class}: "
-          f"{len(result.small_species)}). Check the catalog, licenses.policy and export.min_per_class.")
+        f"export: no image survived (catalog {sources.describe(config.catalog)}; "
+        f"license rejections {dict(license_rejections)}; failures {dict(failures)}; "
+        f"species below export.min_per_class={config.export.min_per_class}: "
+        f"{len(result.small_species)}). Check the catalog, licenses.policy and export.min_per_class."
+      )
     labels = {species: i for i, species in enumerate(result.species)}
 
     # Config, catalog and downloads are good: only now does the old export stop being
     # complete (until the new manifest is written last). A bad rerun leaves it whole.
     if os.path.exists(manifest_path):
       os.remove(manifest_path)
-    shard_info = {name: _write_split(splits_dir, name, list(items), by_location, labels, cache,
-                                     config.export.records_per_shard)
-                  for name, items in result.splits.items()}
+    shard_info = {
+      name: _write_split(
+        splits_dir, name, list(items), by_location, labels, cache, config.export.records_per_shard
+      )
+      for name, items in result.splits.items()
+    }
   finally:
     cache.close()
-  _remove_stale_shards(splits_dir, {os.path.join(out_dir, s["file"])
-                                    for info in shard_info.values() for s in info})
+  _remove_stale_shards(
+    splits_dir, {os.path.join(out_dir, s["file"]) for info in shard_info.values() for s in info}
+  )
 
   records_by_species = collections.defaultdict(list)
   for r in by_location.values():
@@ -297,35 +375,62 @@ def run(config, workdir: str) -> dict:
 
   counts = {name: len(items) for name, items in result.splits.items()}
   manifest = dict(
-      num_classes=len(result.species),
-      image_size=config.export.image_size,
-      license_policy=policy.name,
-      shippable=policy.shippable,
-      counts=counts,
-      counts_per_class={name: dict(sorted(collections.Counter(i.species for i in items).items()))
-                        for name, items in result.splits.items()},
-      classes=list(result.species),
-      shards=shard_info,
-      catalog=dict(source=sources.describe(config.catalog), image_records=len(records) +
-                   sum(license_rejections.values()), skipped=dict(sorted(source_stats.items()))),
-      licenses=dict(allowed=len(records), rejected=dict(sorted(license_rejections.items())),
-                    kept_by_license=dict(sorted(collections.Counter(
-                        by_location[(i.species, i.location)].license
-                        for items in result.splits.values() for i in items).items()))),
-      downloads=dict(unique_locations=len(locations), failed=sum(failures.values()),
-                     failures=dict(sorted(failures.items()))),
-      dedupe=dict(duplicate_records=len(records) - len(by_location),  # same URL, same species
-                  duplicate_content=unique.duplicates, conflicting_species=unique.conflicting),
-      small_classes=dict(policy=result.small_class_policy,
-                         min_per_class=config.export.min_per_class,
-                         species=dict(sorted(result.small_species.items()))),
-      config=_resolved_config(config),
+    num_classes=len(result.species),
+    image_size=config.export.image_size,
+    license_policy=policy.name,
+    shippable=policy.shippable,
+    counts=counts,
+    counts_per_class={
+      name: dict(sorted(collections.Counter(i.species for i in items).items()))
+      for name, items in result.splits.items()
+    },
+    classes=list(result.species),
+    shards=shard_info,
+    catalog=dict(
+      source=sources.describe(config.catalog),
+      image_records=len(records) + sum(license_rejections.values()),
+      skipped=dict(sorted(source_stats.items())),
+    ),
+    licenses=dict(
+      allowed=len(records),
+      rejected=dict(sorted(license_rejections.items())),
+      kept_by_license=dict(
+        sorted(
+          collections.Counter(
+            by_location[(i.species, i.location)].license
+            for items in result.splits.values()
+            for i in items
+          ).items()
+        )
+      ),
+    ),
+    downloads=dict(
+      unique_locations=len(locations),
+      failed=sum(failures.values()),
+      failures=dict(sorted(failures.items())),
+    ),
+    dedupe=dict(
+      duplicate_records=len(records) - len(by_location),  # same URL, same species
+      duplicate_content=unique.duplicates,
+      conflicting_species=unique.conflicting,
+    ),
+    small_classes=dict(
+      policy=result.small_class_policy,
+      min_per_class=config.export.min_per_class,
+      species=dict(sorted(result.small_species.items())),
+    ),
+    config=_resolved_config(config),
   )
   fileio.write_json(manifest_path, manifest)
   logging.info("export: wrote %s", manifest_path)
   total_failed = sum(failures.values())
   return dict(
-      metric=(f"{counts['train']}/{counts['val']}/{counts['test']} train/val/test images, "
-              f"{len(result.species)} classes, {total_failed} failed downloads"),
-      counts=counts, num_classes=len(result.species), failures=dict(failures),
-      license_rejected=sum(license_rejections.values()))
+    metric=(
+      f"{counts['train']}/{counts['val']}/{counts['test']} train/val/test images, "
+      f"{len(result.species)} classes, {total_failed} failed downloads"
+    ),
+    counts=counts,
+    num_classes=len(result.species),
+    failures=dict(failures),
+    license_rejected=sum(license_rejections.values()),
+  )

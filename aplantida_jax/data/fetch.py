@@ -11,13 +11,16 @@ The public entry points are synchronous so stages stay plain functions: the
 event loop runs inside the call (check_urls) or in a background thread
 (download, which yields results as they complete).
 """
+
 import asyncio
 import dataclasses
 import email.utils
 import queue
 import threading
 import time
-from typing import Hashable, Iterable, Iterator, Optional
+from collections.abc import Hashable
+from collections.abc import Iterable
+from collections.abc import Iterator
 
 import aiohttp
 
@@ -30,17 +33,17 @@ _CHUNK = 256 * 1024
 class UrlCheck:
   url: str
   ok: bool
-  status: Optional[int]  # final HTTP status, None when no response came back
-  reason: str            # "ok" or why the URL is unusable
+  status: int | None  # final HTTP status, None when no response came back
+  reason: str  # "ok" or why the URL is unusable
 
 
 @dataclasses.dataclass(frozen=True)
 class Download:
   key: Hashable
   url: str
-  data: Optional[bytes]  # body when the download succeeded
-  status: Optional[int]
-  reason: str            # "ok" or why there is no data
+  data: bytes | None  # body when the download succeeded
+  status: int | None
+  reason: str  # "ok" or why there is no data
 
   @property
   def ok(self) -> bool:
@@ -50,7 +53,7 @@ class Download:
 class _Failure(Exception):
   """A request outcome that ends with a reason instead of a body."""
 
-  def __init__(self, reason: str, status: Optional[int] = None, retry_after: Optional[float] = None):
+  def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None):
     super().__init__(reason)
     self.reason = reason
     self.status = status
@@ -58,9 +61,12 @@ class _Failure(Exception):
 
   @property
   def retriable(self) -> bool:
-    return (self.reason in ("timeout", "connection_error", "dns_error")
-            or self.status == 429 or self.status == 408
-            or (self.status is not None and self.status >= 500))
+    return (
+      self.reason in ("timeout", "connection_error", "dns_error")
+      or self.status == 429
+      or self.status == 408
+      or (self.status is not None and self.status >= 500)
+    )
 
 
 # X-Robots-Tag directives that opt an image out of dataset use: the AI ones, and the
@@ -82,7 +88,7 @@ def opts_out(headers) -> bool:
   return headers.get("tdm-reservation", "").strip() == "1"
 
 
-def _retry_after_s(headers, cap: float) -> Optional[float]:
+def _retry_after_s(headers, cap: float) -> float | None:
   """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; None if absent."""
   value = headers.get("Retry-After")
   if not value:
@@ -99,24 +105,28 @@ def _retry_after_s(headers, cap: float) -> Optional[float]:
 
 def check_config(http_cfg) -> None:
   """A one-line ValueError naming the `--config.http.*` field that cannot work."""
-  rules = {"concurrency": (http_cfg.concurrency >= 1, "an integer >= 1"),
-           "per_host": (http_cfg.per_host >= 1, "an integer >= 1"),
-           "timeout_s": (http_cfg.timeout_s > 0, "> 0 seconds"),
-           "retries": (http_cfg.retries >= 0, ">= 0"),
-           "backoff_s": (http_cfg.backoff_s >= 0, ">= 0 seconds"),
-           "max_retry_after_s": (http_cfg.max_retry_after_s >= 0, ">= 0 seconds")}
+  rules = {
+    "concurrency": (http_cfg.concurrency >= 1, "an integer >= 1"),
+    "per_host": (http_cfg.per_host >= 1, "an integer >= 1"),
+    "timeout_s": (http_cfg.timeout_s > 0, "> 0 seconds"),
+    "retries": (http_cfg.retries >= 0, ">= 0"),
+    "backoff_s": (http_cfg.backoff_s >= 0, ">= 0 seconds"),
+    "max_retry_after_s": (http_cfg.max_retry_after_s >= 0, ">= 0 seconds"),
+  }
   for field, (ok, must) in rules.items():
     if not ok:
       raise ValueError(f"--config.http.{field}={http_cfg[field]!r} must be {must}.")
 
 
 def _session(http_cfg) -> aiohttp.ClientSession:
-  connector = aiohttp.TCPConnector(limit=http_cfg.concurrency, limit_per_host=http_cfg.per_host,
-                                   ttl_dns_cache=300)
+  connector = aiohttp.TCPConnector(
+    limit=http_cfg.concurrency, limit_per_host=http_cfg.per_host, ttl_dns_cache=300
+  )
   return aiohttp.ClientSession(
-      connector=connector,
-      timeout=aiohttp.ClientTimeout(total=http_cfg.timeout_s),
-      headers={"User-Agent": http_cfg.user_agent})
+    connector=connector,
+    timeout=aiohttp.ClientTimeout(total=http_cfg.timeout_s),
+    headers={"User-Agent": http_cfg.user_agent},
+  )
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
@@ -131,13 +141,16 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
   return b"".join(chunks)
 
 
-async def _request_once(session, method: str, url: str, http_cfg, max_bytes: Optional[int]):
+async def _request_once(session, method: str, url: str, http_cfg, max_bytes: int | None):
   """One request following redirects → (status, body or None); raises _Failure."""
   try:
     async with session.request(method, url, allow_redirects=True, max_redirects=10) as resp:
       if resp.status >= 400:
-        raise _Failure(f"http_{resp.status}", resp.status,
-                       _retry_after_s(resp.headers, http_cfg.max_retry_after_s))
+        raise _Failure(
+          f"http_{resp.status}",
+          resp.status,
+          _retry_after_s(resp.headers, http_cfg.max_retry_after_s),
+        )
       if http_cfg.respect_noai and opts_out(resp.headers):
         raise _Failure("noai", resp.status)
       content_type = resp.headers.get("Content-Type", "")
@@ -149,7 +162,7 @@ async def _request_once(session, method: str, url: str, http_cfg, max_bytes: Opt
     raise _Failure("too_many_redirects", e.status) from None
   except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
     raise _Failure("invalid_url") from None
-  except asyncio.TimeoutError:
+  except TimeoutError:
     raise _Failure("timeout") from None
   except aiohttp.ClientConnectorDNSError:
     raise _Failure("dns_error") from None
@@ -159,7 +172,7 @@ async def _request_once(session, method: str, url: str, http_cfg, max_bytes: Opt
     raise _Failure("connection_error") from None
 
 
-async def _request(session, method: str, url: str, http_cfg, max_bytes: Optional[int]):
+async def _request(session, method: str, url: str, http_cfg, max_bytes: int | None):
   """_request_once with retries and backoff; returns (status, body), raises the last _Failure."""
   attempt = 0
   while True:
@@ -168,7 +181,7 @@ async def _request(session, method: str, url: str, http_cfg, max_bytes: Optional
     except _Failure as failure:
       if not failure.retriable or attempt >= http_cfg.retries:
         raise
-      backoff = http_cfg.backoff_s * 2 ** attempt
+      backoff = http_cfg.backoff_s * 2**attempt
       await asyncio.sleep(backoff if failure.retry_after is None else failure.retry_after)
       attempt += 1
 
@@ -227,8 +240,12 @@ async def _download_worker(session, pending: Iterator, http_cfg, max_bytes, slot
 
 async def _download_all(pending, http_cfg, max_bytes, slots, deliver):
   async with _session(http_cfg) as session:
-    await asyncio.gather(*(_download_worker(session, pending, http_cfg, max_bytes, slots, deliver)
-                           for _ in range(http_cfg.concurrency)))
+    await asyncio.gather(
+      *(
+        _download_worker(session, pending, http_cfg, max_bytes, slots, deliver)
+        for _ in range(http_cfg.concurrency)
+      )
+    )
 
 
 def download(items: Iterable, http_cfg, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Download]:

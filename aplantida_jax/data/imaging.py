@@ -7,6 +7,7 @@ side is exactly `image_size`, encoded deterministically (same bytes in → same
 bytes out, so content hashes dedupe and resumed exports are byte-identical),
 and rejects everything else with an `ImageError` carrying a short reason.
 """
+
 import dataclasses
 import io
 import warnings
@@ -14,7 +15,14 @@ import warnings
 from PIL import Image
 from PIL import ImageOps
 
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # MPO (multi-picture JPEG) opens through JPEG
+FORMATS = (
+  "JPEG",
+  "PNG",
+  "WEBP",
+  "GIF",
+  "BMP",
+  "TIFF",
+)  # MPO (multi-picture JPEG) opens through JPEG
 
 # Pillow warns (instead of failing) between MAX_IMAGE_PIXELS and twice that; a
 # warning cannot be counted as a rejection, so in this pipeline it is an error.
@@ -33,11 +41,11 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
-  format: str          # source format, e.g. "JPEG"
-  mode: str            # source mode, e.g. "CMYK"
-  source_size: tuple   # (width, height) as stored
+  format: str  # source format, e.g. "JPEG"
+  mode: str  # source mode, e.g. "CMYK"
+  source_size: tuple  # (width, height) as stored
   decoded_size: tuple  # (width, height) decoded: smaller when JPEG DCT scaling applied
-  size: tuple          # (width, height) written
+  size: tuple  # (width, height) written
 
 
 def _decode_failure(e: Exception) -> ImageError:
@@ -80,8 +88,9 @@ def _target_size(width: int, height: int, short_side: int) -> tuple:
   return max(1, round(width * short_side / height)), short_side
 
 
-def normalise(data: bytes, *, image_size: int, min_size: int, max_pixels: int,
-              quality: int = 90) -> tuple:
+def normalise(
+  data: bytes, *, image_size: int, min_size: int, max_pixels: int, quality: int = 90
+) -> tuple:
   """Image bytes → (jpeg_bytes, ImageInfo); raises ImageError(reason).
 
   Reasons: empty, not_image, decode_error, decompression_bomb (more than

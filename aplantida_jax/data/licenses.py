@@ -16,9 +16,9 @@ Conventions (documented in README):
     unported id, which has the same terms. The raw string is kept on the record.
   * Anything empty or unrecognised → "unknown".
 """
+
 import dataclasses
 import re
-from typing import Optional
 
 UNKNOWN = "unknown"
 PUBLIC_DOMAIN = "LicenseRef-PublicDomain"
@@ -29,21 +29,37 @@ _CC_VERSIONS = ("1.0", "2.0", "2.5", "3.0", "4.0")
 _CC_DEFAULT_VERSION = "4.0"
 # Non-CC ids we recognise (lower-cased spelling variants → SPDX id); weights use these.
 _OTHER_SPELLINGS = {
-    "mit license": "MIT", "apache 2.0": "Apache-2.0", "apache2": "Apache-2.0",
-    "apache license 2.0": "Apache-2.0", "apache license, version 2.0": "Apache-2.0",
-    "apache software license": "Apache-2.0", "bsd 2-clause": "BSD-2-Clause",
-    "bsd 3-clause": "BSD-3-Clause", "bsd license": "BSD-3-Clause",
-    "gfdl": "GFDL-1.3-or-later", "gfdl-1.2": "GFDL-1.2-or-later", "gfdl-1.3": "GFDL-1.3-or-later",
-    "public domain": PUBLIC_DOMAIN, "publicdomain": PUBLIC_DOMAIN, "pd": PUBLIC_DOMAIN,
-    "pdm": PUBLIC_DOMAIN, "pdm-1.0": PUBLIC_DOMAIN, "cc-pdm-1.0": PUBLIC_DOMAIN, "cc pdm": PUBLIC_DOMAIN,
-    "no known copyright restrictions": PUBLIC_DOMAIN,
-    "all rights reserved": ALL_RIGHTS_RESERVED, "all-rights-reserved": ALL_RIGHTS_RESERVED,
-    "arr": ALL_RIGHTS_RESERVED, "proprietary": ALL_RIGHTS_RESERVED,
+  "mit license": "MIT",
+  "apache 2.0": "Apache-2.0",
+  "apache2": "Apache-2.0",
+  "apache license 2.0": "Apache-2.0",
+  "apache license, version 2.0": "Apache-2.0",
+  "apache software license": "Apache-2.0",
+  "bsd 2-clause": "BSD-2-Clause",
+  "bsd 3-clause": "BSD-3-Clause",
+  "bsd license": "BSD-3-Clause",
+  "gfdl": "GFDL-1.3-or-later",
+  "gfdl-1.2": "GFDL-1.2-or-later",
+  "gfdl-1.3": "GFDL-1.3-or-later",
+  "public domain": PUBLIC_DOMAIN,
+  "publicdomain": PUBLIC_DOMAIN,
+  "pd": PUBLIC_DOMAIN,
+  "pdm": PUBLIC_DOMAIN,
+  "pdm-1.0": PUBLIC_DOMAIN,
+  "cc-pdm-1.0": PUBLIC_DOMAIN,
+  "cc pdm": PUBLIC_DOMAIN,
+  "no known copyright restrictions": PUBLIC_DOMAIN,
+  "all rights reserved": ALL_RIGHTS_RESERVED,
+  "all-rights-reserved": ALL_RIGHTS_RESERVED,
+  "arr": ALL_RIGHTS_RESERVED,
+  "proprietary": ALL_RIGHTS_RESERVED,
 }
 # Ids we emit map to themselves, so normalize() is idempotent.
-_KNOWN = {**{v.lower(): v for v in _OTHER_SPELLINGS.values()},
-          **{v.lower(): v for v in ("MIT", "Apache-2.0", "PDDL-1.0", CC0)},
-          **_OTHER_SPELLINGS}
+_KNOWN = {
+  **{v.lower(): v for v in _OTHER_SPELLINGS.values()},
+  **{v.lower(): v for v in ("MIT", "Apache-2.0", "PDDL-1.0", CC0)},
+  **_OTHER_SPELLINGS,
+}
 _RESERVED_PREFIXES = ("all rights reserved", "copyright", "(c)", "©")
 _UNKNOWN_WORDS = ("unknown", "none", "n/a", "na", "null", "not specified", "unspecified", "-", "?")
 _CC_URL = re.compile(r"creativecommons\.org/(licenses|publicdomain)/([a-z\-+]+)(?:/(\d(?:\.\d)?))?")
@@ -74,7 +90,7 @@ def unrecognised(raw) -> bool:
   return bool(text) and text not in _UNKNOWN_WORDS and normalize(raw) == UNKNOWN
 
 
-def _cc_id(terms, version: Optional[str]) -> str:
+def _cc_id(terms, version: str | None) -> str:
   """{'by','nc','sa','nd'} + version → 'CC-BY-NC-SA-4.0'; "unknown" for impossible sets."""
   if "by" not in terms or ("sa" in terms and "nd" in terms):
     return UNKNOWN
@@ -99,10 +115,18 @@ def _from_cc_text(text: str) -> str:
   tokens = re.findall(r"cc0|zero|\d\.\d|\d|[a-z]+", text)
   if "cc0" in tokens or ("cc" in tokens and "zero" in tokens):
     return CC0
-  words = {"attribution": "by", "noncommercial": "nc", "sharealike": "sa", "noderivatives": "nd",
-           "noderivs": "nd", "non commercial": "nc", "share alike": "sa", "no derivatives": "nd",
-           "no derivs": "nd"}
-  pairs = [" ".join(tokens[i:i + 2]) for i in range(len(tokens))]
+  words = {
+    "attribution": "by",
+    "noncommercial": "nc",
+    "sharealike": "sa",
+    "noderivatives": "nd",
+    "noderivs": "nd",
+    "non commercial": "nc",
+    "share alike": "sa",
+    "no derivatives": "nd",
+    "no derivs": "nd",
+  }
+  pairs = [" ".join(tokens[i : i + 2]) for i in range(len(tokens))]
   terms = {t for t in tokens if t in ("by", "nc", "sa", "nd")}
   terms |= {words[w] for w in tokens + pairs if w in words}
   bare_clauses = all(t in ("by", "nc", "sa", "nd") or t[0].isdigit() for t in tokens)  # "by-sa 4.0"
@@ -133,7 +157,7 @@ REASON_ND = "no-derivatives (ND) clause forbids derived works"
 REASON_NOT_LISTED = "license not on the policy's allow-list"
 
 
-def _commercial_problem(spdx: str) -> Optional[str]:
+def _commercial_problem(spdx: str) -> str | None:
   """Why `spdx` is not commercial-safe, or None when it is."""
   if spdx in (CC0, PUBLIC_DOMAIN):
     return None
@@ -154,6 +178,7 @@ def _commercial_problem(spdx: str) -> Optional[str]:
 @dataclasses.dataclass(frozen=True)
 class Policy:
   """A named image-license policy. `shippable` is False for models trained under it."""
+
   name: str
   shippable: bool
   research_reasons: tuple = ()  # problems this policy tolerates (research use only)
@@ -169,17 +194,19 @@ class Policy:
 
 
 POLICIES = {
-    "commercial": Policy("commercial", shippable=True),
-    "research": Policy("research", shippable=False,
-                       research_reasons=(REASON_NC, REASON_ND, REASON_UNKNOWN)),
+  "commercial": Policy("commercial", shippable=True),
+  "research": Policy(
+    "research", shippable=False, research_reasons=(REASON_NC, REASON_ND, REASON_UNKNOWN)
+  ),
 }
 
 
 def get_policy(name: str) -> Policy:
   """The policy called `name` (config `licenses.policy`); a ValueError lists the choices."""
   if name not in POLICIES:
-    raise ValueError(f"Unknown license policy {name!r} in licenses.policy; "
-                     f"choose one of {sorted(POLICIES)}.")
+    raise ValueError(
+      f"Unknown license policy {name!r} in licenses.policy; choose one of {sorted(POLICIES)}."
+    )
   return POLICIES[name]
 
 

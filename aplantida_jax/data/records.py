@@ -3,25 +3,25 @@
 Sources (mongo, jsonl, folder) differ only in where documents come from; from
 here on the pipeline sees `ImageRecord`s and nothing source-specific.
 """
+
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-  species: str                       # scientific name, the class
-  url: Optional[str] = None          # CDN URL (mongo/jsonl) ...
-  path: Optional[str] = None         # ... or a local file (folder source)
-  license: str = "unknown"           # SPDX id after normalisation (see licenses.py)
-  license_raw: str = ""              # what the catalog said, for the audit report
+  species: str  # scientific name, the class
+  url: str | None = None  # CDN URL (mongo/jsonl) ...
+  path: str | None = None  # ... or a local file (folder source)
+  license: str = "unknown"  # SPDX id after normalisation (see licenses.py)
+  license_raw: str = ""  # what the catalog said, for the audit report
   author: str = ""
-  source: str = ""                   # e.g. "inaturalist"
-  country: Optional[str] = None      # ISO 3166-1 alpha-2 of the photo, if known
-  species_regions: tuple = ()        # ISO country codes where the species lives
+  source: str = ""  # e.g. "inaturalist"
+  country: str | None = None  # ISO 3166-1 alpha-2 of the photo, if known
+  species_regions: tuple = ()  # ISO country codes where the species lives
   family: str = ""
-  common_names: tuple = ()           # ((lang, name), ...), hashable
+  common_names: tuple = ()  # ((lang, name), ...), hashable
 
   @property
   def location(self) -> str:

@@ -7,6 +7,7 @@ One ArrayRecord record = msgpack map with the JPEG bytes and its metadata:
 msgpack is deterministic for the same map, so identical inputs give
 byte-identical shards. Files are written under a temporary name and renamed.
 """
+
 import glob
 import os
 
@@ -35,14 +36,16 @@ def shard_paths(dataset_dir: str, split: str) -> list:
   paths = sorted(glob.glob(os.path.join(dataset_dir, "splits", f"{split}.array_record-*")))
   if not paths:
     raise FileNotFoundError(
-        f"No shards for split {split!r} under {dataset_dir}/splits/. "
-        "Run the export stage first (configs/export.py).")
+      f"No shards for split {split!r} under {dataset_dir}/splits/. "
+      "Run the export stage first (configs/export.py)."
+    )
   return paths
 
 
 def shard_path(dataset_dir: str, split: str, index: int, num_shards: int) -> str:
-  return os.path.join(dataset_dir, "splits",
-                      f"{split}.array_record-{index:05d}-of-{num_shards:05d}")
+  return os.path.join(
+    dataset_dir, "splits", f"{split}.array_record-{index:05d}-of-{num_shards:05d}"
+  )
 
 
 def write_split(dataset_dir: str, split: str, records, num_shards: int = 1) -> list:
@@ -55,7 +58,7 @@ def write_split(dataset_dir: str, split: str, records, num_shards: int = 1) -> l
   os.makedirs(os.path.join(dataset_dir, "splits"), exist_ok=True)
   paths = [shard_path(dataset_dir, split, s, num_shards) for s in range(num_shards)]
   for s, path in enumerate(paths):
-    write_shard(path, encoded[s * per_shard:(s + 1) * per_shard])
+    write_shard(path, encoded[s * per_shard : (s + 1) * per_shard])
   return paths
 
 

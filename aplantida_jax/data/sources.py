@@ -13,13 +13,14 @@ documents and images are counted per reason in the caller's `stats` Counter
 Mongo URIs carry credentials: anything logged or written goes through
 `redact_uri`.
 """
+
 import collections
 import csv
 import json
 import os
 import re
 import urllib.parse
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from absl import logging
 
@@ -29,8 +30,18 @@ from aplantida_jax.data.records import ImageRecord
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _SECRET_PARAMS = re.compile(r"(pass|pwd|secret|token|key|credential|sig)", re.IGNORECASE)
-_FIELD_NAMES = ("species", "family", "common_names", "regions", "images",
-                "url", "license", "author", "source", "country")
+_FIELD_NAMES = (
+  "species",
+  "family",
+  "common_names",
+  "regions",
+  "images",
+  "url",
+  "license",
+  "author",
+  "source",
+  "country",
+)
 
 
 def redact_uri(uri: str) -> str:
@@ -116,14 +127,15 @@ def _common_names(value) -> tuple:
 def _valid_url(url: str) -> bool:
   try:
     parts = urllib.parse.urlsplit(url)
-    parts.port  # pylint: disable=pointless-statement  # raises on a malformed port
+    _ = parts.port  # raises on a malformed port
   except ValueError:  # "http://[::1/x.jpg": an unclosed IPv6 bracket
     return False
   return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
-def document_records(doc, fields: dict, stats: collections.Counter,
-                     location: str = "url") -> Iterator[ImageRecord]:
+def document_records(
+  doc, fields: dict, stats: collections.Counter, location: str = "url"
+) -> Iterator[ImageRecord]:
   """One catalog document → its valid image records; skips are counted in `stats`.
 
   `fields` maps record field names to dotted paths (image fields relative to one
@@ -139,13 +151,17 @@ def document_records(doc, fields: dict, stats: collections.Counter,
     return
   images = get_path(doc, fields["images"])
   if not isinstance(images, list) or not images:
-    what = "not a list" if images is not None and not isinstance(images, list) else "missing or empty"
+    what = (
+      "not a list" if images is not None and not isinstance(images, list) else "missing or empty"
+    )
     stats[f"document: images {what} (field '{fields['images']}')"] += 1
     return
-  shared = dict(species=species,
-                species_regions=_regions(get_path(doc, fields["regions"]), stats),
-                family=_text(get_path(doc, fields["family"])),
-                common_names=_common_names(get_path(doc, fields["common_names"])))
+  shared = dict(
+    species=species,
+    species_regions=_regions(get_path(doc, fields["regions"]), stats),
+    family=_text(get_path(doc, fields["family"])),
+    common_names=_common_names(get_path(doc, fields["common_names"])),
+  )
   location_field = fields["url"] if location == "url" else "path"
   for image in images:
     if not isinstance(image, dict):
@@ -164,21 +180,27 @@ def document_records(doc, fields: dict, stats: collections.Counter,
       stats[f"image: invalid country code ignored (field '{fields['country']}')"] += 1
       country = None
     license_raw = _text(get_path(image, fields["license"]))
-    yield ImageRecord(**shared, **{location: where},
-                      license=licenses.normalize(license_raw), license_raw=license_raw,
-                      author=_text(get_path(image, fields["author"])),
-                      source=_text(get_path(image, fields["source"])),
-                      country=country)
+    yield ImageRecord(
+      **shared,
+      **{location: where},
+      license=licenses.normalize(license_raw),
+      license_raw=license_raw,
+      author=_text(get_path(image, fields["author"])),
+      source=_text(get_path(image, fields["source"])),
+      country=country,
+    )
 
 
-def _json_setting(text: str, name: str) -> Optional[dict]:
+def _json_setting(text: str, name: str) -> dict | None:
   if not text or not text.strip():
     return None
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{name} is not valid JSON ({e}): {text!r}. "
-                     f"Example: --config.{name}='{{\"family\": \"Lamiaceae\"}}'") from None
+    raise ValueError(
+      f"{name} is not valid JSON ({e}): {text!r}. "
+      f"Example: --config.{name}='{{\"family\": \"Lamiaceae\"}}'"
+    ) from None
   if not isinstance(value, dict):
     raise ValueError(f"{name} must be a JSON object, got {text!r}.")
   return value
@@ -187,7 +209,9 @@ def _json_setting(text: str, name: str) -> Optional[dict]:
 def default_projection(fields: dict) -> dict:
   """Only the mapped fields (image fields under the images path); no path inside another."""
   paths = {fields[k] for k in ("species", "family", "common_names", "regions")}
-  paths |= {f"{fields['images']}.{fields[k]}" for k in ("url", "license", "author", "source", "country")}
+  paths |= {
+    f"{fields['images']}.{fields[k]}" for k in ("url", "license", "author", "source", "country")
+  }
   kept = {p for p in paths if not any(p.startswith(q + ".") for q in paths)}
   return {p: 1 for p in sorted(kept)}
 
@@ -195,6 +219,7 @@ def default_projection(fields: dict) -> dict:
 def _mongo_documents(cfg, fields: dict, client) -> Iterator[dict]:
   """Streams the collection in cursor batches of `catalog.batch_size` documents."""
   import pymongo  # pylint: disable=g-import-not-at-top  (only the mongo source needs it)
+
   query = _json_setting(cfg.query, "catalog.query") or {}
   projection = _json_setting(cfg.projection, "catalog.projection") or default_projection(fields)
   where = f"{redact_uri(cfg.mongo_uri)} db={cfg.db} collection={cfg.collection}"
@@ -204,15 +229,18 @@ def _mongo_documents(cfg, fields: dict, client) -> Iterator[dict]:
     if own_client:
       client = pymongo.MongoClient(cfg.mongo_uri)  # timeouts etc.: URI options
     cursor = client[cfg.db][cfg.collection].find(
-        query, projection, batch_size=cfg.batch_size, limit=cfg.limit)
+      query, projection, batch_size=cfg.batch_size, limit=cfg.limit
+    )
     try:
       yield from cursor
     finally:
       cursor.close()
   except pymongo.errors.PyMongoError as e:
     message = str(e).replace(cfg.mongo_uri, redact_uri(cfg.mongo_uri))
-    raise RuntimeError(f"Cannot read the Mongo catalog at {where}: {type(e).__name__}: "
-                       f"{message}. Check --config.catalog.mongo_uri/db/collection.") from None
+    raise RuntimeError(
+      f"Cannot read the Mongo catalog at {where}: {type(e).__name__}: "
+      f"{message}. Check --config.catalog.mongo_uri/db/collection."
+    ) from None
   finally:
     if own_client and client is not None:
       client.close()
@@ -222,16 +250,22 @@ def _jsonl_documents(cfg, stats) -> Iterator:
   """One document per line; unparsable lines (bad JSON, not UTF-8) are counted, not fatal."""
   if not os.path.isfile(cfg.path):
     raise FileNotFoundError(
-        f"catalog.path={cfg.path!r} is not a file (catalog.kind=jsonl). Create the demo "
-        "catalog with `python tools/make_demo_data.py` or point --config.catalog.path at a JSONL file.")
+      f"catalog.path={cfg.path!r} is not a file (catalog.kind=jsonl). Create the demo "
+      "catalog with `python tools/make_demo_data.py` or point --config.catalog.path at a JSONL file."
+    )
   with open(cfg.path, "rb") as f:
     for line_number, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
         stats["document: line not UTF-8"] += 1
-        logging.warning("%s:%d: not UTF-8 (byte %#x at column %d; save the file as UTF-8), "
-                        "skipped", cfg.path, line_number, raw[e.start], e.start + 1)
+        logging.warning(
+          "%s:%d: not UTF-8 (byte %#x at column %d; save the file as UTF-8), skipped",
+          cfg.path,
+          line_number,
+          raw[e.start],
+          e.start + 1,
+        )
         continue
       if not line.strip():
         continue
@@ -250,8 +284,10 @@ def _read_sidecar(path: str, root: str) -> dict:
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames or "path" not in reader.fieldnames:
-      raise ValueError(f"catalog.sidecar_csv={path!r} needs a header with a 'path' column "
-                       "(path,license,author,source,country; path relative to catalog.path).")
+      raise ValueError(
+        f"catalog.sidecar_csv={path!r} needs a header with a 'path' column "
+        "(path,license,author,source,country; path relative to catalog.path)."
+      )
     rows = {}
     for row in reader:
       if row.get("path"):
@@ -264,8 +300,10 @@ def _folder_documents(cfg, stats) -> Iterator[dict]:
   """One document per species subfolder, shaped like a catalog document."""
   root = cfg.path
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"catalog.path={root!r} is not a folder (catalog.kind=folder): "
-                            "it must hold one subfolder of images per species.")
+    raise FileNotFoundError(
+      f"catalog.path={root!r} is not a folder (catalog.kind=folder): "
+      "it must hold one subfolder of images per species."
+    )
   sidecar = _read_sidecar(cfg.sidecar_csv, root) if cfg.sidecar_csv else {}
   defaults = dict(license=cfg.default_license, author=cfg.default_author, source="local")
   unmatched = set(sidecar)
@@ -287,7 +325,9 @@ def _folder_documents(cfg, stats) -> Iterator[dict]:
     stats["sidecar: row for a file that is not in the folder"] += len(unmatched)
 
 
-def iter_records(catalog_cfg, stats: collections.Counter, mongo_client=None) -> Iterator[ImageRecord]:
+def iter_records(
+  catalog_cfg, stats: collections.Counter, mongo_client=None
+) -> Iterator[ImageRecord]:
   """Streams the catalog named by `catalog_cfg` (config `catalog`) as `ImageRecord`s.
 
   `mongo_client` lets tests pass a mongomock (or instrumented) client; by default
@@ -311,8 +351,23 @@ def describe(catalog_cfg) -> dict:
   """Where the catalog comes from, safe to log and store (no credentials)."""
   c = catalog_cfg
   if c.kind == "folder":
-    return dict(kind="folder", path=c.path, sidecar_csv=c.sidecar_csv,
-                default_license=c.default_license, default_author=c.default_author)
-  where = (dict(uri=redact_uri(c.mongo_uri), db=c.db, collection=c.collection, query=c.query,
-                projection=c.projection, limit=c.limit) if c.kind == "mongo" else dict(path=c.path))
+    return dict(
+      kind="folder",
+      path=c.path,
+      sidecar_csv=c.sidecar_csv,
+      default_license=c.default_license,
+      default_author=c.default_author,
+    )
+  where = (
+    dict(
+      uri=redact_uri(c.mongo_uri),
+      db=c.db,
+      collection=c.collection,
+      query=c.query,
+      projection=c.projection,
+      limit=c.limit,
+    )
+    if c.kind == "mongo"
+    else dict(path=c.path)
+  )
   return dict(kind=c.kind, **where, fields=_field_map(c.fields))

@@ -7,10 +7,12 @@ adding or removing one species leaves every other species' split unchanged.
 Items are deduplicated by content hash first, so a duplicate can never land in
 two splits and leak test images into training.
 """
+
 import collections
 import dataclasses
 import hashlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,24 +21,24 @@ SMALL_CLASS_POLICIES = ("drop", "train_only")
 
 
 class Item(NamedTuple):
-  sha256: str    # content hash of the normalised image
+  sha256: str  # content hash of the normalised image
   species: str
   location: str  # URL or path; breaks ties between duplicates deterministically
 
 
 @dataclasses.dataclass(frozen=True)
 class Dedupe:
-  items: tuple               # one item per sha256, sorted by sha256
-  duplicates: int            # items dropped because their content was already kept
-  conflicting: int           # of those, how many carried a different species than the kept one
+  items: tuple  # one item per sha256, sorted by sha256
+  duplicates: int  # items dropped because their content was already kept
+  conflicting: int  # of those, how many carried a different species than the kept one
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  splits: dict               # split name → tuple of Items, sorted by sha256
-  species: tuple             # kept species, sorted: index = label
-  small_species: dict        # species below min_per_class → its image count
-  small_class_policy: str    # what happened to them: "drop" | "train_only"
+  splits: dict  # split name → tuple of Items, sorted by sha256
+  species: tuple  # kept species, sorted: index = label
+  small_species: dict  # species below min_per_class → its image count
+  small_class_policy: str  # what happened to them: "drop" | "train_only"
 
 
 def dedupe(items: Sequence[Item]) -> Dedupe:
@@ -56,8 +58,9 @@ def dedupe(items: Sequence[Item]) -> Dedupe:
 def check_options(ratios: dict, small_class_policy: str) -> dict:
   """Validates the split options (before any download); returns the ratios as floats."""
   if small_class_policy not in SMALL_CLASS_POLICIES:
-    raise ValueError(f"export.small_class_policy={small_class_policy!r}; "
-                     f"use one of {SMALL_CLASS_POLICIES}.")
+    raise ValueError(
+      f"export.small_class_policy={small_class_policy!r}; use one of {SMALL_CLASS_POLICIES}."
+    )
   if set(ratios) != set(SPLITS):
     raise ValueError(f"export.splits must have exactly the keys {SPLITS}, got {sorted(ratios)}.")
   values = {k: float(v) for k, v in ratios.items()}
@@ -80,8 +83,9 @@ def _counts(n: int, ratios: dict) -> dict:
   return counts
 
 
-def split(items: Sequence[Item], *, ratios: dict, min_per_class: int, small_class_policy: str,
-          seed: int) -> Split:
+def split(
+  items: Sequence[Item], *, ratios: dict, min_per_class: int, small_class_policy: str, seed: int
+) -> Split:
   """Stratified split of deduplicated `items` (unique sha256) per species.
 
   Species with fewer than `min_per_class` images are dropped or put wholly in
@@ -110,8 +114,12 @@ def split(items: Sequence[Item], *, ratios: dict, min_per_class: int, small_clas
       counts = _counts(len(group), ratios)
       start = 0
       for name in SPLITS:
-        parts[name].extend(shuffled[start:start + counts[name]])
+        parts[name].extend(shuffled[start : start + counts[name]])
         start += counts[name]
     kept_species.append(species)
-  return Split({s: tuple(sorted(v, key=lambda i: i.sha256)) for s, v in parts.items()},
-               tuple(kept_species), small, small_class_policy)
+  return Split(
+    {s: tuple(sorted(v, key=lambda i: i.sha256)) for s, v in parts.items()},
+    tuple(kept_species),
+    small,
+    small_class_policy,
+  )

@@ -7,6 +7,7 @@ ensemble), top5_agree (the ensemble's top-1 in the student's top 5), kl
 without soft labels for the split (online distillation, a set made for
 another dataset) it says why once and returns nothing.
 """
+
 import functools
 import os
 
@@ -25,14 +26,17 @@ TEACHER_FIELDS = ("teacher_probs", "teacher_classes", "teacher_rest")
 
 def agreement_step(state, batch, *, temperature):
   """Masked sums of top-1/top-5 agreement and KL against the joined teacher rows."""
-  logits, _ = steps.forward(state.apply_fn, state.eval_variables(), batch["image"], None,
-                            train=False)
+  logits, _ = steps.forward(
+    state.apply_fn, state.eval_variables(), batch["image"], None, train=False
+  )
   classes, mask = batch["teacher_classes"], batch["mask"]
-  kl = losses.sparse_kl(logits, batch["teacher_probs"], classes, batch["teacher_rest"],
-                        temperature)
-  return {"top1_agree": jnp.sum(steps.top1_agrees(logits, classes[:, 0]) * mask),
-          "top5_agree": jnp.sum(steps.topk_correct(logits, classes[:, 0], 5) * mask),
-          "kl": jnp.sum(jnp.where(mask > 0, kl, 0.0)), "count": jnp.sum(mask)}
+  kl = losses.sparse_kl(logits, batch["teacher_probs"], classes, batch["teacher_rest"], temperature)
+  return {
+    "top1_agree": jnp.sum(steps.top1_agrees(logits, classes[:, 0]) * mask),
+    "top5_agree": jnp.sum(steps.topk_correct(logits, classes[:, 0], 5) * mask),
+    "kl": jnp.sum(jnp.where(mask > 0, kl, 0.0)),
+    "count": jnp.sum(mask),
+  }
 
 
 class Agreement(evaluators.Evaluator):
@@ -42,8 +46,9 @@ class Agreement(evaluators.Evaluator):
 
   def __init__(self, name, spec, **kwargs):
     super().__init__(name, spec, **kwargs)
-    soft_dir = os.path.join(self.workdir, spec.get("soft_labels_dir")
-                            or self.config.distill.soft_labels_dir)
+    soft_dir = os.path.join(
+      self.workdir, spec.get("soft_labels_dir") or self.config.distill.soft_labels_dir
+    )
     try:
       self.join_fn, meta = soft_labels.open_split(soft_dir, self.dataset_dir, spec["split"])
     except (FileNotFoundError, ValueError) as e:
@@ -51,8 +56,10 @@ class Agreement(evaluators.Evaluator):
       self.join_fn = None
       return
     self.keys = ("top1_agree", "top5_agree", "kl", "count")
-    self.step = jax.jit(functools.partial(agreement_step, temperature=meta["temperature"]),
-                        out_shardings=sharding.replicated(self.mesh))
+    self.step = jax.jit(
+      functools.partial(agreement_step, temperature=meta["temperature"]),
+      out_shardings=sharding.replicated(self.mesh),
+    )
 
   def run(self, state):
     if self.join_fn is None:
@@ -61,5 +68,4 @@ class Agreement(evaluators.Evaluator):
     batches = ({k: batch[k] for k in keep} for batch in self.batches(self.join_fn))
     totals = evaluators.summed_pass(self.step, state, batches, self.mesh)
     count = max(totals["count"], 1.0)
-    return {**{k: v / count for k, v in totals.items() if k != "count"},
-            "count": totals["count"]}
+    return {**{k: v / count for k, v in totals.items() if k != "count"}, "count": totals["count"]}

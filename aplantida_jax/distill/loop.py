@@ -24,6 +24,7 @@ checkpoints (resume included), metrics and evaluation are train/loop.py's.
                                 forward pass per teacher per step
 Both minimise losses.kd_loss against a top-k + remaining-mass target.
 """
+
 import json
 import os
 
@@ -40,24 +41,38 @@ from aplantida_jax.train import steps
 MODES = ("precomputed", "online")
 # (student config field, meta.json "replay" key, soft_labels config field): what the replayed
 # crops depend on.
-CROP_FIELDS = (("seed", "seed", "seed"), ("input.crop_scale", "crop_scale", "replay.crop_scale"),
-               ("input.crop_ratio", "crop_ratio", "replay.crop_ratio"),
-               ("input.color_jitter", "color_jitter", "replay.color_jitter"),
-               ("input.sampling", "sampling", "replay.sampling"),
-               ("input.region_filter", "region_filter", "replay.region_filter"))
+CROP_FIELDS = (
+  ("seed", "seed", "seed"),
+  ("input.crop_scale", "crop_scale", "replay.crop_scale"),
+  ("input.crop_ratio", "crop_ratio", "replay.crop_ratio"),
+  ("input.color_jitter", "color_jitter", "replay.color_jitter"),
+  ("input.sampling", "sampling", "replay.sampling"),
+  ("input.region_filter", "region_filter", "replay.region_filter"),
+)
 
 
 def kd_objective(distill_config, label_smoothing):
   """(logits, batch, target) → (mean loss, metrics) of the KD loss."""
+
   def objective(logits, labels, target):
     probs, classes, rest = target
-    loss, kl, ce = losses.kd_loss(logits, labels, probs, classes, rest,
-                                  alpha=distill_config.alpha,
-                                  temperature=distill_config.temperature,
-                                  label_smoothing=label_smoothing)
+    loss, kl, ce = losses.kd_loss(
+      logits,
+      labels,
+      probs,
+      classes,
+      rest,
+      alpha=distill_config.alpha,
+      temperature=distill_config.temperature,
+      label_smoothing=label_smoothing,
+    )
     return loss.mean(), {
-        "top1": steps.topk_correct(logits, labels, 1).mean(), "kl": kl.mean(), "ce": ce.mean(),
-        "teacher_agree": steps.top1_agrees(logits, classes[:, 0]).mean()}
+      "top1": steps.topk_correct(logits, labels, 1).mean(),
+      "kl": kl.mean(),
+      "ce": ce.mean(),
+      "teacher_agree": steps.top1_agrees(logits, classes[:, 0]).mean(),
+    }
+
   return objective
 
 
@@ -71,6 +86,7 @@ def precomputed_task(config, join_fn) -> steps.Task:
     target = (batch["teacher_probs"], batch["teacher_classes"], batch["teacher_rest"])
     loss, metrics = objective(logits, batch["label"], target)
     return loss, (batch_stats, metrics)
+
   return steps.Task(loss_fn=loss_fn, join_fn=join_fn)
 
 
@@ -84,15 +100,24 @@ def online_task(config, teachers) -> steps.Task:
     probs = []
     for teacher, teacher_vars in zip(teachers, aux):
       size = teacher.image_size
-      crop = images if images.shape[1] == size else jax.image.resize(
-          images.astype(jnp.float32), images.shape[:1] + (size, size, 3), "bilinear")
+      crop = (
+        images
+        if images.shape[1] == size
+        else jax.image.resize(
+          images.astype(jnp.float32), images.shape[:1] + (size, size, 3), "bilinear"
+        )
+      )
       probs.append(soft_labels.teacher_probs(teacher, teacher_vars, crop, d.temperature))
     mixed = jax.lax.stop_gradient(soft_labels.mix(probs, batch["teacher_weights"]))
     logits, batch_stats = steps.forward(apply_fn, variables, images, rng)
     loss, metrics = objective(logits, batch["label"], losses.sparse_target(mixed, d.top_k))
     return loss, (batch_stats, metrics)
-  return steps.Task(loss_fn=loss_fn, join_fn=soft_labels.TeacherWeights.of(teachers),
-                    aux=[t.variables for t in teachers])
+
+  return steps.Task(
+    loss_fn=loss_fn,
+    join_fn=soft_labels.TeacherWeights.of(teachers),
+    aux=[t.variables for t in teachers],
+  )
 
 
 def _flag_value(like, value) -> str:
@@ -107,10 +132,13 @@ def check_crops(config, meta, soft_labels_dir):
   replay = meta.get("replay")
   if not replay or replay["split"] != config.train_split:
     logging.warning(
-        "soft labels in %s describe the teachers' centre view of each %s record, not the "
-        "student's crops (input.crop_scale=%s): wide crops learn targets for what they do not "
-        "show. Re-run soft_labels with --config.replay_epochs=16 for targets of the crops.",
-        soft_labels_dir, config.train_split, tuple(config.input.crop_scale))
+      "soft labels in %s describe the teachers' centre view of each %s record, not the "
+      "student's crops (input.crop_scale=%s): wide crops learn targets for what they do not "
+      "show. Re-run soft_labels with --config.replay_epochs=16 for targets of the crops.",
+      soft_labels_dir,
+      config.train_split,
+      tuple(config.input.crop_scale),
+    )
     return
   for field, key, soft_field in CROP_FIELDS:
     value = config
@@ -119,12 +147,16 @@ def check_crops(config, meta, soft_labels_dir):
     if json.loads(json.dumps(value)) != replay[key]:  # tuples → lists, as meta.json holds them
       theirs = _flag_value(value, replay[key])
       raise ValueError(
-          f"config.{field}={_flag_value(value, value)} but the soft labels in {soft_labels_dir} "
-          f"hold the teachers' view of crops made with {key}={theirs}: set "
-          f"--config.{field}='{theirs}', or re-run soft_labels with "
-          f"--config.{soft_field}='{_flag_value(value, value)}'.")
-  logging.info("precomputed targets of the student's own crops: %d epochs × %d positions "
-               "replayed", replay["epochs"], replay["num_positions"])
+        f"config.{field}={_flag_value(value, value)} but the soft labels in {soft_labels_dir} "
+        f"hold the teachers' view of crops made with {key}={theirs}: set "
+        f"--config.{field}='{theirs}', or re-run soft_labels with "
+        f"--config.{soft_field}='{_flag_value(value, value)}'."
+      )
+  logging.info(
+    "precomputed targets of the student's own crops: %d epochs × %d positions replayed",
+    replay["epochs"],
+    replay["num_positions"],
+  )
 
 
 def build_task(config, workdir) -> steps.Task:
@@ -134,9 +166,11 @@ def build_task(config, workdir) -> steps.Task:
     soft_dir = os.path.join(workdir, d.soft_labels_dir)
     join_fn, meta = soft_labels.open_split(soft_dir, dataset_dir, config.train_split)
     if meta["temperature"] != d.temperature:
-      raise ValueError(f"config.distill.temperature={d.temperature} but the soft labels were "
-                       f"made at T={meta['temperature']}: set distill.temperature to it or "
-                       "re-run soft_labels with --config.temperature.")
+      raise ValueError(
+        f"config.distill.temperature={d.temperature} but the soft labels were "
+        f"made at T={meta['temperature']}: set distill.temperature to it or "
+        "re-run soft_labels with --config.temperature."
+      )
     check_crops(config, meta, soft_dir)
     return precomputed_task(config, join_fn)
   if d.mode == "online":

@@ -20,6 +20,7 @@ KL of the coarsened distributions (a lower bound of the full KL, equal to it
 when k = C), needs O(k) target memory per image, and q_rest is computed with a
 log-sum-exp over the non-top-k logits, so it never underflows to log(0).
 """
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
@@ -44,8 +45,9 @@ def sparse_kl(student_logits, topk_probs, topk_classes, rest_mass, temperature):
   p, r = normalized_target(topk_probs, rest_mass)
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
   log_q_topk = jnp.take_along_axis(log_q, topk_classes, axis=-1)
-  in_topk = jnp.zeros(log_q.shape, bool).at[
-      jnp.arange(log_q.shape[0])[:, None], topk_classes].set(True)
+  in_topk = (
+    jnp.zeros(log_q.shape, bool).at[jnp.arange(log_q.shape[0])[:, None], topk_classes].set(True)
+  )
   has_rest = ~jnp.all(in_topk, axis=-1)
   # Double where: no NaN gradient when every class is in the top-k (k = C).
   masked = jnp.where(in_topk, -jnp.inf, log_q)
@@ -56,8 +58,17 @@ def sparse_kl(student_logits, topk_probs, topk_classes, rest_mass, temperature):
   return topk_term + rest_term
 
 
-def kd_loss(student_logits, labels, topk_probs, topk_classes, rest_mass, *, alpha, temperature,
-            label_smoothing=0.0):
+def kd_loss(
+  student_logits,
+  labels,
+  topk_probs,
+  topk_classes,
+  rest_mass,
+  *,
+  alpha,
+  temperature,
+  label_smoothing=0.0,
+):
   """Per-example α·T²·KL + (1−α)·CE, and its two parts (for metrics)."""
   kl = sparse_kl(student_logits, topk_probs, topk_classes, rest_mass, temperature)
   ce = steps.cross_entropy(student_logits, labels, label_smoothing)

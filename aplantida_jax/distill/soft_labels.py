@@ -44,6 +44,7 @@ against the record it is joined to, and distill/loop.py refuses a student
 whose seed, crops or view differ from meta.json "replay", so a misaligned set
 fails instead of training on the wrong targets.
 """
+
 import dataclasses
 import functools
 import hashlib
@@ -80,15 +81,16 @@ REFERENCE = dict(images=900_000, classes=9_000, budget_bytes=3.3e9)  # the user'
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """One loaded teacher and how much it counts."""
+
   name: str
-  dir: str                 # stage folder under the workdir
+  dir: str  # stage folder under the workdir
   model: Any
   variables: Any
   image_size: int
   eval_crop_fraction: float
   weight: float
-  countries: tuple         # its region (empty = everywhere)
-  region_weight: float     # weight multiplier on images of its region
+  countries: tuple  # its region (empty = everywhere)
+  region_weight: float  # weight multiplier on images of its region
   checkpoint_sha256: str
 
 
@@ -101,8 +103,10 @@ def teacher_countries(config, teacher_config):
   if not teacher_config.region:
     return ()
   if teacher_config.region not in config.regions:
-    raise ValueError(f"teacher region {teacher_config.region!r} is not in config.regions "
-                     f"({sorted(config.regions)}); fix config.teachers.*.region.")
+    raise ValueError(
+      f"teacher region {teacher_config.region!r} is not in config.regions "
+      f"({sorted(config.regions)}); fix config.teachers.*.region."
+    )
   return tuple(config.regions[teacher_config.region])
 
 
@@ -113,22 +117,35 @@ def load_teachers(config, workdir, num_classes):
     stage_dir = os.path.join(workdir, t.dir)
     stage = workdir_lib.TrainedStage(stage_dir)
     if not stage.trained:
-      raise FileNotFoundError(f"Teacher {name!r}: {stage_dir}/{workdir_lib.CONFIG_FILE} is "
-                              f"missing; train it first or clear config.teachers.{name}.dir.")
+      raise FileNotFoundError(
+        f"Teacher {name!r}: {stage_dir}/{workdir_lib.CONFIG_FILE} is "
+        f"missing; train it first or clear config.teachers.{name}.dir."
+      )
     if t.weight <= 0 or t.region_weight <= 0:
-      raise ValueError(f"config.teachers.{name}: weight={t.weight} and region_weight="
-                       f"{t.region_weight} must be > 0 (clear .dir to leave the teacher out).")
+      raise ValueError(
+        f"config.teachers.{name}: weight={t.weight} and region_weight="
+        f"{t.region_weight} must be > 0 (clear .dir to leave the teacher out)."
+      )
     teacher_config = stage.config
     if teacher_config.model.num_classes != num_classes:
-      raise ValueError(f"Teacher {name!r} ({stage_dir}) has {teacher_config.model.num_classes} "
-                       f"classes, the dataset {num_classes}: retrain it on this dataset.")
-    teachers.append(Teacher(
-        name=name, dir=t.dir, model=models.from_config(teacher_config.model),
+      raise ValueError(
+        f"Teacher {name!r} ({stage_dir}) has {teacher_config.model.num_classes} "
+        f"classes, the dataset {num_classes}: retrain it on this dataset."
+      )
+    teachers.append(
+      Teacher(
+        name=name,
+        dir=t.dir,
+        model=models.from_config(teacher_config.model),
         variables=checkpointing.load_variables(stage_dir, "best"),
         image_size=teacher_config.input.image_size,
-        eval_crop_fraction=teacher_config.input.eval_crop_fraction, weight=float(t.weight),
-        countries=teacher_countries(config, t), region_weight=float(t.region_weight),
-        checkpoint_sha256=hashing.folder_hash(os.path.join(stage_dir, "best"))))
+        eval_crop_fraction=teacher_config.input.eval_crop_fraction,
+        weight=float(t.weight),
+        countries=teacher_countries(config, t),
+        region_weight=float(t.region_weight),
+        checkpoint_sha256=hashing.folder_hash(os.path.join(stage_dir, "best")),
+      )
+    )
   if not teachers:
     raise ValueError("No teacher: set config.teachers.<name>.dir to a trained teacher folder.")
   return teachers
@@ -147,13 +164,18 @@ class TeacherWeights:
 
   @classmethod
   def of(cls, teachers):
-    return cls([t.weight for t in teachers], [t.countries for t in teachers],
-               [t.region_weight for t in teachers])
+    return cls(
+      [t.weight for t in teachers],
+      [t.countries for t in teachers],
+      [t.region_weight for t in teachers],
+    )
 
   def __call__(self, index, epoch, position, record):
     del index, epoch, position
-    w = [w * (rw if c and records.in_region(record["regions"], c) else 1.0)
-         for w, c, rw in zip(self.weights, self.countries, self.region_weights)]
+    w = [
+      w * (rw if c and records.in_region(record["regions"], c) else 1.0)
+      for w, c, rw in zip(self.weights, self.countries, self.region_weights)
+    ]
     return {"teacher_weights": np.asarray(w, np.float32)}
 
 
@@ -176,10 +198,14 @@ class TeacherViews(grain.transforms.Map):
   def map(self, element):
     record = shards.decode(element["data"])
     epoch, position, index = element["epoch"], element["position"], element["index"]
-    out = {"index": np.int32(index), "epoch": np.int32(epoch), "position": np.int32(position),
-           "label": np.int32(record["label"]),
-           "sha256": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8),
-           **self.weights(index, epoch, position, record)}
+    out = {
+      "index": np.int32(index),
+      "epoch": np.int32(epoch),
+      "position": np.int32(position),
+      "label": np.int32(record["label"]),
+      "sha256": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8),
+      **self.weights(index, epoch, position, record),
+    }
     jpeg = record["jpeg"]
     for size, fraction in self.crops:
       if self.replay is not None:
@@ -206,22 +232,28 @@ def teacher_probs(teacher, variables, images, temperature):
 
 def mix(probs, weights):
   """Per-image weighted mean of per-teacher probabilities: list of [B, C], weights [B, T]."""
-  mixed = sum(weights[:, t:t + 1] * p for t, p in enumerate(probs))
+  mixed = sum(weights[:, t : t + 1] * p for t, p in enumerate(probs))
   return mixed / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def ensemble_topk(variables, batch, *, teachers, num_views, temperature, k):
   """Teachers' view-averaged tempered probabilities, mixed per image → sparse top-k."""
-  probs = [sum(teacher_probs(t, v, batch[view_key(t.image_size, t.eval_crop_fraction, view)],
-                             temperature)
-               for view in range(num_views)) / num_views
-           for t, v in zip(teachers, variables)]
+  probs = [
+    sum(
+      teacher_probs(t, v, batch[view_key(t.image_size, t.eval_crop_fraction, view)], temperature)
+      for view in range(num_views)
+    )
+    / num_views
+    for t, v in zip(teachers, variables)
+  ]
   return losses.sparse_target(mix(probs, batch["teacher_weights"]), k)
 
 
 def _pad(batch, size):
-  return {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()}
+  return {
+    k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
+    for k, v in batch.items()
+  }
 
 
 def _atomic_save(path, **arrays):
@@ -241,37 +273,62 @@ def replay_spec(config, dataset_dir):
   r = config.replay
   if r.sampling != "uniform":
     raise ValueError(
-        f"config.replay.sampling={r.sampling!r}: only 'uniform' (with or without "
-        "replay.region_filter) can be replayed; weighted samplings draw the whole run's records "
-        "up front, not epoch by epoch. Distill with config.input.sampling='uniform', or set "
-        "--config.replay_epochs=0 for centre-view targets.")
+      f"config.replay.sampling={r.sampling!r}: only 'uniform' (with or without "
+      "replay.region_filter) can be replayed; weighted samplings draw the whole run's records "
+      "up front, not epoch by epoch. Distill with config.input.sampling='uniform', or set "
+      "--config.replay_epochs=0 for centre-view targets."
+    )
   if config.num_views != 1:
     raise ValueError(
-        f"config.num_views={config.num_views} with replay_epochs={epochs}: a replayed row is "
-        "the teachers' view of one exact student crop, so extra random views would describe "
-        "other crops. Set --config.num_views=1 (or --config.replay_epochs=0).")
+      f"config.num_views={config.num_views} with replay_epochs={epochs}: a replayed row is "
+      "the teachers' view of one exact student crop, so extra random views would describe "
+      "other crops. Set --config.num_views=1 (or --config.replay_epochs=0)."
+    )
   if r.split not in config.splits:
-    raise ValueError(f"config.replay.split={r.split!r} is not in "
-                     f"config.splits={list(config.splits)}.")
+    raise ValueError(
+      f"config.replay.split={r.split!r} is not in config.splits={list(config.splits)}."
+    )
   view = input_pipeline.train_view(r, dataset_dir, r.split, num_samples=0, seed=config.seed)
   source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, r.split), view)
   positions = np.asarray(source.record_index(np.arange(source.num_positions)), np.int64)
-  spec = {"split": r.split, "epochs": int(epochs), "num_positions": source.num_positions,
-          "view_sha256": hashlib.sha256(positions.tobytes()).hexdigest(), "seed": int(config.seed),
-          "crop_scale": [float(x) for x in r.crop_scale],
-          "crop_ratio": [float(x) for x in r.crop_ratio], "color_jitter": float(r.color_jitter),
-          "sampling": r.sampling, "region_filter": list(r.region_filter)}
+  spec = {
+    "split": r.split,
+    "epochs": int(epochs),
+    "num_positions": source.num_positions,
+    "view_sha256": hashlib.sha256(positions.tobytes()).hexdigest(),
+    "seed": int(config.seed),
+    "crop_scale": [float(x) for x in r.crop_scale],
+    "crop_ratio": [float(x) for x in r.crop_ratio],
+    "color_jitter": float(r.color_jitter),
+    "sampling": r.sampling,
+    "region_filter": list(r.region_filter),
+  }
   return spec, view
 
 
 def fingerprint(config, teachers, manifest_sha256, num_classes, replay=None):
   """What the soft labels depend on; chunks of another fingerprint are stale."""
   fields = {
-      "temperature": config.temperature, "top_k": config.top_k, "num_views": config.num_views,
-      "seed": config.seed, "augment": config.augment.to_dict(), "manifest": manifest_sha256,
-      "num_classes": num_classes, "teachers": [
-          (t.dir, t.checkpoint_sha256, t.weight, t.countries, t.region_weight, t.image_size,
-           t.eval_crop_fraction) for t in teachers]}
+    "temperature": config.temperature,
+    "top_k": config.top_k,
+    "num_views": config.num_views,
+    "seed": config.seed,
+    "augment": config.augment.to_dict(),
+    "manifest": manifest_sha256,
+    "num_classes": num_classes,
+    "teachers": [
+      (
+        t.dir,
+        t.checkpoint_sha256,
+        t.weight,
+        t.countries,
+        t.region_weight,
+        t.image_size,
+        t.eval_crop_fraction,
+      )
+      for t in teachers
+    ],
+  }
   if replay:  # absent for centre views, so sets made before replaying keep their fingerprint
     fields["replay"] = replay
   return hashing.sha256_json(fields)
@@ -309,12 +366,19 @@ class _Rows(grain.sources.RandomAccessDataSource):
 
 def _chunk_loader(config, source, start, stop, transform, batch_size):
   rows = _Rows(source, start, stop)
-  sampler = grain.samplers.IndexSampler(num_records=len(rows),
-                                        shard_options=grain.sharding.NoSharding(),
-                                        shuffle=False, num_epochs=1, seed=config.seed)
+  sampler = grain.samplers.IndexSampler(
+    num_records=len(rows),
+    shard_options=grain.sharding.NoSharding(),
+    shuffle=False,
+    num_epochs=1,
+    seed=config.seed,
+  )
   return input_pipeline.data_loader(
-      rows, sampler, [transform, grain.transforms.Batch(batch_size, drop_remainder=False)],
-      config.input)
+    rows,
+    sampler,
+    [transform, grain.transforms.Batch(batch_size, drop_remainder=False)],
+    config.input,
+  )
 
 
 def label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh):
@@ -336,14 +400,15 @@ def label_split(config, chunk_dir, split, source, epochs, compute, transform, me
       for batch in _chunk_loader(config, source, start, stop, transform, config.batch_size):
         real = len(batch["index"])
         device_batch = sharding.global_batch(
-            mesh, _pad({k: v for k, v in batch.items() if k not in _HOST_FIELDS},
-                       config.batch_size))
+          mesh, _pad({k: v for k, v in batch.items() if k not in _HOST_FIELDS}, config.batch_size)
+        )
         probs, classes, rest = jax.device_get(compute(device_batch))
         if not (np.isfinite(probs[:real]).all() and np.isfinite(rest[:real]).all()):
           raise errors.StageError(
-              f"soft labels {split}: the teachers give NaN/inf probabilities for rows "
-              f"[{start}, {stop}); a teacher checkpoint diverged. Re-train it (lower "
-              "--config.optimizer.learning_rate) or point --config.teachers.*.dir elsewhere.")
+            f"soft labels {split}: the teachers give NaN/inf probabilities for rows "
+            f"[{start}, {stop}); a teacher checkpoint diverged. Re-train it (lower "
+            "--config.optimizer.learning_rate) or point --config.teachers.*.dir elsewhere."
+          )
         out["probs"].append(probs[:real].astype(np.float16))
         out["classes"].append(classes[:real].astype(np.int32))
         out["rest"].append(rest[:real].astype(np.float32))
@@ -352,8 +417,10 @@ def label_split(config, chunk_dir, split, source, epochs, compute, transform, me
         bar.update(real)
       arrays = {name: np.concatenate(v) for name, v in out.items()}
       if not np.array_equal(arrays.pop("row"), np.arange(start, stop)):
-        raise RuntimeError(f"soft labels {split} rows [{start}, {stop}): records came back out "
-                           "of order; this is a bug, please report it.")
+        raise RuntimeError(
+          f"soft labels {split} rows [{start}, {stop}): records came back out "
+          "of order; this is a bug, please report it."
+        )
       _atomic_save(path, **arrays)
   return paths
 
@@ -371,8 +438,9 @@ def _write_split(out_dir, split, chunk_paths, rows, num_positions):
     with fileio.atomic_path(os.path.join(split_dir, f"{name}.npy")) as tmp:
       merged, at = None, 0
       if name == "sha256":
-        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                           shape=(num_positions, 32))
+        merged = np.lib.format.open_memmap(
+          tmp, mode="w+", dtype=np.uint8, shape=(num_positions, 32)
+        )
       for path in chunk_paths:
         with np.load(path) as saved:
           part = saved[name]
@@ -380,9 +448,10 @@ def _write_split(out_dir, split, chunk_paths, rows, num_positions):
           _merge_positions(merged, part, at, split)
         else:
           if merged is None:
-            merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=part.dtype,
-                                               shape=(rows,) + part.shape[1:])
-          merged[at:at + len(part)] = part
+            merged = np.lib.format.open_memmap(
+              tmp, mode="w+", dtype=part.dtype, shape=(rows,) + part.shape[1:]
+            )
+          merged[at : at + len(part)] = part
         at += len(part)
       merged.flush()
       del merged
@@ -398,13 +467,16 @@ def _merge_positions(positions, part, start, split):
   first = rows < num_positions
   positions[rows[first]] = part[first]
   if not np.array_equal(positions[rows[~first] % num_positions], part[~first]):
-    raise RuntimeError(f"soft labels {split} rows [{start}, {start + len(part)}): a view position "
-                       "read another record than in epoch 0; this is a bug, please report it.")
+    raise RuntimeError(
+      f"soft labels {split} rows [{start}, {start + len(part)}): a view position "
+      "read another record than in epoch 0; this is a bug, please report it."
+    )
 
 
 def _folder_bytes(folder):
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder)
-             for f in files)
+  return sum(
+    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files
+  )
 
 
 def storage_report(out_dir, splits, counts, num_classes, k, replay):
@@ -412,22 +484,40 @@ def storage_report(out_dir, splits, counts, num_classes, k, replay):
   sparse = sum(_folder_bytes(os.path.join(out_dir, s)) for s in splits)
   dense = sum(counts.values()) * num_classes * 2
   row_bytes = k * (2 + 4) + 4  # fp16 probs + int32 classes, float32 rest
-  position_bytes = 32          # the record sha256, once per view position (not per row)
+  position_bytes = 32  # the record sha256, once per view position (not per row)
   rows_per_image = replay["epochs"] if replay else 1
   reference = REFERENCE["images"] * (rows_per_image * row_bytes + position_bytes)
   reference_dense = REFERENCE["images"] * rows_per_image * REFERENCE["classes"] * 2
-  what = (f"{replay['split']}: {replay['epochs']} epochs × {replay['num_positions']} student "
-          "crops" if replay else "one centre view per image")
-  logging.info("soft labels on disk: %.3f MB sparse (%s; %d bytes a row: k=%d × (fp16 + int32) "
-               "+ rest, and %d bytes a position: sha256); dense N×C×fp16 would be %.3f MB. At "
-               "the plan's scale (%d images × %d classes, %d rows an image) sparse is %.2f GB "
-               "against the %.1f GB budget, dense fp16 %.1f GB.", sparse / 1e6, what, row_bytes,
-               k, position_bytes, dense / 1e6, REFERENCE["images"], REFERENCE["classes"],
-               rows_per_image, reference / 1e9, REFERENCE["budget_bytes"] / 1e9,
-               reference_dense / 1e9)
-  return {"sparse_bytes": sparse, "dense_fp16_bytes": dense,
-          "reference_sparse_bytes": reference, "reference_dense_fp16_bytes": reference_dense,
-          "reference_budget_bytes": REFERENCE["budget_bytes"]}
+  what = (
+    f"{replay['split']}: {replay['epochs']} epochs × {replay['num_positions']} student crops"
+    if replay
+    else "one centre view per image"
+  )
+  logging.info(
+    "soft labels on disk: %.3f MB sparse (%s; %d bytes a row: k=%d × (fp16 + int32) "
+    "+ rest, and %d bytes a position: sha256); dense N×C×fp16 would be %.3f MB. At "
+    "the plan's scale (%d images × %d classes, %d rows an image) sparse is %.2f GB "
+    "against the %.1f GB budget, dense fp16 %.1f GB.",
+    sparse / 1e6,
+    what,
+    row_bytes,
+    k,
+    position_bytes,
+    dense / 1e6,
+    REFERENCE["images"],
+    REFERENCE["classes"],
+    rows_per_image,
+    reference / 1e9,
+    REFERENCE["budget_bytes"] / 1e9,
+    reference_dense / 1e9,
+  )
+  return {
+    "sparse_bytes": sparse,
+    "dense_fp16_bytes": dense,
+    "reference_sparse_bytes": reference,
+    "reference_dense_fp16_bytes": reference_dense,
+    "reference_budget_bytes": REFERENCE["budget_bytes"],
+  }
 
 
 def read_meta(out_dir):
@@ -441,8 +531,10 @@ def read_meta(out_dir):
 def run(config, workdir) -> dict:
   """Computes (or resumes, or reuses) the soft labels; returns a summary."""
   if jax.process_count() > 1:
-    raise ValueError("soft_labels runs as one process (it uses all local devices); start it "
-                     "without config.mesh.coordinator_address.")
+    raise ValueError(
+      "soft_labels runs as one process (it uses all local devices); start it "
+      "without config.mesh.coordinator_address."
+    )
   dataset_dir = os.path.join(workdir, config.dataset_dir)
   out_dir = os.path.join(workdir, config.output_dir)
   num_classes = len(workdir_lib.read_classes(dataset_dir))
@@ -452,18 +544,29 @@ def run(config, workdir) -> dict:
   teachers = load_teachers(config, workdir, num_classes)
   run_fingerprint = fingerprint(config, teachers, dataset_hash, num_classes, replay)
   meta = read_meta(out_dir)
-  if meta and meta.get("fingerprint") == run_fingerprint and all(
+  if (
+    meta
+    and meta.get("fingerprint") == run_fingerprint
+    and all(
       os.path.exists(os.path.join(out_dir, s, f"{a}.npy")) for s in meta["splits"] for a in ARRAYS
-  ) and all(stored_lengths(os.path.join(out_dir, s)) == expected_lengths(
-      meta["counts"][s], split_positions(meta, s)) for s in meta["splits"]):
+    )
+    and all(
+      stored_lengths(os.path.join(out_dir, s))
+      == expected_lengths(meta["counts"][s], split_positions(meta, s))
+      for s in meta["splits"]
+    )
+  ):
     logging.info("soft labels in %s are up to date", out_dir)
     return {"metric": meta["metric"], **meta["storage"]}
 
   chunk_dir = os.path.join(out_dir, "chunks")
   stamp = os.path.join(chunk_dir, "fingerprint")
-  if os.path.isdir(chunk_dir) and (not os.path.exists(stamp) or open(stamp).read() != run_fingerprint):
-    logging.warning("dropping stale soft-label chunks in %s (teachers, dataset or config changed)",
-                    chunk_dir)
+  if os.path.isdir(chunk_dir) and (
+    not os.path.exists(stamp) or open(stamp).read() != run_fingerprint
+  ):
+    logging.warning(
+      "dropping stale soft-label chunks in %s (teachers, dataset or config changed)", chunk_dir
+    )
     shutil.rmtree(chunk_dir)
   if not os.path.isdir(chunk_dir):
     os.makedirs(chunk_dir)
@@ -474,23 +577,40 @@ def run(config, workdir) -> dict:
   sharding.process_batch_size(config.batch_size, mesh)  # checks divisibility
   replicated = sharding.replicated(mesh)
   variables = jax.device_put([t.variables for t in teachers], replicated)
-  compute = functools.partial(jax.jit(functools.partial(
-      ensemble_topk, teachers=teachers, num_views=config.num_views,
-      temperature=config.temperature, k=k), out_shardings=replicated), variables)
+  compute = functools.partial(
+    jax.jit(
+      functools.partial(
+        ensemble_topk,
+        teachers=teachers,
+        num_views=config.num_views,
+        temperature=config.temperature,
+        k=k,
+      ),
+      out_shardings=replicated,
+    ),
+    variables,
+  )
   crops = sorted({(t.image_size, t.eval_crop_fraction) for t in teachers})
   weights = TeacherWeights.of(teachers)
-  centre = TeacherViews(crops, weights, num_views=config.num_views,
-                        augment=input_pipeline.Augment.of(config.augment, config.seed))
+  centre = TeacherViews(
+    crops,
+    weights,
+    num_views=config.num_views,
+    augment=input_pipeline.Augment.of(config.augment, config.seed),
+  )
 
   counts, ensemble_top1 = {}, {}
   for split in config.splits:
     replayed = replay is not None and split == replay["split"]
-    source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, split),
-                                         view if replayed else None)
+    source = input_pipeline.RecordSource(
+      shards.shard_paths(dataset_dir, split), view if replayed else None
+    )
     epochs = replay["epochs"] if replayed else 1
-    transform = (TeacherViews(crops, weights,
-                              replay=input_pipeline.Augment.of(config.replay, config.seed))
-                 if replayed else centre)
+    transform = (
+      TeacherViews(crops, weights, replay=input_pipeline.Augment.of(config.replay, config.seed))
+      if replayed
+      else centre
+    )
     paths = label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh)
     rows = epochs * source.num_positions
     _write_split(out_dir, split, paths, rows, source.num_positions)
@@ -502,18 +622,36 @@ def run(config, workdir) -> dict:
 
   storage = storage_report(out_dir, config.splits, counts, num_classes, k, replay)
   metric = ", ".join(f"{s} ensemble top-1 {v:.3f}" for s, v in ensemble_top1.items())
-  metric += (f"; {storage['sparse_bytes'] / 1e3:.1f} kB on disk "
-             f"(dense fp16 {storage['dense_fp16_bytes'] / 1e3:.1f} kB)")
+  metric += (
+    f"; {storage['sparse_bytes'] / 1e3:.1f} kB on disk "
+    f"(dense fp16 {storage['dense_fp16_bytes'] / 1e3:.1f} kB)"
+  )
   meta = {
-      "temperature": config.temperature, "top_k": k, "num_views": config.num_views,
-      "num_classes": num_classes, "dataset_manifest_sha256": dataset_hash, "counts": counts,
-      "splits": list(config.splits), "ensemble_top1": ensemble_top1, "storage": storage,
-      "replay": replay,
-      "teachers": [{"dir": t.dir, "name": t.name, "checkpoint_sha256": t.checkpoint_sha256,
-                    "weight": t.weight, "countries": list(t.countries),
-                    "region_weight": t.region_weight, "image_size": t.image_size}
-                   for t in teachers],
-      "fingerprint": run_fingerprint, "metric": metric}
+    "temperature": config.temperature,
+    "top_k": k,
+    "num_views": config.num_views,
+    "num_classes": num_classes,
+    "dataset_manifest_sha256": dataset_hash,
+    "counts": counts,
+    "splits": list(config.splits),
+    "ensemble_top1": ensemble_top1,
+    "storage": storage,
+    "replay": replay,
+    "teachers": [
+      {
+        "dir": t.dir,
+        "name": t.name,
+        "checkpoint_sha256": t.checkpoint_sha256,
+        "weight": t.weight,
+        "countries": list(t.countries),
+        "region_weight": t.region_weight,
+        "image_size": t.image_size,
+      }
+      for t in teachers
+    ],
+    "fingerprint": run_fingerprint,
+    "metric": metric,
+  }
   fileio.write_json(os.path.join(out_dir, META_FILE), meta)
   shutil.rmtree(chunk_dir)
   return {"metric": metric, **storage}
@@ -542,8 +680,9 @@ class SoftLabelJoin:
 
   def arrays(self):
     if self._arrays is None:
-      self._arrays = {name: np.load(os.path.join(self.split_dir, f"{name}.npy"), mmap_mode="r")
-                      for name in ARRAYS}
+      self._arrays = {
+        name: np.load(os.path.join(self.split_dir, f"{name}.npy"), mmap_mode="r") for name in ARRAYS
+      }
     return self._arrays
 
   def __call__(self, index, epoch, position, record):
@@ -554,25 +693,31 @@ class SoftLabelJoin:
       row, entry = epoch * self.num_positions + position, position
       what = f"epoch {epoch}, position {position}"
     else:
-      raise ValueError(f"Soft labels in {self.split_dir} replay {self.crop_epochs} epochs × "
-                       f"{self.num_positions} positions; the loader asked for epoch {epoch}, "
-                       f"position {position}: use input_pipeline.train_loader, which wraps epochs.")
+      raise ValueError(
+        f"Soft labels in {self.split_dir} replay {self.crop_epochs} epochs × "
+        f"{self.num_positions} positions; the loader asked for epoch {epoch}, "
+        f"position {position}: use input_pipeline.train_loader, which wraps epochs."
+      )
     made_for = a["sha256"][entry].tobytes().hex()
     if made_for != record["sha256"]:
       raise ValueError(
-          f"Soft labels in {self.split_dir} are misaligned: row {row} ({what}) was made for "
-          f"image {made_for[:12]}… (sha256.npy entry {entry}), the record joined to it (record "
-          f"{index}) is {record['sha256'][:12]}…. Re-run the soft_labels stage on this dataset "
-          "(with the student's view: --config.replay.sampling / region_filter).")
-    return {"teacher_probs": np.asarray(a["probs"][row]),
-            "teacher_classes": np.asarray(a["classes"][row]),
-            "teacher_rest": np.float32(a["rest"][row])}
+        f"Soft labels in {self.split_dir} are misaligned: row {row} ({what}) was made for "
+        f"image {made_for[:12]}… (sha256.npy entry {entry}), the record joined to it (record "
+        f"{index}) is {record['sha256'][:12]}…. Re-run the soft_labels stage on this dataset "
+        "(with the student's view: --config.replay.sampling / region_filter)."
+      )
+    return {
+      "teacher_probs": np.asarray(a["probs"][row]),
+      "teacher_classes": np.asarray(a["classes"][row]),
+      "teacher_rest": np.float32(a["rest"][row]),
+    }
 
 
 def stored_lengths(split_dir):
   """{array: first dimension} of a stored split, from the .npy headers."""
-  return {name: len(np.load(os.path.join(split_dir, f"{name}.npy"), mmap_mode="r"))
-          for name in ARRAYS}
+  return {
+    name: len(np.load(os.path.join(split_dir, f"{name}.npy"), mmap_mode="r")) for name in ARRAYS
+  }
 
 
 def expected_lengths(rows, positions):
@@ -596,11 +741,15 @@ def open_split(soft_labels_dir, dataset_dir, split):
     raise FileNotFoundError(f"{soft_labels_dir}/{META_FILE} is missing: {fix}.")
   current = manifest_sha256(dataset_dir)
   if meta["dataset_manifest_sha256"] != current:
-    raise ValueError(f"Soft labels in {soft_labels_dir} were made for another dataset (manifest "
-                     f"sha256 {meta['dataset_manifest_sha256'][:12]}…, now {current[:12]}…): {fix}.")
+    raise ValueError(
+      f"Soft labels in {soft_labels_dir} were made for another dataset (manifest "
+      f"sha256 {meta['dataset_manifest_sha256'][:12]}…, now {current[:12]}…): {fix}."
+    )
   if split not in meta["counts"]:
-    raise ValueError(f"Soft labels in {soft_labels_dir} have no {split!r} split "
-                     f"(have {meta['splits']}): add it to config.splits and {fix}.")
+    raise ValueError(
+      f"Soft labels in {soft_labels_dir} have no {split!r} split "
+      f"(have {meta['splits']}): add it to config.splits and {fix}."
+    )
   count = split_count(dataset_dir, split)
   replay = meta.get("replay")
   split_dir = os.path.join(soft_labels_dir, split)
@@ -608,22 +757,28 @@ def open_split(soft_labels_dir, dataset_dir, split):
     epochs, positions = replay["epochs"], replay["num_positions"]
     # A region-filtered view is smaller than the split; the sha256 check it when read.
     if not replay["region_filter"] and positions != count:
-      raise ValueError(f"Soft labels in {soft_labels_dir}/{split} replay {positions} positions, "
-                       f"the dataset's {split} split has {count} records: {fix}.")
+      raise ValueError(
+        f"Soft labels in {soft_labels_dir}/{split} replay {positions} positions, "
+        f"the dataset's {split} split has {count} records: {fix}."
+      )
     join = SoftLabelJoin(split_dir, epochs, positions)
     expected, what = epochs * positions, f"{epochs} epochs × {positions} crops"
   else:
     join = SoftLabelJoin(split_dir)
     positions, expected, what = count, count, f"{count} records"
   if meta["counts"][split] != expected:
-    raise ValueError(f"Soft labels in {soft_labels_dir}/{split}: meta.json counts "
-                     f"{meta['counts'][split]} rows, the dataset's {split} split needs "
-                     f"{expected} ({what}): {fix}.")
+    raise ValueError(
+      f"Soft labels in {soft_labels_dir}/{split}: meta.json counts "
+      f"{meta['counts'][split]} rows, the dataset's {split} split needs "
+      f"{expected} ({what}): {fix}."
+    )
   lengths = stored_lengths(split_dir)
   for name, want in expected_lengths(expected, positions).items():
     if lengths[name] != want:
       unit = "sha256 entries (one per view position)" if name == "sha256" else "rows"
-      raise ValueError(f"Soft labels in {soft_labels_dir}/{split}/{name}.npy holds "
-                       f"{lengths[name]} {unit}, the dataset's {split} split needs {want} "
-                       f"({what}): {fix}.")
+      raise ValueError(
+        f"Soft labels in {soft_labels_dir}/{split}/{name}.npy holds "
+        f"{lengths[name]} {unit}, the dataset's {split} split needs {want} "
+        f"({what}): {fix}."
+      )
   return join, meta

@@ -6,6 +6,7 @@ probabilities (Guo et al. 2017), and the threshold is the lowest max-probability
 at which the shown answers are right at least `target_precision` of the time.
 Both are deterministic functions of (logits, labels): no seeds, no scipy.
 """
+
 import numpy as np
 
 from aplantida_jax.evaluation import metrics
@@ -16,7 +17,7 @@ def _nll_derivatives(logits, labels, beta):
   probs = metrics.softmax(beta * logits)
   expected = np.sum(probs * logits, axis=1)
   true_logit = logits[np.arange(len(labels)), labels]
-  variance = np.sum(probs * logits ** 2, axis=1) - expected ** 2
+  variance = np.sum(probs * logits**2, axis=1) - expected**2
   return float(np.mean(expected - true_logit)), float(np.mean(np.maximum(variance, 0.0)))
 
 
@@ -40,7 +41,7 @@ def fit_temperature(logits, labels, t_min=0.05, t_max=20.0, tol=1e-10, max_iter=
     beta, iterations = hi, 0
   else:
     beta = 1.0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007  (reported after the loop)
       grad, curvature = _nll_derivatives(logits, labels, beta)
       if grad < 0:
         lo = beta
@@ -53,11 +54,13 @@ def fit_temperature(logits, labels, t_min=0.05, t_max=20.0, tol=1e-10, max_iter=
       if converged:
         break
   temperature = 1.0 / beta
-  return {"temperature": float(temperature),
-          "nll_before": metrics.nll(logits, labels),
-          "nll_after": metrics.nll(logits / temperature, labels),
-          "iterations": iterations,
-          "at_bound": bool(np.isclose(temperature, t_min) or np.isclose(temperature, t_max))}
+  return {
+    "temperature": float(temperature),
+    "nll_before": metrics.nll(logits, labels),
+    "nll_after": metrics.nll(logits / temperature, labels),
+    "iterations": iterations,
+    "at_bound": bool(np.isclose(temperature, t_min) or np.isclose(temperature, t_max)),
+  }
 
 
 def abstain_threshold(logits, labels, target_precision=0.95, temperature=1.0, min_accepted=1):
@@ -72,8 +75,10 @@ def abstain_threshold(logits, labels, target_precision=0.95, temperature=1.0, mi
   coverage 0.0, reachable False.
   """
   if not 0 < target_precision <= 1:
-    raise ValueError(f"target_precision must be in (0, 1], got {target_precision}; "
-                     "set config.eval.target_precision.")
+    raise ValueError(
+      f"target_precision must be in (0, 1], got {target_precision}; "
+      "set config.eval.target_precision."
+    )
   confidence, correct = metrics.confidence_and_correct(np.asarray(logits) / temperature, labels)
   order = np.argsort(-confidence, kind="stable")
   sorted_confidence = confidence[order]
@@ -81,15 +86,32 @@ def abstain_threshold(logits, labels, target_precision=0.95, temperature=1.0, mi
   precision = np.cumsum(correct[order]) / accepted
   # A threshold accepts a whole group of equal confidences: only group ends are candidates.
   group_end = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)
-  candidates = np.flatnonzero(group_end & (precision >= target_precision) & (accepted >= min_accepted))
-  result = {"target_precision": float(target_precision), "temperature": float(temperature),
-            "min_accepted": int(min_accepted)}
+  candidates = np.flatnonzero(
+    group_end & (precision >= target_precision) & (accepted >= min_accepted)
+  )
+  result = {
+    "target_precision": float(target_precision),
+    "temperature": float(temperature),
+    "min_accepted": int(min_accepted),
+  }
   if candidates.size == 0:
-    return {**result, "threshold": 1.0, "coverage": 0.0, "n_accepted": 0, "precision": None,
-            "reachable": False}
+    return {
+      **result,
+      "threshold": 1.0,
+      "coverage": 0.0,
+      "n_accepted": 0,
+      "precision": None,
+      "reachable": False,
+    }
   best = candidates[-1]
-  return {**result, "threshold": float(sorted_confidence[best]), "coverage": float(accepted[best] / len(order)),
-          "n_accepted": int(accepted[best]), "precision": float(precision[best]), "reachable": True}
+  return {
+    **result,
+    "threshold": float(sorted_confidence[best]),
+    "coverage": float(accepted[best] / len(order)),
+    "n_accepted": int(accepted[best]),
+    "precision": float(precision[best]),
+    "reachable": True,
+  }
 
 
 def selective_metrics(logits, labels, threshold, temperature=1.0):
@@ -97,6 +119,9 @@ def selective_metrics(logits, labels, threshold, temperature=1.0):
   confidence, correct = metrics.confidence_and_correct(np.asarray(logits) / temperature, labels)
   accepted = confidence >= threshold
   n_accepted = int(accepted.sum())
-  return {"threshold": float(threshold), "n_accepted": n_accepted,
-          "coverage": float(n_accepted / len(confidence)),
-          "precision": float(correct[accepted].mean()) if n_accepted else None}
+  return {
+    "threshold": float(threshold),
+    "n_accepted": n_accepted,
+    "coverage": float(n_accepted / len(confidence)),
+    "precision": float(correct[accepted].mean()) if n_accepted else None,
+  }

@@ -16,6 +16,7 @@ Kinds (KINDS):
                   (distill/agreement.py; `soft_labels_dir`, "" = config.distill's):
                   top1_agree, top5_agree, kl, count
 """
+
 import importlib
 
 import jax
@@ -28,8 +29,8 @@ from aplantida_jax.train import sharding
 from aplantida_jax.train import steps
 
 KINDS = {
-    "classification": "aplantida_jax.evaluation.evaluators:Classification",
-    "agreement": "aplantida_jax.distill.agreement:Agreement",
+  "classification": "aplantida_jax.evaluation.evaluators:Classification",
+  "agreement": "aplantida_jax.distill.agreement:Agreement",
 }
 COMMON_FIELDS = ("kind", "split", "every_steps")
 
@@ -51,8 +52,10 @@ class Evaluator:
   def __init__(self, name, spec, *, config, workdir, dataset_dir, mesh):
     unknown = sorted(set(spec) - set(COMMON_FIELDS) - set(self.FIELDS))
     if unknown:
-      raise ValueError(f"config.evals.{name} has unknown fields {unknown}; a {spec['kind']} "
-                       f"evaluator takes {sorted(COMMON_FIELDS + self.FIELDS)}.")
+      raise ValueError(
+        f"config.evals.{name} has unknown fields {unknown}; a {spec['kind']} "
+        f"evaluator takes {sorted(COMMON_FIELDS + self.FIELDS)}."
+      )
     self.name, self.spec, self.config, self.mesh = name, spec, config, mesh
     self.workdir, self.dataset_dir = workdir, dataset_dir
     self.every_steps = spec.get("every_steps") or config.eval_every_steps
@@ -63,8 +66,12 @@ class Evaluator:
 
   def batches(self, join_fn=None):
     return input_pipeline.eval_batches(
-        self.config.input, self.dataset_dir, self.spec["split"],
-        sharding.process_batch_size(self.config.eval_batch_size, self.mesh), join_fn=join_fn)
+      self.config.input,
+      self.dataset_dir,
+      self.spec["split"],
+      sharding.process_batch_size(self.config.eval_batch_size, self.mesh),
+      join_fn=join_fn,
+    )
 
   def run(self, state) -> dict:
     raise NotImplementedError
@@ -80,16 +87,22 @@ class Classification(Evaluator):
     regions = tuple(spec.get("regions", ()))
     unknown = sorted(set(regions) - set(self.config.regions))
     if unknown:
-      raise ValueError(f"config.evals.{name}.regions names {unknown}, not in config.regions "
-                       f"({sorted(self.config.regions)}).")
-    split_regions = (input_pipeline.read_metadata(self.dataset_dir, spec["split"])["regions"]
-                     if regions else [])
+      raise ValueError(
+        f"config.evals.{name}.regions names {unknown}, not in config.regions "
+        f"({sorted(self.config.regions)})."
+      )
+    split_regions = (
+      input_pipeline.read_metadata(self.dataset_dir, spec["split"])["regions"] if regions else []
+    )
     # A record is in a region when its country (else its species' regions) is listed there,
     # as in the evaluate stage.
-    self.masks = {r: records.region_mask(split_regions, self.config.regions[r]).astype(np.float32)
-                  for r in regions}
+    self.masks = {
+      r: records.region_mask(split_regions, self.config.regions[r]).astype(np.float32)
+      for r in regions
+    }
     self.keys = ("loss", "top1", "top5", "count") + tuple(
-        f"{r}_{k}" for r, mask in self.masks.items() if mask.any() for k in ("top1", "top5"))
+      f"{r}_{k}" for r, mask in self.masks.items() if mask.any() for k in ("top1", "top5")
+    )
     self.step = jax.jit(steps.eval_step, out_shardings=sharding.replicated(self.mesh))
 
   def run(self, state):
@@ -100,13 +113,22 @@ class Classification(Evaluator):
 
     totals = summed_pass(self.step, state, map(local, self.batches()), self.mesh)
     count = max(totals["count"], 1.0)
-    out = {"loss": totals["loss"] / count, "top1": totals["top1"] / count,
-           "top5": totals["top5"] / count, "count": totals["count"]}
+    out = {
+      "loss": totals["loss"] / count,
+      "top1": totals["top1"] / count,
+      "top5": totals["top5"] / count,
+      "count": totals["count"],
+    }
     for region in self.masks:
       n = totals[f"{region}_count"]
       if n:
-        out.update({f"{region}_top1": totals[f"{region}_top1"] / n,
-                    f"{region}_top5": totals[f"{region}_top5"] / n, f"{region}_count": n})
+        out.update(
+          {
+            f"{region}_top1": totals[f"{region}_top1"] / n,
+            f"{region}_top5": totals[f"{region}_top5"] / n,
+            f"{region}_count": n,
+          }
+        )
     return out
 
 
@@ -120,18 +142,24 @@ def build(config, workdir, dataset_dir, mesh) -> dict:
       raise ValueError(f"config.evals.{name}.kind={kind!r}; known kinds: {sorted(KINDS)}.")
     module_name, class_name = KINDS[kind].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    built[name] = cls(name, spec, config=config, workdir=workdir, dataset_dir=dataset_dir,
-                      mesh=mesh)
+    built[name] = cls(
+      name, spec, config=config, workdir=workdir, dataset_dir=dataset_dir, mesh=mesh
+    )
   known = [f"{name}_{key}" for name, evaluator in built.items() for key in evaluator.keys]
   if config.checkpoint.best_metric not in known:
     raise ValueError(
-        f"config.checkpoint.best_metric={config.checkpoint.best_metric!r}; choose one of "
-        f"{known} (from config.evals; a region's metrics exist only when its split holds "
-        "images of that region).")
+      f"config.checkpoint.best_metric={config.checkpoint.best_metric!r}; choose one of "
+      f"{known} (from config.evals; a region's metrics exist only when its split holds "
+      "images of that region)."
+    )
   return built
 
 
 def run_due(evaluators, state, step, last) -> dict:
   """{<name>_<key>: value} of every evaluator due at `step`."""
-  return {f"{name}_{key}": value for name, evaluator in evaluators.items()
-          if evaluator.due(step, last) for key, value in evaluator.run(state).items()}
+  return {
+    f"{name}_{key}": value
+    for name, evaluator in evaluators.items()
+    if evaluator.due(step, last)
+    for key, value in evaluator.run(state).items()
+  }

@@ -19,6 +19,7 @@ Conventions, chosen once so every number in a report means the same thing:
   top-1 agree = same argmax; top-5 agree = the teacher's top-1 class is among the
   student's top 5. KL is KL(teacher || student) at temperature 1, in nats.
 """
+
 import numpy as np
 
 from aplantida_jax.data.records import region_mask
@@ -33,27 +34,34 @@ def check_inputs(logits, labels, num_classes=None, what="split"):
   n, c = logits.shape
   if n == 0:
     raise ValueError(
-        f"{what}: empty split (0 examples). Check dataset/manifest.json counts and re-run the "
-        "export stage with a split fraction that leaves examples in this split.")
+      f"{what}: empty split (0 examples). Check dataset/manifest.json counts and re-run the "
+      "export stage with a split fraction that leaves examples in this split."
+    )
   if labels.shape != (n,):
-    raise ValueError(f"{what}: labels shape {labels.shape} does not match logits shape {logits.shape}; "
-                     "expected labels [N].")
+    raise ValueError(
+      f"{what}: labels shape {labels.shape} does not match logits shape {logits.shape}; "
+      "expected labels [N]."
+    )
   if num_classes is not None and c != num_classes:
-    raise ValueError(f"{what}: logits have {c} classes but classes.json lists {num_classes}; the "
-                     "checkpoint was trained on a different dataset. Evaluate it with its own dataset.")
+    raise ValueError(
+      f"{what}: logits have {c} classes but classes.json lists {num_classes}; the "
+      "checkpoint was trained on a different dataset. Evaluate it with its own dataset."
+    )
   bad_rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
   if bad_rows.size:
     raise ValueError(
-        f"{what}: {bad_rows.size} of {n} rows of logits hold NaN/inf (first at index {bad_rows[0]}); "
-        "the checkpoint diverged or its inputs are corrupt. Re-train (lower the learning rate) "
-        "or pick an earlier checkpoint.")
+      f"{what}: {bad_rows.size} of {n} rows of logits hold NaN/inf (first at index {bad_rows[0]}); "
+      "the checkpoint diverged or its inputs are corrupt. Re-train (lower the learning rate) "
+      "or pick an earlier checkpoint."
+    )
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"{what}: labels must be integers, got dtype {labels.dtype}.")
   outside = np.flatnonzero((labels < 0) | (labels >= c))
   if outside.size:
     raise ValueError(
-        f"{what}: label {labels[outside[0]]} (index {outside[0]}) is outside the class range [0, {c}); "
-        "the shards and the model disagree on the classes. Re-run export and train on the same dataset.")
+      f"{what}: label {labels[outside[0]]} (index {outside[0]}) is outside the class range [0, {c}); "
+      "the shards and the model disagree on the classes. Re-run export and train on the same dataset."
+    )
   return logits.astype(np.float64), labels.astype(np.int64)
 
 
@@ -100,10 +108,16 @@ def per_class_table(logits, labels, class_names=None):
   support, top1 = per_class_accuracy(logits, labels, 1)
   _, top5 = per_class_accuracy(logits, labels, 5)
   names = class_names or [str(i) for i in range(len(support))]
-  return [{"index": i, "species": names[i], "support": int(support[i]),
-           "top1": None if support[i] == 0 else float(top1[i]),
-           "top5": None if support[i] == 0 else float(top5[i])}
-          for i in range(len(support))]
+  return [
+    {
+      "index": i,
+      "species": names[i],
+      "support": int(support[i]),
+      "top1": None if support[i] == 0 else float(top1[i]),
+      "top5": None if support[i] == 0 else float(top5[i]),
+    }
+    for i in range(len(support))
+  ]
 
 
 def nll(logits, labels):
@@ -117,7 +131,7 @@ def brier_score(logits, labels):
   logits, labels = check_inputs(logits, labels)
   probs = softmax(logits)
   probs[np.arange(len(labels)), labels] -= 1.0
-  return float(np.mean(np.sum(probs ** 2, axis=1)))
+  return float(np.mean(np.sum(probs**2, axis=1)))
 
 
 def confidence_and_correct(logits, labels):
@@ -138,8 +152,12 @@ def reliability_bins(confidence, correct, n_bins=15):
   with np.errstate(invalid="ignore", divide="ignore"):
     accuracy = np.bincount(index, weights=correct, minlength=n_bins) / count
     mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
-  return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count,
-          "accuracy": accuracy, "confidence": mean_confidence}
+  return {
+    "edges": np.linspace(0.0, 1.0, n_bins + 1),
+    "count": count,
+    "accuracy": accuracy,
+    "confidence": mean_confidence,
+  }
 
 
 def calibration_errors(logits, labels, n_bins=15):
@@ -156,7 +174,7 @@ def confusion_matrix(logits, labels):
   logits, labels = check_inputs(logits, labels)
   num_classes = logits.shape[1]
   flat = labels * num_classes + logits.argmax(axis=1)
-  return np.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+  return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def top_confusions(logits, labels, k=10, class_names=None):
@@ -171,10 +189,16 @@ def top_confusions(logits, labels, k=10, class_names=None):
     true, predicted = divmod(int(flat), len(matrix))
     if off_diagonal[true, predicted] == 0:
       break
-    rows.append({"true": true, "true_species": names[true],
-                 "predicted": predicted, "predicted_species": names[predicted],
-                 "count": int(matrix[true, predicted]),
-                 "fraction_of_true": float(matrix[true, predicted] / support[true])})
+    rows.append(
+      {
+        "true": true,
+        "true_species": names[true],
+        "predicted": predicted,
+        "predicted_species": names[predicted],
+        "count": int(matrix[true, predicted]),
+        "fraction_of_true": float(matrix[true, predicted] / support[true]),
+      }
+    )
   return rows
 
 
@@ -182,17 +206,23 @@ def region_accuracy(logits, labels, regions, regions_config):
   """{name: {"n", "top1", "top5"}} for "global" and each configured region (None when n is 0)."""
   logits, labels = check_inputs(logits, labels)
   if len(regions) != len(labels):
-    raise ValueError(f"regions has {len(regions)} entries but there are {len(labels)} labels; "
-                     "pass one list of country codes per example.")
+    raise ValueError(
+      f"regions has {len(regions)} entries but there are {len(labels)} labels; "
+      "pass one list of country codes per example."
+    )
   ranks = label_ranks(logits, labels)
   masks = {"global": np.ones(len(labels), bool)}
-  masks.update({name: region_mask(regions, list(countries)) for name, countries in regions_config.items()})
+  masks.update(
+    {name: region_mask(regions, list(countries)) for name, countries in regions_config.items()}
+  )
   result = {}
   for name, mask in masks.items():
     n = int(mask.sum())
-    result[name] = {"n": n,
-                    "top1": float(np.mean(ranks[mask] < 1)) if n else None,
-                    "top5": float(np.mean(ranks[mask] < 5)) if n else None}
+    result[name] = {
+      "n": n,
+      "top1": float(np.mean(ranks[mask] < 1)) if n else None,
+      "top5": float(np.mean(ranks[mask] < 5)) if n else None,
+    }
   return result
 
 
@@ -200,15 +230,20 @@ def teacher_agreement(student_logits, teacher_logits):
   """{"top1_agree", "top5_agree", "kl_teacher_student"}: how closely the student follows the teacher."""
   student, teacher = np.asarray(student_logits), np.asarray(teacher_logits)
   if student.shape != teacher.shape or teacher.ndim != 2:
-    raise ValueError(f"student logits {student.shape} and teacher logits {teacher.shape} must both be "
-                     "[N, C] with the same shape; score both on the same split and classes.")
+    raise ValueError(
+      f"student logits {student.shape} and teacher logits {teacher.shape} must both be "
+      "[N, C] with the same shape; score both on the same split and classes."
+    )
   teacher, _ = check_inputs(teacher, np.zeros(len(teacher), np.int64), what="teacher logits")
   student, teacher_top1 = check_inputs(student, teacher.argmax(axis=1), what="student logits")
   ranks = label_ranks(student, teacher_top1)
   teacher_log_probs = log_softmax(teacher)
   kl = np.sum(np.exp(teacher_log_probs) * (teacher_log_probs - log_softmax(student)), axis=1)
-  return {"top1_agree": float(np.mean(ranks < 1)), "top5_agree": float(np.mean(ranks < 5)),
-          "kl_teacher_student": float(np.mean(kl))}
+  return {
+    "top1_agree": float(np.mean(ranks < 1)),
+    "top5_agree": float(np.mean(ranks < 5)),
+    "kl_teacher_student": float(np.mean(kl)),
+  }
 
 
 def summary(logits, labels, regions, regions_config, n_bins=15, num_classes=None, what="split"):
@@ -219,14 +254,14 @@ def summary(logits, labels, regions, regions_config, n_bins=15, num_classes=None
   """
   logits, labels = check_inputs(logits, labels, num_classes, what)
   return {
-      "n": int(len(labels)),
-      "num_classes": int(logits.shape[1]),
-      "top1": topk_accuracy(logits, labels, 1),
-      "top5": topk_accuracy(logits, labels, 5),
-      "macro_top1": macro_topk_accuracy(logits, labels, 1),
-      "macro_top5": macro_topk_accuracy(logits, labels, 5),
-      "nll": nll(logits, labels),
-      "brier": brier_score(logits, labels),
-      **calibration_errors(logits, labels, n_bins),
-      "regions": region_accuracy(logits, labels, regions, regions_config),
+    "n": int(len(labels)),
+    "num_classes": int(logits.shape[1]),
+    "top1": topk_accuracy(logits, labels, 1),
+    "top5": topk_accuracy(logits, labels, 5),
+    "macro_top1": macro_topk_accuracy(logits, labels, 1),
+    "macro_top5": macro_topk_accuracy(logits, labels, 5),
+    "nll": nll(logits, labels),
+    "brier": brier_score(logits, labels),
+    **calibration_errors(logits, labels, n_bins),
+    "regions": region_accuracy(logits, labels, regions, regions_config),
   }

@@ -6,14 +6,22 @@ reproducibility belong to later stages, so their rows are filled from those
 stages' outputs when the workdir already holds them, and otherwise say which
 stage measures them (passed = null), never a guess.
 """
+
 import json
 import os
 
 from aplantida_jax import fileio
 
-METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "macro_top1": "macro top-1 (mean over species)",
-                 "macro_top5": "macro top-5 (mean over species)", "nll": "NLL (nats)",
-                 "brier": "Brier score (0 best, 2 worst)", "ece": "ECE", "mce": "MCE"}
+METRIC_LABELS = {
+  "top1": "top-1 accuracy",
+  "top5": "top-5 accuracy",
+  "macro_top1": "macro top-1 (mean over species)",
+  "macro_top5": "macro top-5 (mean over species)",
+  "nll": "NLL (nats)",
+  "brier": "Brier score (0 best, 2 worst)",
+  "ece": "ECE",
+  "mce": "MCE",
+}
 
 
 def _row(criterion, target, value, passed, note=""):
@@ -21,32 +29,74 @@ def _row(criterion, target, value, passed, note=""):
 
 
 def _at_least(criterion, target, value, note=""):
-  return _row(criterion, f">= {target}", value, None if value is None else bool(value >= target),
-              note or ("" if value is not None else "no images of this region in the report split"))
+  return _row(
+    criterion,
+    f">= {target}",
+    value,
+    None if value is None else bool(value >= target),
+    note or ("" if value is not None else "no images of this region in the report split"),
+  )
 
 
 def criteria_table(report_metrics, criteria):
   """Rows {criterion, target, value, passed, note}; passed is None when not measurable here."""
   regions = report_metrics["regions"]
   rows = [
-      _at_least("global top-1", criteria.top1, report_metrics["top1"]),
-      _at_least("global top-5", criteria.top5, report_metrics["top5"],
-                f"only {report_metrics['num_classes']} classes: top-5 is always right"
-                if report_metrics["num_classes"] <= 5 else ""),
-      _at_least("Spain top-1", criteria.spain_top1, regions.get("spain", {}).get("top1")),
-      _at_least("Europe top-1", criteria.europe_top1, regions.get("europe", {}).get("top1")),
-      _row("ECE (after temperature scaling)", f"< {criteria.ece}", report_metrics["ece"],
-           bool(report_metrics["ece"] < criteria.ece)),
+    _at_least("global top-1", criteria.top1, report_metrics["top1"]),
+    _at_least(
+      "global top-5",
+      criteria.top5,
+      report_metrics["top5"],
+      f"only {report_metrics['num_classes']} classes: top-5 is always right"
+      if report_metrics["num_classes"] <= 5
+      else "",
+    ),
+    _at_least("Spain top-1", criteria.spain_top1, regions.get("spain", {}).get("top1")),
+    _at_least("Europe top-1", criteria.europe_top1, regions.get("europe", {}).get("top1")),
+    _row(
+      "ECE (after temperature scaling)",
+      f"< {criteria.ece}",
+      report_metrics["ece"],
+      bool(report_metrics["ece"] < criteria.ece),
+    ),
   ]
   # Measured by later stages (data flows one way): the run manifest fills these in.
-  rows.append(_row("model size (MB)", f"<= {criteria.size_mb}", None, None,
-                   "measured by the export_tfjs stage; see manifest.json success_criteria"))
-  rows.append(_row("inference time GPU / CPU (s)", f"< {criteria.latency_gpu_s} / < {criteria.latency_cpu_s}",
-                   None, None, "measured by tools/bench.py infer and bench.py browser"))
-  rows.append(_row("licence check passes", "true", None, None,
-                   "measured by the license_check stage; see manifest.json success_criteria"))
-  rows.append(_row("fixed seeds give identical results; manifest complete", "true", None, None,
-                   "checked by the pipeline manifest (manifest.json) and tests/test_pipeline.py"))
+  rows.append(
+    _row(
+      "model size (MB)",
+      f"<= {criteria.size_mb}",
+      None,
+      None,
+      "measured by the export_tfjs stage; see manifest.json success_criteria",
+    )
+  )
+  rows.append(
+    _row(
+      "inference time GPU / CPU (s)",
+      f"< {criteria.latency_gpu_s} / < {criteria.latency_cpu_s}",
+      None,
+      None,
+      "measured by tools/bench.py infer and bench.py browser",
+    )
+  )
+  rows.append(
+    _row(
+      "licence check passes",
+      "true",
+      None,
+      None,
+      "measured by the license_check stage; see manifest.json success_criteria",
+    )
+  )
+  rows.append(
+    _row(
+      "fixed seeds give identical results; manifest complete",
+      "true",
+      None,
+      None,
+      "checked by the pipeline manifest (manifest.json) and tests/test_pipeline.py",
+    )
+  )
   return rows
 
 
@@ -76,74 +126,122 @@ def to_markdown(report, max_class_rows=25):
   cal = report["calibration"]
   threshold = cal["threshold"]
   out = [
-      "# Evaluation report",
-      "",
-      f"Checkpoint: `{report['checkpoint']['stage_dir']}` ({report['checkpoint']['which']}). "
-      + report["checkpoint"].get("note", ""),
-      f"Calibration fitted on **{report['splits']['fit']}** ({report['val']['uncalibrated']['n']} images); "
-      f"metrics reported on **{report['splits']['report']}** ({before['n']} images, {before['num_classes']} classes). "
-      + report["splits"].get("note", ""),
-      "",
-      "## Success criteria",
-      "",
-      "On demo or tiny data these targets are reported, not expected to pass.",
-      "",
-      _table(["criterion", "target", "value", "result", "note"],
-             [(r["criterion"], r["target"], r["value"], _status(r["passed"]), r["note"])
-              for r in report["criteria"]]),
-      "",
-      "## Metrics on the report split",
-      "",
-      "Accuracy does not change with temperature scaling (the argmax is the same); probabilities do.",
-      "",
-      _table(["metric", "before calibration", f"after (T = {cal['temperature']:.3f})"],
-             [(label, before[name], after[name]) for name, label in METRIC_LABELS.items()]),
-      "",
-      "![Reliability diagram](reliability.png)",
-      "",
-      "## Calibration and the \"unsure\" threshold",
-      "",
-      f"- Temperature T = {cal['temperature']:.4f} (val NLL {cal['fit']['nll_before']:.4f} → "
-      f"{cal['fit']['nll_after']:.4f}{'; T hit the search bound' if cal['fit']['at_bound'] else ''}).",
-      f"- The app shows a species when its calibrated probability is ≥ {threshold['threshold']:.4f}, "
-      f"the smallest threshold whose answers on val are right ≥ {threshold['target_precision']:.0%} of the time "
-      f"(answering at least {threshold['min_accepted']} val images)"
-      + ("." if threshold["reachable"] else
-         " — **not reachable on val**: no threshold gives that precision, so the app would always say \"unsure\"."),
-      "",
-      _table(["split", "coverage (answered)", "precision of answers", "answered images"],
-             [(split, m["coverage"], m["precision"], m["n_accepted"])
-              for split, m in (("val", threshold), (report["splits"]["report"], cal["report_split"]))]),
-      "",
-      "![Confidence histogram](confidence.png)",
-      "",
-      "## Accuracy per region",
-      "",
-      "An image belongs to a region when its photo country (else any country of its species) is listed.",
-      "",
-      _table(["region", "images", "top-1", "top-5"],
-             [(name, m["n"], m["top1"], m["top5"]) for name, m in before["regions"].items()]),
-      "",
-      "![Accuracy per region](regions.png)",
-      "",
+    "# Evaluation report",
+    "",
+    f"Checkpoint: `{report['checkpoint']['stage_dir']}` ({report['checkpoint']['which']}). "
+    + report["checkpoint"].get("note", ""),
+    f"Calibration fitted on **{report['splits']['fit']}** ({report['val']['uncalibrated']['n']} images); "
+    f"metrics reported on **{report['splits']['report']}** ({before['n']} images, {before['num_classes']} classes). "
+    + report["splits"].get("note", ""),
+    "",
+    "## Success criteria",
+    "",
+    "On demo or tiny data these targets are reported, not expected to pass.",
+    "",
+    _table(
+      ["criterion", "target", "value", "result", "note"],
+      [
+        (r["criterion"], r["target"], r["value"], _status(r["passed"]), r["note"])
+        for r in report["criteria"]
+      ],
+    ),
+    "",
+    "## Metrics on the report split",
+    "",
+    "Accuracy does not change with temperature scaling (the argmax is the same); probabilities do.",
+    "",
+    _table(
+      ["metric", "before calibration", f"after (T = {cal['temperature']:.3f})"],
+      [(label, before[name], after[name]) for name, label in METRIC_LABELS.items()],
+    ),
+    "",
+    "![Reliability diagram](reliability.png)",
+    "",
+    "## Calibration and the \"unsure\" threshold",
+    "",
+    f"- Temperature T = {cal['temperature']:.4f} (val NLL {cal['fit']['nll_before']:.4f} → "
+    f"{cal['fit']['nll_after']:.4f}{'; T hit the search bound' if cal['fit']['at_bound'] else ''}).",
+    f"- The app shows a species when its calibrated probability is ≥ {threshold['threshold']:.4f}, "
+    f"the smallest threshold whose answers on val are right ≥ {threshold['target_precision']:.0%} of the time "
+    f"(answering at least {threshold['min_accepted']} val images)"
+    + (
+      "."
+      if threshold["reachable"]
+      else " — **not reachable on val**: no threshold gives that precision, so the app would always say \"unsure\"."
+    ),
+    "",
+    _table(
+      ["split", "coverage (answered)", "precision of answers", "answered images"],
+      [
+        (split, m["coverage"], m["precision"], m["n_accepted"])
+        for split, m in (("val", threshold), (report["splits"]["report"], cal["report_split"]))
+      ],
+    ),
+    "",
+    "![Confidence histogram](confidence.png)",
+    "",
+    "## Accuracy per region",
+    "",
+    "An image belongs to a region when its photo country (else any country of its species) is listed.",
+    "",
+    _table(
+      ["region", "images", "top-1", "top-5"],
+      [(name, m["n"], m["top1"], m["top5"]) for name, m in before["regions"].items()],
+    ),
+    "",
+    "![Accuracy per region](regions.png)",
+    "",
   ]
   if report.get("teacher_agreement"):
     agreement = report["teacher_agreement"]
-    out += ["## Student vs teacher", "",
-            f"Teacher: `{agreement['teacher_dir']}`. Top-5 agree = the teacher's top-1 is in the student's top 5 "
-            "(as big_vision's distillation evaluator); KL(teacher ‖ student) in nats.", "",
-            _table(["teacher top-1", "student top-1", "top-1 agree", "top-5 agree", "KL(teacher ‖ student)"],
-                   [(agreement["teacher_top1"], before["top1"], agreement["top1_agree"],
-                     agreement["top5_agree"], agreement["kl_teacher_student"])]), ""]
-  out += ["## Most confused species", "",
-          _table(["true species", "predicted as", "images", "share of true species"],
-                  [(c["true_species"], c["predicted_species"], c["count"], c["fraction_of_true"])
-                   for c in report["top_confusions"]]) if report["top_confusions"] else "No mistakes.",
-          "", "![Top confusions](confusions.png)", ""]
-  measured = sorted((r for r in report["per_class"] if r["support"]), key=lambda r: (r["top1"], r["index"]))
-  out += [f"## Per species (worst {min(max_class_rows, len(measured))} by top-1; all in report.json)", "",
-          _table(["species", "images", "top-1", "top-5"],
-                 [(r["species"], r["support"], r["top1"], r["top5"]) for r in measured[:max_class_rows]]), ""]
+    out += [
+      "## Student vs teacher",
+      "",
+      f"Teacher: `{agreement['teacher_dir']}`. Top-5 agree = the teacher's top-1 is in the student's top 5 "
+      "(as big_vision's distillation evaluator); KL(teacher ‖ student) in nats.",
+      "",
+      _table(
+        ["teacher top-1", "student top-1", "top-1 agree", "top-5 agree", "KL(teacher ‖ student)"],
+        [
+          (
+            agreement["teacher_top1"],
+            before["top1"],
+            agreement["top1_agree"],
+            agreement["top5_agree"],
+            agreement["kl_teacher_student"],
+          )
+        ],
+      ),
+      "",
+    ]
+  out += [
+    "## Most confused species",
+    "",
+    _table(
+      ["true species", "predicted as", "images", "share of true species"],
+      [
+        (c["true_species"], c["predicted_species"], c["count"], c["fraction_of_true"])
+        for c in report["top_confusions"]
+      ],
+    )
+    if report["top_confusions"]
+    else "No mistakes.",
+    "",
+    "![Top confusions](confusions.png)",
+    "",
+  ]
+  measured = sorted(
+    (r for r in report["per_class"] if r["support"]), key=lambda r: (r["top1"], r["index"])
+  )
+  out += [
+    f"## Per species (worst {min(max_class_rows, len(measured))} by top-1; all in report.json)",
+    "",
+    _table(
+      ["species", "images", "top-1", "top-5"],
+      [(r["species"], r["support"], r["top1"], r["top5"]) for r in measured[:max_class_rows]],
+    ),
+    "",
+  ]
   return "\n".join(out)
 
 

@@ -5,6 +5,7 @@ Reads <workdir>/<checkpoint_dir>/ and <workdir>/dataset/; writes only
 threshold, which the TF.js export bakes in) and the PNGs the report links.
 Val is used only to fit T and the threshold; test only to report them.
 """
+
 import json
 import os
 
@@ -30,9 +31,10 @@ def _checkpoint_dir(config, workdir):
   found = workdir_lib.first_trained(workdir, chain)
   if found is None:
     raise FileNotFoundError(
-        f"No trained stage ({', '.join(f'{d}/' for d in chain)} with {workdir_lib.CONFIG_FILE}) "
-        f"under {workdir}. Train it first, or point --config.eval.checkpoint_dir at a trained "
-        "stage folder (e.g. teacher_global).")
+      f"No trained stage ({', '.join(f'{d}/' for d in chain)} with {workdir_lib.CONFIG_FILE}) "
+      f"under {workdir}. Train it first, or point --config.eval.checkpoint_dir at a trained "
+      "stage folder (e.g. teacher_global)."
+    )
   name = os.path.relpath(found.path, workdir)
   if name == os.path.normpath(wanted):
     return wanted, ""
@@ -53,16 +55,28 @@ def _write_plots(eval_dir, config, split, test, temperature, threshold, before, 
   n_bins = config.eval.n_bins
   raw = metrics.confidence_and_correct(test["logits"], test["labels"])
   confidence, correct = metrics.confidence_and_correct(test["logits"] / temperature, test["labels"])
-  top1_targets = {"global": config.criteria.top1, "spain": config.criteria.spain_top1,
-                  "europe": config.criteria.europe_top1}
+  top1_targets = {
+    "global": config.criteria.top1,
+    "spain": config.criteria.spain_top1,
+    "europe": config.criteria.europe_top1,
+  }
   paths = [
-      plots.reliability_diagram(metrics.reliability_bins(*raw, n_bins),
-                                metrics.reliability_bins(confidence, correct, n_bins),
-                                before["ece"], after["ece"], temperature,
-                                os.path.join(eval_dir, "reliability.png"), split),
-      plots.region_accuracy_bars(before["regions"], top1_targets, os.path.join(eval_dir, "regions.png"), split),
-      plots.confidence_histogram(confidence, correct, threshold, os.path.join(eval_dir, "confidence.png"), split),
-      plots.top_confusions_chart(confusions, os.path.join(eval_dir, "confusions.png"), split),
+    plots.reliability_diagram(
+      metrics.reliability_bins(*raw, n_bins),
+      metrics.reliability_bins(confidence, correct, n_bins),
+      before["ece"],
+      after["ece"],
+      temperature,
+      os.path.join(eval_dir, "reliability.png"),
+      split,
+    ),
+    plots.region_accuracy_bars(
+      before["regions"], top1_targets, os.path.join(eval_dir, "regions.png"), split
+    ),
+    plots.confidence_histogram(
+      confidence, correct, threshold, os.path.join(eval_dir, "confidence.png"), split
+    ),
+    plots.top_confusions_chart(confusions, os.path.join(eval_dir, "confusions.png"), split),
   ]
   return [os.path.basename(path) for path in paths]
 
@@ -79,81 +93,130 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
   report_split = provenance["splits"]["report"]
   fit = calibration.fit_temperature(val["logits"], val["labels"], e.t_min, e.t_max)
   temperature = fit["temperature"]
-  threshold = calibration.abstain_threshold(val["logits"], val["labels"], e.target_precision, temperature,
-                                            e.min_accepted)
+  threshold = calibration.abstain_threshold(
+    val["logits"], val["labels"], e.target_precision, temperature, e.min_accepted
+  )
 
   def summarise(logits, data, what):
-    return metrics.summary(logits, data["labels"], data["regions"], config.regions.to_dict(),
-                           e.n_bins, len(names), what)
+    return metrics.summary(
+      logits, data["labels"], data["regions"], config.regions.to_dict(), e.n_bins, len(names), what
+    )
 
   test_before = summarise(test["logits"], test, report_split)
   test_after = summarise(test["logits"] / temperature, test, report_split)
   result = {
-      **provenance,
-      "calibration": {
-          "temperature": temperature, "fit": fit, "threshold": threshold,
-          "report_split": calibration.selective_metrics(test["logits"], test["labels"],
-                                                        threshold["threshold"], temperature)},
-      "val": {"uncalibrated": summarise(val["logits"], val, "val"),
-              "calibrated": summarise(val["logits"] / temperature, val, "val")},
-      "test": {"uncalibrated": test_before, "calibrated": test_after},
-      "per_class": metrics.per_class_table(test["logits"], test["labels"], names),
-      "top_confusions": metrics.top_confusions(test["logits"], test["labels"], e.top_confusions, names),
-      "teacher_agreement": None,
+    **provenance,
+    "calibration": {
+      "temperature": temperature,
+      "fit": fit,
+      "threshold": threshold,
+      "report_split": calibration.selective_metrics(
+        test["logits"], test["labels"], threshold["threshold"], temperature
+      ),
+    },
+    "val": {
+      "uncalibrated": summarise(val["logits"], val, "val"),
+      "calibrated": summarise(val["logits"] / temperature, val, "val"),
+    },
+    "test": {"uncalibrated": test_before, "calibrated": test_after},
+    "per_class": metrics.per_class_table(test["logits"], test["labels"], names),
+    "top_confusions": metrics.top_confusions(
+      test["logits"], test["labels"], e.top_confusions, names
+    ),
+    "teacher_agreement": None,
   }
   if teacher is not None:
     if list(teacher["sha256"]) != list(test["sha256"]):
-      raise ValueError(f"The teacher {e.teacher_dir}/ and the evaluated checkpoint predicted different images "
-                       f"on {report_split}; both must read the same dataset/ shards.")
-    result["teacher_agreement"] = {"teacher_dir": e.teacher_dir,
-                                   "teacher_top1": metrics.topk_accuracy(teacher["logits"], test["labels"], 1),
-                                   "teacher_top5": metrics.topk_accuracy(teacher["logits"], test["labels"], 5),
-                                   **metrics.teacher_agreement(test["logits"], teacher["logits"])}
+      raise ValueError(
+        f"The teacher {e.teacher_dir}/ and the evaluated checkpoint predicted different images "
+        f"on {report_split}; both must read the same dataset/ shards."
+      )
+    result["teacher_agreement"] = {
+      "teacher_dir": e.teacher_dir,
+      "teacher_top1": metrics.topk_accuracy(teacher["logits"], test["labels"], 1),
+      "teacher_top5": metrics.topk_accuracy(teacher["logits"], test["labels"], 5),
+      **metrics.teacher_agreement(test["logits"], teacher["logits"]),
+    }
   result["criteria"] = report.criteria_table(test_after, config.criteria)
-  result["criteria_passed"] = all(r["passed"] for r in result["criteria"] if r["passed"] is not None)
-  result["plots"] = _write_plots(eval_dir, config, report_split, test, temperature, threshold["threshold"],
-                                 test_before, test_after, result["top_confusions"])
+  result["criteria_passed"] = all(
+    r["passed"] for r in result["criteria"] if r["passed"] is not None
+  )
+  result["plots"] = _write_plots(
+    eval_dir,
+    config,
+    report_split,
+    test,
+    temperature,
+    threshold["threshold"],
+    test_before,
+    test_after,
+    result["top_confusions"],
+  )
   result["config"] = config.to_dict()
   report.write(result, eval_dir)
-  fileio.write_text(os.path.join(eval_dir, "calibration.json"), json.dumps({
-      "temperature": temperature, "threshold": threshold["threshold"],
-      "target_precision": threshold["target_precision"], "threshold_reachable": threshold["reachable"],
-      "coverage_val": threshold["coverage"], "checkpoint": result["checkpoint"],
-      "num_classes": len(names)}, indent=2))
+  fileio.write_text(
+    os.path.join(eval_dir, "calibration.json"),
+    json.dumps(
+      {
+        "temperature": temperature,
+        "threshold": threshold["threshold"],
+        "target_precision": threshold["target_precision"],
+        "threshold_reachable": threshold["reachable"],
+        "coverage_val": threshold["coverage"],
+        "checkpoint": result["checkpoint"],
+        "num_classes": len(names),
+      },
+      indent=2,
+    ),
+  )
   return result
 
 
 def run(config, workdir):
   e = config.eval
   dataset_dir = workdir_lib.Workdir(workdir).dataset
-  names = [c["species"] for c in sorted(workdir_lib.read_classes(dataset_dir), key=lambda c: c["index"])]
+  names = [
+    c["species"] for c in sorted(workdir_lib.read_classes(dataset_dir), key=lambda c: c["index"])
+  ]
   checkpoint, checkpoint_note = _checkpoint_dir(config, workdir)
 
   def predict(stage, split):
     logging.info("evaluate: predicting %s/ on split %s", stage, split)
-    return inference.predict_split(os.path.join(workdir, stage), dataset_dir, split,
-                                   batch_size=e.batch_size, which=e.which)
+    return inference.predict_split(
+      os.path.join(workdir, stage), dataset_dir, split, batch_size=e.batch_size, which=e.which
+    )
 
   val = predict(checkpoint, "val")
   report_split, split_note = "test", ""
   test = predict(checkpoint, "test") if _has_split(dataset_dir, "test") else None
   if test is None or len(test["labels"]) == 0:
     report_split, test = "val", val
-    split_note = ("The dataset has no test split, so val is both the calibration and the report split: "
-                  "the numbers after calibration are optimistic.")
+    split_note = (
+      "The dataset has no test split, so val is both the calibration and the report split: "
+      "the numbers after calibration are optimistic."
+    )
     logging.warning("evaluate: %s", split_note)
-  provenance = {"checkpoint": {"stage_dir": checkpoint, "which": e.which, "note": checkpoint_note},
-                "splits": {"fit": "val", "report": report_split, "note": split_note}}
+  provenance = {
+    "checkpoint": {"stage_dir": checkpoint, "which": e.which, "note": checkpoint_note},
+    "splits": {"fit": "val", "report": report_split, "note": split_note},
+  }
   teacher = predict(e.teacher_dir, report_split) if e.teacher_dir else None
   result = write_evaluation(config, workdir, names, val, test, provenance, teacher)
 
   before, after = result["test"]["uncalibrated"], result["test"]["calibrated"]
   cal = result["calibration"]
-  return {"metric": (f"{report_split} top1 {before['top1']:.3f} top5 {before['top5']:.3f} "
-                     f"ECE {before['ece']:.3f}->{after['ece']:.3f} T {cal['temperature']:.2f} "
-                     f"threshold {cal['threshold']['threshold']:.3f} "
-                     f"coverage {cal['report_split']['coverage']:.2f}"
-                     + (f"; teacher top1 {result['teacher_agreement']['teacher_top1']:.3f}"
-                        if result["teacher_agreement"] else "")),
-          "report": workdir_lib.Workdir(workdir).eval_report,
-          "criteria_passed": result["criteria_passed"]}
+  return {
+    "metric": (
+      f"{report_split} top1 {before['top1']:.3f} top5 {before['top5']:.3f} "
+      f"ECE {before['ece']:.3f}->{after['ece']:.3f} T {cal['temperature']:.2f} "
+      f"threshold {cal['threshold']['threshold']:.3f} "
+      f"coverage {cal['report_split']['coverage']:.2f}"
+      + (
+        f"; teacher top1 {result['teacher_agreement']['teacher_top1']:.3f}"
+        if result["teacher_agreement"]
+        else ""
+      )
+    ),
+    "report": workdir_lib.Workdir(workdir).eval_report,
+    "criteria_passed": result["criteria_passed"],
+  }

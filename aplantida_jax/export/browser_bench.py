@@ -5,6 +5,7 @@ Chromium page with the wasm backend and run interleaved, so a noisy neighbour
 on the machine slows both alike; the median of `runs` predictions each and
 their ratio are reported, with and without cross-origin isolation (threads).
 """
+
 import os
 import shutil
 import statistics
@@ -20,8 +21,14 @@ from aplantida_jax.export import convert
 from aplantida_jax.export import pwa_server
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+]
 
 BENCH_PAGE = """<!doctype html><meta charset="utf-8">
 <script src="/vendor/tfjs/dist/tf.min.js"></script>
@@ -65,20 +72,25 @@ def _random_trained_like(variables, seed):
     if "'mean'" in name or "'bias'" in name:
       return rng.normal(0, 0.1, x.shape).astype(np.float32)
     return x
+
   return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
 def export_student(out_dir, *, width, num_classes, image_size, seed=0):
   model = models.get_model("mobilenet_v2", num_classes, width=width)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)), train=False)
-  return convert.export(model, _random_trained_like(variables, seed), image_size=image_size,
-                        out_dir=out_dir, max_mb=1e9)
+  variables = model.init(
+    jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)), train=False
+  )
+  return convert.export(
+    model, _random_trained_like(variables, seed), image_size=image_size, out_dir=out_dir, max_mb=1e9
+  )
 
 
 def export_keras(out_dir, *, width, num_classes, image_size):
   """tf.keras.applications.MobileNetV2 → SavedModel → tensorflowjs FP16 (the usual route)."""
   keras_model = tf.keras.applications.MobileNetV2(
-      input_shape=(image_size, image_size, 3), alpha=width, weights=None, classes=num_classes)
+    input_shape=(image_size, image_size, 3), alpha=width, weights=None, classes=num_classes
+  )
   saved_model_dir = os.path.join(out_dir, "saved_model")
 
   @tf.function(input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32)])
@@ -95,31 +107,43 @@ def export_keras(out_dir, *, width, num_classes, image_size):
 def measure(folders: dict, *, image_size: int, runs: int = 20, isolate: bool = True) -> dict:
   """{name: median ms} of each TF.js model in `folders`, interleaved in one Chromium page."""
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+
   with tempfile.TemporaryDirectory(prefix="browser_bench_") as site:
     with open(os.path.join(site, "index.html"), "w") as f:
       f.write(BENCH_PAGE)
     for name, folder in folders.items():
-      shutil.copytree(folder, os.path.join(site, name), ignore=shutil.ignore_patterns("saved_model"))
-    server = pwa_server.make_server(next(iter(folders.values())), port=0, isolate=isolate, web_dir=site)
+      shutil.copytree(
+        folder, os.path.join(site, name), ignore=shutil.ignore_patterns("saved_model")
+      )
+    server = pwa_server.make_server(
+      next(iter(folders.values())), port=0, isolate=isolate, web_dir=site
+    )
     pwa_server.serve_in_thread(server)
     try:
       with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
-        result = page.evaluate("([names, runs, size]) => bench(names, runs, size)",
-                               [list(folders), runs, image_size])
+        result = page.evaluate(
+          "([names, runs, size]) => bench(names, runs, size)", [list(folders), runs, image_size]
+        )
         browser.close()
     finally:
       server.shutdown()
       server.server_close()
   medians = {name: statistics.median(t) for name, t in result["times"].items()}
-  return {"median_ms": medians, "min_ms": {n: min(t) for n, t in result["times"].items()},
-          "threads": result["threads"], "cross_origin_isolated": result["crossOriginIsolated"],
-          "runs": runs}
+  return {
+    "median_ms": medians,
+    "min_ms": {n: min(t) for n, t in result["times"].items()},
+    "threads": result["threads"],
+    "cross_origin_isolated": result["crossOriginIsolated"],
+    "runs": runs,
+  }
 
 
-def compare_with_keras(*, width=1.0, num_classes=1000, image_size=224, runs=20, student_dir=None) -> dict:
+def compare_with_keras(
+  *, width=1.0, num_classes=1000, image_size=224, runs=20, student_dir=None
+) -> dict:
   """Ours/Keras latency ratio (≤ 1 means ours is no slower), with and without COOP/COEP."""
   with tempfile.TemporaryDirectory(prefix="browser_models_") as tmp:
     ours = student_dir or os.path.join(tmp, "ours")
@@ -129,12 +153,23 @@ def compare_with_keras(*, width=1.0, num_classes=1000, image_size=224, runs=20, 
     keras_dir = os.path.join(tmp, "keras")
     os.makedirs(keras_dir)
     export_keras(keras_dir, width=width, num_classes=num_classes, image_size=image_size)
-    sizes = {name: round(sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
-                             if f.endswith((".bin", ".json"))) / 1e6, 3)
-             for name, d in (("ours", ours), ("keras", keras_dir))}
+    sizes = {
+      name: round(
+        sum(
+          os.path.getsize(os.path.join(d, f))
+          for f in os.listdir(d)
+          if f.endswith((".bin", ".json"))
+        )
+        / 1e6,
+        3,
+      )
+      for name, d in (("ours", ours), ("keras", keras_dir))
+    }
     out = {"width": width, "num_classes": num_classes, "image_size": image_size, "mb": sizes}
     for label, isolate in (("coop_coep", True), ("no_isolation", False)):
-      m = measure({"ours": ours, "keras": keras_dir}, image_size=image_size, runs=runs, isolate=isolate)
+      m = measure(
+        {"ours": ours, "keras": keras_dir}, image_size=image_size, runs=runs, isolate=isolate
+      )
       m["ratio_ours_over_keras"] = m["median_ms"]["ours"] / m["median_ms"]["keras"]
       out[label] = m
   return out

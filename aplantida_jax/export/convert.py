@@ -4,6 +4,7 @@ The SavedModel is a deliverable itself (TF Serving, TFLite); the TF.js folder
 is what the PWA downloads. Both pass `opcheck` before this returns, so a model
 that would not run in the browser never leaves this module silently.
 """
+
 import base64
 import collections
 import json
@@ -22,8 +23,12 @@ SHARD_BYTES = 4 * 1024 * 1024  # browsers fetch and cache shards one by one
 
 def save_saved_model(module: tf.Module, path: str) -> None:
   """Saves the serving signature only; gradient functions are not traced (inference needs none)."""
-  tf.saved_model.save(module, path, signatures={"serving_default": module.serving_default},
-                      options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+  tf.saved_model.save(
+    module,
+    path,
+    signatures={"serving_default": module.serving_default},
+    options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+  )
 
 
 def saved_model_to_tfjs(saved_model_dir: str, out_dir: str, quantize: str = "float16") -> None:
@@ -31,14 +36,19 @@ def saved_model_to_tfjs(saved_model_dir: str, out_dir: str, quantize: str = "flo
   if quantize not in QUANTIZE:
     raise ValueError(f"export.quantize={quantize!r}; choose one of {QUANTIZE}")
   opcheck.import_tensorflowjs().converters.tf_saved_model_conversion_v2.convert_tf_saved_model(
-      saved_model_dir, out_dir,
-      quantization_dtype_map={quantize: True} if quantize else None,
-      weight_shard_size_bytes=SHARD_BYTES)
+    saved_model_dir,
+    out_dir,
+    quantization_dtype_map={quantize: True} if quantize else None,
+    weight_shard_size_bytes=SHARD_BYTES,
+  )
 
 
 # Fused op → the op it fuses a bias (and maybe an activation) into.
-UNFUSED = {"_FusedConv2D": "Conv2D", "FusedDepthwiseConv2dNative": "DepthwiseConv2dNative",
-           "_FusedMatMul": "MatMul"}
+UNFUSED = {
+  "_FusedConv2D": "Conv2D",
+  "FusedDepthwiseConv2dNative": "DepthwiseConv2dNative",
+  "_FusedMatMul": "MatMul",
+}
 FUSED_ONLY_ATTRS = ("fused_ops", "num_args", "num_host_args", "epsilon", "leakyrelu_alpha", "TArgs")
 ACTIVATIONS = ("Relu", "Relu6")
 
@@ -50,15 +60,29 @@ def _fused_ops(node):
 def _split_fused(node):
   """`fused(x, w, y)` → `op(x, w)`, `AddV2(·, y)`[, activation]; the last keeps the name."""
   fused = _fused_ops(node)
-  if fused[0] != "BiasAdd" or any(op not in ACTIVATIONS for op in fused[1:]) or len(node["input"]) != 3:
+  if (
+    fused[0] != "BiasAdd"
+    or any(op not in ACTIVATIONS for op in fused[1:])
+    or len(node["input"]) != 3
+  ):
     raise ValueError(f"cannot split {node['op']} {node['name']} with fused_ops {fused}")
   dtype = {"T": node["attr"]["T"]}
-  plain = {"name": node["name"] + "/unfused", "op": UNFUSED[node["op"]], "input": node["input"][:2],
-           "attr": {k: v for k, v in node["attr"].items() if k not in FUSED_ONLY_ATTRS}}
-  add = {"name": node["name"] + "/add", "op": "AddV2", "input": [plain["name"], node["input"][2]],
-         "attr": dtype}
-  chain = [plain, add] + [{"name": node["name"] + f"/{op.lower()}", "op": op, "input": [], "attr": dtype}
-                          for op in fused[1:]]
+  plain = {
+    "name": node["name"] + "/unfused",
+    "op": UNFUSED[node["op"]],
+    "input": node["input"][:2],
+    "attr": {k: v for k, v in node["attr"].items() if k not in FUSED_ONLY_ATTRS},
+  }
+  add = {
+    "name": node["name"] + "/add",
+    "op": "AddV2",
+    "input": [plain["name"], node["input"][2]],
+    "attr": dtype,
+  }
+  chain = [plain, add] + [
+    {"name": node["name"] + f"/{op.lower()}", "op": op, "input": [], "attr": dtype}
+    for op in fused[1:]
+  ]
   for previous, current in zip(chain[1:], chain[2:]):
     current["input"] = [previous["name"]]
   chain[-1]["name"] = node["name"]
@@ -81,7 +105,9 @@ def fix_fused_biases(model_json_path: str) -> dict:
   nodes = model["modelTopology"]["node"]
 
   def bias_of(node):
-    return node["input"][2].split(":")[0] if node["op"] in UNFUSED and len(node["input"]) > 2 else None
+    return (
+      node["input"][2].split(":")[0] if node["op"] in UNFUSED and len(node["input"]) > 2 else None
+    )
 
   consumers = {}
   for node in nodes:
@@ -93,8 +119,11 @@ def fix_fused_biases(model_json_path: str) -> dict:
     spec = specs.get(bias)
     if bias is None or (spec is not None and len(spec["shape"]) == 1):
       out.append(node)
-    elif (spec is not None and all(d == 1 for d in spec["shape"][:-1]) and
-          all(bias_of(user) == bias and position == 2 for user, position in consumers[bias])):
+    elif (
+      spec is not None
+      and all(d == 1 for d in spec["shape"][:-1])
+      and all(bias_of(user) == bias and position == 2 for user, position in consumers[bias])
+    ):
       spec["shape"] = spec["shape"][-1:]
       reshaped.add(bias)
       out.append(node)
@@ -112,7 +141,9 @@ def _write_model_json(path, model):
 
 
 def _scalar_weights(tfjs_dir, model) -> dict:
-  weights = opcheck.import_tensorflowjs().read_weights.read_weights(model["weightsManifest"], tfjs_dir, flatten=True)
+  weights = opcheck.import_tensorflowjs().read_weights.read_weights(
+    model["weightsManifest"], tfjs_dir, flatten=True
+  )
   return {w["name"]: float(w["data"]) for w in weights if np.ndim(w["data"]) == 0}
 
 
@@ -145,7 +176,9 @@ def fuse_relu6(tfjs_dir: str) -> int:
       return a, True
     return b, scalars.get(a) == value
 
-  outputs = {t["name"].split(":")[0] for t in model.get("signature", {}).get("outputs", {}).values()}
+  outputs = {
+    t["name"].split(":")[0] for t in model.get("signature", {}).get("outputs", {}).values()
+  }
   dropped, renamed, count = set(), {}, 0
   for node in list(nodes.values()):
     if node["op"] != "Minimum" or len(node["input"]) != 2:
@@ -160,8 +193,12 @@ def fuse_relu6(tfjs_dir: str) -> int:
     x = nodes[x_name]
     dropped.add(inner_name)
     count += 1
-    if (x["op"] in UNFUSED and _fused_ops(x) == ["BiasAdd"] and uses[x_name] == 1
-        and node["name"] not in outputs):
+    if (
+      x["op"] in UNFUSED
+      and _fused_ops(x) == ["BiasAdd"]
+      and uses[x_name] == 1
+      and node["name"] not in outputs
+    ):
       x["attr"]["fused_ops"]["list"]["s"].append(base64.b64encode(b"Relu6").decode())
       dropped.add(node["name"])
       renamed[node["name"]] = x_name  # consumers read the convolution directly
@@ -175,8 +212,16 @@ def fuse_relu6(tfjs_dir: str) -> int:
   return count
 
 
-def export(model, variables, *, image_size: int, out_dir: str, temperature: float = 1.0,
-           quantize: str = "float16", max_mb: float = 150.0) -> dict:
+def export(
+  model,
+  variables,
+  *,
+  image_size: int,
+  out_dir: str,
+  temperature: float = 1.0,
+  quantize: str = "float16",
+  max_mb: float = 150.0,
+) -> dict:
   """Writes `out_dir/saved_model/` and the TF.js model in `out_dir`; returns op counts and size.
 
   Raises opcheck.OpCheckError when either graph has ops TF.js would not run
@@ -191,6 +236,10 @@ def export(model, variables, *, image_size: int, out_dir: str, temperature: floa
   relu6 = fuse_relu6(out_dir)
   tfjs_ops = opcheck.check_tfjs(os.path.join(out_dir, "model.json"))
   size_mb = opcheck.check_size(out_dir, max_mb)
-  return {"tfjs_mb": size_mb, "tfjs_ops": dict(sorted(tfjs_ops.items())),
-          "saved_model_op_types": len(saved_model_ops), "fixed_fused_biases": fixed_biases,
-          "relu6": relu6}
+  return {
+    "tfjs_mb": size_mb,
+    "tfjs_ops": dict(sorted(tfjs_ops.items())),
+    "saved_model_op_types": len(saved_model_ops),
+    "fixed_fused_biases": fixed_biases,
+    "relu6": relu6,
+  }

@@ -11,6 +11,7 @@ Two views of the same model are checked:
   op therefore fails here, is looked up, and is added on purpose.
 `Switch`/`Merge` would force `executeAsync` (so `model.predict` throws).
 """
+
 import collections
 import glob
 import json
@@ -20,30 +21,58 @@ from tensorflow.python.saved_model import loader_impl
 
 # Ops that would not run, or not with model.predict, in TF.js.
 FORBIDDEN = {
-    "Merge": "control flow: forces executeAsync in TF.js (model.predict fails)",
-    "Switch": "control flow: forces executeAsync in TF.js (model.predict fails)",
-    "Enter": "loop control flow: forces executeAsync in TF.js",
-    "Exit": "loop control flow: forces executeAsync in TF.js",
-    "NextIteration": "loop control flow: forces executeAsync in TF.js",
-    "LoopCond": "loop control flow: forces executeAsync in TF.js",
-    "If": "functional control flow: lowered to Switch/Merge by the converter",
-    "StatelessIf": "functional control flow: lowered to Switch/Merge by the converter",
-    "While": "functional control flow: lowered to loops by the converter",
-    "StatelessWhile": "functional control flow: lowered to loops by the converter",
-    "PreventGradient": "jax2tf with_gradient=False; the TF.js converter rejects it",
+  "Merge": "control flow: forces executeAsync in TF.js (model.predict fails)",
+  "Switch": "control flow: forces executeAsync in TF.js (model.predict fails)",
+  "Enter": "loop control flow: forces executeAsync in TF.js",
+  "Exit": "loop control flow: forces executeAsync in TF.js",
+  "NextIteration": "loop control flow: forces executeAsync in TF.js",
+  "LoopCond": "loop control flow: forces executeAsync in TF.js",
+  "If": "functional control flow: lowered to Switch/Merge by the converter",
+  "StatelessIf": "functional control flow: lowered to Switch/Merge by the converter",
+  "While": "functional control flow: lowered to loops by the converter",
+  "StatelessWhile": "functional control flow: lowered to loops by the converter",
+  "PreventGradient": "jax2tf with_gradient=False; the TF.js converter rejects it",
 }
 XLA_REASON = "XLA op (jax2tf enable_xla=True or native serialization): TF.js has no kernel"
 
 # What our models become after tfjs-converter's freezing and grappler fusion.
-TFJS_OPS = frozenset({
-    "Placeholder", "Const", "Identity",
-    "Conv2D", "_FusedConv2D", "DepthwiseConv2dNative", "FusedDepthwiseConv2dNative",
-    "MatMul", "_FusedMatMul", "BiasAdd",
-    "Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum",
-    "Relu", "Relu6", "Exp", "Rsqrt", "Sqrt", "Neg", "Reciprocal",
-    "Sum", "Mean", "Max", "Softmax",
-    "Reshape", "Squeeze", "ExpandDims", "Pad", "Cast",
-})
+TFJS_OPS = frozenset(
+  {
+    "Placeholder",
+    "Const",
+    "Identity",
+    "Conv2D",
+    "_FusedConv2D",
+    "DepthwiseConv2dNative",
+    "FusedDepthwiseConv2dNative",
+    "MatMul",
+    "_FusedMatMul",
+    "BiasAdd",
+    "Add",
+    "AddV2",
+    "Sub",
+    "Mul",
+    "RealDiv",
+    "Maximum",
+    "Minimum",
+    "Relu",
+    "Relu6",
+    "Exp",
+    "Rsqrt",
+    "Sqrt",
+    "Neg",
+    "Reciprocal",
+    "Sum",
+    "Mean",
+    "Max",
+    "Softmax",
+    "Reshape",
+    "Squeeze",
+    "ExpandDims",
+    "Pad",
+    "Cast",
+  }
+)
 
 
 def import_tensorflowjs():
@@ -55,6 +84,7 @@ def import_tensorflowjs():
   """
   os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
   import tensorflowjs  # pylint: disable=g-import-not-at-top
+
   return tensorflowjs
 
 
@@ -79,7 +109,9 @@ def _called_functions(node, functions, seen, counts):
       _function_ops(functions, name, seen, counts)
 
 
-def saved_model_ops(saved_model_dir: str, signature: str = "serving_default") -> collections.Counter:
+def saved_model_ops(
+  saved_model_dir: str, signature: str = "serving_default"
+) -> collections.Counter:
   """Op counts of what `signature` executes, read from the proto (nothing runs).
 
   Only the nodes feeding the signature's outputs and the functions they call
@@ -88,8 +120,10 @@ def saved_model_ops(saved_model_dir: str, signature: str = "serving_default") ->
   """
   meta_graph = loader_impl.parse_saved_model(saved_model_dir).meta_graphs[0]
   if signature not in meta_graph.signature_def:
-    raise OpCheckError(f"{saved_model_dir} has no signature {signature!r} "
-                       f"(has {sorted(meta_graph.signature_def)}); re-export it.")
+    raise OpCheckError(
+      f"{saved_model_dir} has no signature {signature!r} "
+      f"(has {sorted(meta_graph.signature_def)}); re-export it."
+    )
   graph = meta_graph.graph_def
   nodes = {node.name: node for node in graph.node}
   functions = {f.signature.name: f for f in graph.library.function}
@@ -129,10 +163,11 @@ def check_saved_model(saved_model_dir: str) -> collections.Counter:
   bad = _forbidden(ops)
   if bad:
     raise OpCheckError(
-        f"SavedModel {saved_model_dir} cannot be served by TF.js: " +
-        "; ".join(f"{op} x{ops[op]} ({why})" for op, why in sorted(bad.items())) +
-        ". Export with serving.to_tf_module (enable_xla=False, native_serialization=False, "
-        "with_gradient=True, static batch) and keep data-dependent control flow out of the model.")
+      f"SavedModel {saved_model_dir} cannot be served by TF.js: "
+      + "; ".join(f"{op} x{ops[op]} ({why})" for op, why in sorted(bad.items()))
+      + ". Export with serving.to_tf_module (enable_xla=False, native_serialization=False, "
+      "with_gradient=True, static batch) and keep data-dependent control flow out of the model."
+    )
   return ops
 
 
@@ -140,12 +175,18 @@ def check_tfjs(model_json_path: str, allowed=TFJS_OPS) -> collections.Counter:
   """Raises OpCheckError on forbidden or unlisted ops in model.json; returns its op counts."""
   ops = tfjs_ops(model_json_path)
   bad = _forbidden(ops)
-  bad.update({op: "not in opcheck.TFJS_OPS (check tfjs-converter's op list, then add it there)"
-              for op in ops if op not in allowed and op not in bad})
+  bad.update(
+    {
+      op: "not in opcheck.TFJS_OPS (check tfjs-converter's op list, then add it there)"
+      for op in ops
+      if op not in allowed and op not in bad
+    }
+  )
   if bad:
     raise OpCheckError(
-        f"TF.js graph {model_json_path} has ops the browser would not run as required: " +
-        "; ".join(f"{op} x{ops[op]} ({why})" for op, why in sorted(bad.items())))
+      f"TF.js graph {model_json_path} has ops the browser would not run as required: "
+      + "; ".join(f"{op} x{ops[op]} ({why})" for op, why in sorted(bad.items()))
+    )
   return ops
 
 
@@ -160,8 +201,9 @@ def check_size(folder: str, max_mb: float) -> float:
   size = folder_mb(folder)
   if size > max_mb:
     raise OpCheckError(
-        f"TF.js model in {folder} is {size:.1f} MB, over export.max_mb={max_mb}. Use a smaller "
-        "width or a factorised head (model.kwargs.head_dim), or raise export.max_mb.")
+      f"TF.js model in {folder} is {size:.1f} MB, over export.max_mb={max_mb}. Use a smaller "
+      "width or a factorised head (model.kwargs.head_dim), or raise export.max_mb."
+    )
   return size
 
 

@@ -14,6 +14,7 @@ probabilities) would otherwise fail on rounding alone. A wrong normalisation
 or a wrong op moves probabilities by far more than the tolerance, so it still
 fails on |Δp| and on the decided images.
 """
+
 import json
 import os
 import shutil
@@ -44,23 +45,28 @@ def _spaced(num_records: int, count: int) -> np.ndarray:
   return np.unique(np.linspace(0, num_records - 1, min(count, num_records)).astype(int))
 
 
-def split_images(dataset_dir: str, split: str, count: int, image_size: int,
-                 crop_fraction: float) -> np.ndarray:
+def split_images(
+  dataset_dir: str, split: str, count: int, image_size: int, crop_fraction: float
+) -> np.ndarray:
   """`count` evenly spaced records of `split`, preprocessed as evaluation does."""
   source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, split))
   transform = input_pipeline.EvalTransform(image_size, crop_fraction)
-  return np.stack([transform.map(source[int(i)])["image"]
-                   for i in _spaced(len(source), count)]).astype(np.float32)
+  return np.stack(
+    [transform.map(source[int(i)])["image"] for i in _spaced(len(source), count)]
+  ).astype(np.float32)
 
 
 def split_labels(dataset_dir: str, split: str, count: int) -> np.ndarray:
   """The labels of the records split_images picks, in the same order."""
   source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, split))
-  return np.asarray([shards.decode(source[int(i)]["data"])["label"]
-                     for i in _spaced(len(source), count)], np.int64)
+  return np.asarray(
+    [shards.decode(source[int(i)]["data"])["label"] for i in _spaced(len(source), count)], np.int64
+  )
 
 
-def tfjs_probabilities(tfjs_dir: str, images: np.ndarray, backends=BACKENDS, repeats: int = 1) -> dict:
+def tfjs_probabilities(
+  tfjs_dir: str, images: np.ndarray, backends=BACKENDS, repeats: int = 1
+) -> dict:
   """{backend: {"probabilities": [N, C] array, "median_ms": float}} from TF.js in Node."""
   reason = node_missing_reason()
   if reason:
@@ -69,14 +75,32 @@ def tfjs_probabilities(tfjs_dir: str, images: np.ndarray, backends=BACKENDS, rep
     path = os.path.join(tmp, "images.npy")
     np.save(path, np.ascontiguousarray(images, np.float32))
     proc = subprocess.run(
-        ["node", NODE_SCRIPT, "--model", os.path.abspath(tfjs_dir), "--images", path,
-         "--backends", ",".join(backends), "--repeats", str(repeats)],
-        capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+      [
+        "node",
+        NODE_SCRIPT,
+        "--model",
+        os.path.abspath(tfjs_dir),
+        "--images",
+        path,
+        "--backends",
+        ",".join(backends),
+        "--repeats",
+        str(repeats),
+      ],
+      capture_output=True,
+      text=True,
+      cwd=REPO_ROOT,
+      check=False,
+    )
   if proc.returncode != 0:
-    raise RuntimeError(f"{NODE_SCRIPT} failed on {tfjs_dir} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    raise RuntimeError(
+      f"{NODE_SCRIPT} failed on {tfjs_dir} (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    )
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  return {name: {"probabilities": np.asarray(r["probabilities"], np.float32), "median_ms": r["median_ms"]}
-          for name, r in result["backends"].items()}
+  return {
+    name: {"probabilities": np.asarray(r["probabilities"], np.float32), "median_ms": r["median_ms"]}
+    for name, r in result["backends"].items()
+  }
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float = None) -> dict:
@@ -93,10 +117,13 @@ def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float = Non
   top2 = -np.sort(-reference, axis=-1)[:, :2]
   margin = top2[:, 0] - (top2[:, 1] if reference.shape[-1] > 1 else 0.0)
   decided = margin > tolerance
-  return {"n": int(len(reference)), "n_decided": int(decided.sum()),
-          "top1_agreement": float(np.mean(agree[decided])) if decided.any() else 1.0,
-          "top1_agreement_raw": float(np.mean(agree)),
-          "max_abs_diff": float(np.max(np.abs(reference - candidate)))}
+  return {
+    "n": int(len(reference)),
+    "n_decided": int(decided.sum()),
+    "top1_agreement": float(np.mean(agree[decided])) if decided.any() else 1.0,
+    "top1_agreement_raw": float(np.mean(agree)),
+    "max_abs_diff": float(np.max(np.abs(reference - candidate))),
+  }
 
 
 def report(jax_probs: np.ndarray, tfjs: dict, labels: np.ndarray = None) -> dict:
@@ -106,16 +133,24 @@ def report(jax_probs: np.ndarray, tfjs: dict, labels: np.ndarray = None) -> dict
   is reported beside them. With `labels`, each side's top-1 accuracy on these
   images is reported too (the shipped model's own accuracy, not judged).
   """
-  backends = {name: {**compare(jax_probs, r["probabilities"]), "median_ms": r["median_ms"]}
-              for name, r in tfjs.items()}
+  backends = {
+    name: {**compare(jax_probs, r["probabilities"]), "median_ms": r["median_ms"]}
+    for name, r in tfjs.items()
+  }
   if labels is not None:
     for name, r in tfjs.items():
       backends[name]["top1_accuracy"] = float(np.mean(r["probabilities"].argmax(-1) == labels))
-  passed = all(b["top1_agreement"] >= TARGET["top1_agreement"] and
-               b["max_abs_diff"] <= TARGET["max_abs_diff"] for b in backends.values())
-  out = {"target": TARGET, "margin": "top-1 agreement counts images whose JAX top-1 leads the "
-                                     "runner-up by more than max_abs_diff",
-         "passed": passed, "backends": backends}
+  passed = all(
+    b["top1_agreement"] >= TARGET["top1_agreement"] and b["max_abs_diff"] <= TARGET["max_abs_diff"]
+    for b in backends.values()
+  )
+  out = {
+    "target": TARGET,
+    "margin": "top-1 agreement counts images whose JAX top-1 leads the "
+    "runner-up by more than max_abs_diff",
+    "passed": passed,
+    "backends": backends,
+  }
   if labels is not None:
     out["jax_top1_accuracy"] = float(np.mean(jax_probs.argmax(-1) == labels))
   return out

@@ -5,6 +5,7 @@ service worker work offline). Cross-origin isolation headers (COOP/COEP) are
 on by default: they unlock SharedArrayBuffer, which the wasm backend needs for
 threads; `isolate=False` serves without them to compare.
 """
+
 import functools
 import http.server
 import os
@@ -15,17 +16,26 @@ import urllib.parse
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEB_DIR = os.path.join(REPO_ROOT, "web")
 VENDOR_DIR = os.path.join(REPO_ROOT, "node_modules", "@tensorflow")
-ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin",
-                     "Cross-Origin-Embedder-Policy": "require-corp",
-                     "Cross-Origin-Resource-Policy": "same-origin"}
+ISOLATION_HEADERS = {
+  "Cross-Origin-Opener-Policy": "same-origin",
+  "Cross-Origin-Embedder-Policy": "require-corp",
+  "Cross-Origin-Resource-Policy": "same-origin",
+}
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
   """Maps URL prefixes to folders; no listing, no path escapes."""
-  extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
-                    ".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript",
-                    ".webmanifest": "application/manifest+json", ".json": "application/json",
-                    ".bin": "application/octet-stream", ".svg": "image/svg+xml"}
+
+  extensions_map = {
+    **http.server.SimpleHTTPRequestHandler.extensions_map,
+    ".wasm": "application/wasm",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".webmanifest": "application/manifest+json",
+    ".json": "application/json",
+    ".bin": "application/octet-stream",
+    ".svg": "image/svg+xml",
+  }
 
   def __init__(self, *args, mounts, isolate, **kwargs):
     self.mounts = mounts  # [(url prefix, folder)], longest prefix first
@@ -36,7 +46,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     path = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
     for prefix, folder in self.mounts:
       if path == prefix.rstrip("/") or path.startswith(prefix):
-        parts = [p for p in path[len(prefix):].split("/") if p not in ("", ".", "..")]
+        parts = [p for p in path[len(prefix) :].split("/") if p not in ("", ".", "..")]
         return os.path.join(folder, *parts)
     return os.path.join(os.devnull, "missing")
 
@@ -55,17 +65,31 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     pass
 
 
-def make_server(model_dir: str, *, host="127.0.0.1", port=8000, isolate=True, web_dir=WEB_DIR,
-                vendor_dir=VENDOR_DIR) -> http.server.ThreadingHTTPServer:
+def make_server(
+  model_dir: str,
+  *,
+  host="127.0.0.1",
+  port=8000,
+  isolate=True,
+  web_dir=WEB_DIR,
+  vendor_dir=VENDOR_DIR,
+) -> http.server.ThreadingHTTPServer:
   """A server (not yet running); port 0 picks a free port (server.server_address[1])."""
   for name, folder in (("web", web_dir), ("TF.js", vendor_dir)):
     if not os.path.isdir(folder):
-      raise FileNotFoundError(f"{name} folder {folder} does not exist (run ./run.sh once: it runs npm ci)")
+      raise FileNotFoundError(
+        f"{name} folder {folder} does not exist (run ./run.sh once: it runs npm ci)"
+      )
   if not os.path.exists(os.path.join(model_dir, "model.json")):
-    raise FileNotFoundError(f"{model_dir}/model.json does not exist; export a model first "
-                            "(python tools/export_tfjs.py --workdir runs/demo)")
-  mounts = [("/vendor/", os.path.abspath(vendor_dir)), ("/model/", os.path.abspath(model_dir)),
-            ("/", os.path.abspath(web_dir))]
+    raise FileNotFoundError(
+      f"{model_dir}/model.json does not exist; export a model first "
+      "(python tools/export_tfjs.py --workdir runs/demo)"
+    )
+  mounts = [
+    ("/vendor/", os.path.abspath(vendor_dir)),
+    ("/model/", os.path.abspath(model_dir)),
+    ("/", os.path.abspath(web_dir)),
+  ]
   handler = functools.partial(Handler, mounts=mounts, isolate=isolate)
   return http.server.ThreadingHTTPServer((host, port), handler)
 

@@ -6,6 +6,7 @@ norm, the fitted temperature, softmax) lives inside the graph: the JS side
 stays a resize and one `predict` call, and the JAX parity check runs exactly
 this function.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,11 +50,17 @@ def _fold_batch_norm(next_fun, args, kwargs, context):
     kernel = module.variables["params"]["kernel"] * a
     return module.clone(parent=None).apply({"params": {"kernel": kernel}}, *args, **kwargs)
   if isinstance(module, nn.BatchNorm):
-    use_running_average = nn.merge_param("use_running_average", module.use_running_average,
-                                         kwargs.get("use_running_average"))
+    use_running_average = nn.merge_param(
+      "use_running_average", module.use_running_average, kwargs.get("use_running_average")
+    )
     if use_running_average and module.axis == -1 and kwargs.get("mask") is None:
-      a, b = _affine(module.variables.get("params", {}), module.variables["batch_stats"],
-                     module.epsilon, module.use_scale, module.use_bias)
+      a, b = _affine(
+        module.variables.get("params", {}),
+        module.variables["batch_stats"],
+        module.epsilon,
+        module.use_scale,
+        module.use_bias,
+      )
       x = args[0]
       y = x + b.astype(x.dtype) if paired else x * a.astype(x.dtype) + b.astype(x.dtype)
       return y.astype(module.dtype or x.dtype)
@@ -96,19 +103,23 @@ def to_tf_module(serve, variables, image_size: int) -> tf.Module:
   become Switch/Merge and force `executeAsync` in the browser.
   """
   leaves, treedef = jax.tree_util.tree_flatten(variables)
-  weights = [tf.Variable(np.asarray(leaf), trainable=False, name=f"w{i}")
-             for i, leaf in enumerate(leaves)]
+  weights = [
+    tf.Variable(np.asarray(leaf), trainable=False, name=f"w{i}") for i, leaf in enumerate(leaves)
+  ]
 
   def serve_flat(flat_weights, images):
     return serve(jax.tree_util.tree_unflatten(treedef, flat_weights), images)
 
-  converted = jax2tf.convert(serve_flat, enable_xla=False, native_serialization=False,
-                             with_gradient=True)
+  converted = jax2tf.convert(
+    serve_flat, enable_xla=False, native_serialization=False, with_gradient=True
+  )
   module = tf.Module()
   module.weights = weights
 
-  @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name=INPUT_NAME)])
+  @tf.function(
+    autograph=False,
+    input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name=INPUT_NAME)],
+  )
   def serving_default(images):
     return {OUTPUT_NAME: converted(weights, images)}
 

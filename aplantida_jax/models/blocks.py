@@ -6,6 +6,7 @@ Convolutions use TF-style "SAME" padding (extra row/column at the bottom/right
 for stride 2), which is what both reference implementations do, so imported
 weights see the same pixels they were trained on.
 """
+
 import functools
 from typing import Any
 
@@ -42,8 +43,16 @@ def _depthwise_taps(x_padded, kernel_size, strides, out_hw):
   (ho, wo), (sh, sw) = out_hw, strides
   for i in range(kernel_size[0]):
     for j in range(kernel_size[1]):
-      yield i, j, lax.slice(x_padded, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                            (1, sh, sw, 1))
+      yield (
+        i,
+        j,
+        lax.slice(
+          x_padded,
+          (0, i, j, 0),
+          (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+          (1, sh, sw, 1),
+        ),
+      )
 
 
 def _depthwise_grads_by_taps(x, kernel, dy, strides, pads):
@@ -61,8 +70,12 @@ def _depthwise_grads_by_taps(x, kernel, dy, strides, pads):
   sh, sw = strides
   (top, bottom), (left, right) = pads
   x_padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  d_kernel = jnp.stack([jnp.sum(tap * dy, axis=(0, 1, 2), dtype=jnp.float32)
-                        for _, _, tap in _depthwise_taps(x_padded, (kh, kw), strides, (ho, wo))])
+  d_kernel = jnp.stack(
+    [
+      jnp.sum(tap * dy, axis=(0, 1, 2), dtype=jnp.float32)
+      for _, _, tap in _depthwise_taps(x_padded, (kh, kw), strides, (ho, wo))
+    ]
+  )
   d_kernel = d_kernel.reshape(kernel.shape).astype(kernel.dtype)
   # Padded input row r*sh + q*... : phase (r, s) collects the taps i = r mod sh, j = s mod sw.
   hq = -(-max(h + top + bottom, (ho - 1) * sh + kh) // sh)
@@ -79,12 +92,18 @@ def _depthwise_grads_by_taps(x, kernel, dy, strides, pads):
       phases.append(acc)
     rows.append(jnp.stack(phases, axis=3))
   dx_padded = jnp.stack(rows, axis=2).reshape(n, hq * sh, wq * sw, c)
-  return dx_padded[:, top:top + h, left:left + w], d_kernel
+  return dx_padded[:, top : top + h, left : left + w], d_kernel
 
 
 def _depthwise_conv(x, kernel, strides, pads):
-  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  feature_group_count=x.shape[-1])
+  return lax.conv_general_dilated(
+    x,
+    kernel,
+    strides,
+    pads,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -111,9 +130,18 @@ def _depthwise_bwd(strides, pads, residuals, dy):
 _depthwise_conv_fast_grad.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
-                                   rhs_dilation=None, dimension_numbers=None,
-                                   feature_group_count=1, precision=None):
+def depthwise_conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  *,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+):
   """`lax.conv_general_dilated` for NHWC depthwise convs, with a fast CPU gradient.
 
   Plugged into `nn.Conv(conv_general_dilated=...)`: the forward pass (and so the
@@ -125,13 +153,17 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dil
   if feature_group_count != lhs.shape[-1] or rhs.shape[2] != 1:
     raise ValueError("depthwise_conv_general_dilated needs feature_group_count == input channels")
   strides = tuple(window_strides)
-  pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-          if isinstance(padding, str) else padding)
+  pads = (
+    lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    if isinstance(padding, str)
+    else padding
+  )
   return _depthwise_conv_fast_grad(lhs, rhs, strides, tuple(tuple(p) for p in pads))
 
 
 class ConvBN(nn.Module):
   """Conv (no bias) → batch norm → optional ReLU6; depthwise when `depthwise`."""
+
   features: int
   kernel_size: int = 1
   strides: int = 1
@@ -144,14 +176,24 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(
-        self.features, (self.kernel_size, self.kernel_size),
-        strides=(self.strides, self.strides), padding="SAME", use_bias=False,
-        feature_group_count=x.shape[-1] if self.depthwise else 1,
-        conv_general_dilated=depthwise_conv_general_dilated if self.depthwise else None,
-        kernel_init=CONV_INIT, dtype=self.dtype, name="conv")(x)
+      self.features,
+      (self.kernel_size, self.kernel_size),
+      strides=(self.strides, self.strides),
+      padding="SAME",
+      use_bias=False,
+      feature_group_count=x.shape[-1] if self.depthwise else 1,
+      conv_general_dilated=depthwise_conv_general_dilated if self.depthwise else None,
+      kernel_init=CONV_INIT,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(
-        use_running_average=not train, momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon, dtype=self.dtype, name="bn")(x)
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      name="bn",
+    )(x)
     return relu6(x) if self.activation else x
 
 
@@ -161,6 +203,7 @@ class InvertedResidual(nn.Module):
   The skip (and its stochastic-depth drop, `drop_path_rate`, which needs the
   "dropout" rng in training) exists only when stride is 1 and widths match.
   """
+
   features: int
   expand_ratio: int
   kernel_size: int = 3
@@ -173,20 +216,22 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv_bn = functools.partial(
-        ConvBN, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-        dtype=self.dtype)
+      ConvBN, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype
+    )
     in_features = x.shape[-1]
     y = x
     if self.expand_ratio != 1:
-      y = conv_bn(features=in_features * self.expand_ratio, name="expand")(
-          y, train)
-    y = conv_bn(features=y.shape[-1], kernel_size=self.kernel_size,
-                strides=self.strides, depthwise=True, name="depthwise")(y, train)
-    y = conv_bn(features=self.features, activation=False, name="project")(
-        y, train)
+      y = conv_bn(features=in_features * self.expand_ratio, name="expand")(y, train)
+    y = conv_bn(
+      features=y.shape[-1],
+      kernel_size=self.kernel_size,
+      strides=self.strides,
+      depthwise=True,
+      name="depthwise",
+    )(y, train)
+    y = conv_bn(features=self.features, activation=False, name="project")(y, train)
     if self.strides == 1 and in_features == self.features:
       if self.drop_path_rate:
-        y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3),
-                       deterministic=not train)(y)
+        y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(y)
       y = y + x
     return y

@@ -6,6 +6,7 @@ classes (a linear low-rank product, no extra op types for TF.js). Models put
 it under the name "head", so `params["head"]` is the whole subtree to replace
 when the class count changes.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 class ClassifierHead(nn.Module):
   num_classes: int
-  head_dim: int = 0          # 0 = one dense layer; d > 0 = features → d → classes
+  head_dim: int = 0  # 0 = one dense layer; d > 0 = features → d → classes
   dropout_rate: float = 0.0  # needs the "dropout" rng when train=True
   dtype: Any = jnp.float32
 

@@ -5,6 +5,7 @@ whose provenance.json already records the installed package's weight sha256
 is left as it is, so a rerun costs nothing and never rewrites weights a
 finished stage was trained from.
 """
+
 import os
 
 from absl import logging
@@ -31,8 +32,15 @@ def run(config, workdir: str) -> dict:
       done.append(f"{arch} (kept)")
       continue
     provenance = pretrained.import_weights(arch, out_dir)
-    logging.info("import_pretrained: %s → %s from %s %s", arch, out_dir,
-                 provenance["source_package"], provenance["source_version"])
+    logging.info(
+      "import_pretrained: %s → %s from %s %s",
+      arch,
+      out_dir,
+      provenance["source_package"],
+      provenance["source_version"],
+    )
     done.append(arch)
-  return {"metric": f"ImageNet weights: {', '.join(done)} in {config.out_dir}/",
-          "out_dir": os.path.abspath(config.out_dir)}
+  return {
+    "metric": f"ImageNet weights: {', '.join(done)} in {config.out_dir}/",
+    "out_dir": os.path.abspath(config.out_dir),
+  }

@@ -4,6 +4,7 @@ Every model takes `(x/255 − mean)/std`. The train and eval steps apply it on d
 the exported graph bakes it in, the bundle records it and the weight importers fold
 their sources' own scaling into it: all read the constants here.
 """
+
 import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

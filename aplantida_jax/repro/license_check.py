@@ -22,6 +22,7 @@ Only the dataset is required; a missing later stage is "not present", not a
 failure. The readers of each input are the small `read_*` functions below:
 adapt one there if a stage's output contract changes.
 """
+
 import csv
 import functools
 import glob
@@ -54,13 +55,17 @@ RERUN_EXPORT = "re-run the export stage (configs/export.py)"
 def read_export_policy(dataset_manifest: dict):
   """The policy the dataset was exported under (manifest `license_policy`, else its config)."""
   return dataset_manifest.get("license_policy") or (
-      dataset_manifest.get("config", {}).get("licenses", {}).get("policy"))
+    dataset_manifest.get("config", {}).get("licenses", {}).get("policy")
+  )
 
 
 def iter_shard_records(dataset_dir: str):
   """(shard path, record) for every record of every split, in file order."""
-  paths = sorted(p for p in glob.glob(os.path.join(dataset_dir, "splits", "*.array_record-*"))
-                 if not p.endswith(".tmp"))
+  paths = sorted(
+    p
+    for p in glob.glob(os.path.join(dataset_dir, "splits", "*.array_record-*"))
+    if not p.endswith(".tmp")
+  )
   for path in tqdm(paths, desc="license check: shards", unit="shard", disable=len(paths) < 2):
     for record in shards.read_shard(path):
       yield path, record
@@ -77,8 +82,10 @@ def read_attributions(path: str):
 def find_training_stages(workdir: str) -> list:
   """Stage folders (relative, depth 1 or 2) whose config.json is a training config."""
   found = []
-  for path in sorted(glob.glob(os.path.join(workdir, "*", "config.json")) +
-                     glob.glob(os.path.join(workdir, "*", "*", "config.json"))):
+  for path in sorted(
+    glob.glob(os.path.join(workdir, "*", "config.json"))
+    + glob.glob(os.path.join(workdir, "*", "*", "config.json"))
+  ):
     config = fileio.read_json(path)
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
       found.append(os.path.relpath(os.path.dirname(path), workdir).replace(os.sep, "/"))
@@ -88,8 +95,9 @@ def find_training_stages(workdir: str) -> list:
 def recorded_training_stages(workdir: str) -> list:
   """Training stage folders the runner's manifest.json records (so a deleted one is reported)."""
   manifest = fileio.read_json(workdir_lib.Workdir(workdir).manifest) or {}
-  recorded = {name: record.get("config") or {} for name, record in
-              (manifest.get("stages") or {}).items()}
+  recorded = {
+    name: record.get("config") or {} for name, record in (manifest.get("stages") or {}).items()
+  }
   return stages.trained_outputs(recorded, workdir)
 
 
@@ -111,7 +119,9 @@ def read_weight_sources(stage_config: dict) -> list:
   if stage_config.get("stage") == "distill":
     distill = stage_config.get("distill") or {}
     if distill.get("mode") == "online":
-      sources += [("teacher", t["dir"]) for t in (distill.get("teachers") or {}).values() if t.get("dir")]
+      sources += [
+        ("teacher", t["dir"]) for t in (distill.get("teachers") or {}).values() if t.get("dir")
+      ]
     else:
       sources.append(("soft_labels", distill.get("soft_labels_dir") or SOFT_LABELS_DIR))
   return sources
@@ -123,10 +133,17 @@ def read_provenance(import_dir: str):
 
 
 def describe_provenance(provenance: dict) -> str:
-  package = (provenance.get("package") or provenance.get("source_package")
-             or provenance.get("source") or "unknown package")  # PyPI package, or a Keras file
-  version = (provenance.get("version") or provenance.get("source_version")
-             or f"sha256 {provenance.get('weight_sha256', '?')[:12]}")
+  package = (
+    provenance.get("package")
+    or provenance.get("source_package")
+    or provenance.get("source")
+    or "unknown package"
+  )  # PyPI package, or a Keras file
+  version = (
+    provenance.get("version")
+    or provenance.get("source_version")
+    or f"sha256 {provenance.get('weight_sha256', '?')[:12]}"
+  )
   return f"{package} {version} ({provenance.get('license') or 'no license recorded'})"
 
 
@@ -157,9 +174,13 @@ def attribution_problems(record, row) -> list:
   """What is wrong with a credit-requiring record's attributions.csv row (none when fine)."""
   if row is None:
     return ["no row in attributions.csv"]
-  problems = [f"row has empty {field}" for field in ("author", "url") if not (row.get(field) or "").strip()]
+  problems = [
+    f"row has empty {field}" for field in ("author", "url") if not (row.get(field) or "").strip()
+  ]
   if licenses.normalize(row.get("license")) != record["license"]:
-    problems.append(f"row says license {row.get('license')!r}, the shard says {record['license']!r}")
+    problems.append(
+      f"row says license {row.get('license')!r}, the shard says {record['license']!r}"
+    )
   return problems
 
 
@@ -171,21 +192,42 @@ def check_dataset(workdir: str, policy) -> tuple:
   rel = functools.partial(os.path.relpath, start=workdir)
   manifest = fileio.read_json(manifest_path)
   if manifest is None:
-    return ({"dataset_licenses": {"status": FAIL, "detail": "dataset/manifest.json missing"},
-             "attributions": {"status": FAIL, "detail": "no dataset"}},
-            [violation("dataset_licenses", rel(manifest_path), "dataset",
-                       "no complete export (the manifest is written last)", RERUN_EXPORT)])
+    return (
+      {
+        "dataset_licenses": {"status": FAIL, "detail": "dataset/manifest.json missing"},
+        "attributions": {"status": FAIL, "detail": "no dataset"},
+      },
+      [
+        violation(
+          "dataset_licenses",
+          rel(manifest_path),
+          "dataset",
+          "no complete export (the manifest is written last)",
+          RERUN_EXPORT,
+        )
+      ],
+    )
   found = []
   export_policy = read_export_policy(manifest)
-  if export_policy is not None and not getattr(licenses.POLICIES.get(export_policy), "shippable", False):
-    found.append(violation(
-        "dataset_licenses", rel(manifest_path), f"licenses.policy={export_policy}",
+  if export_policy is not None and not getattr(
+    licenses.POLICIES.get(export_policy), "shippable", False
+  ):
+    found.append(
+      violation(
+        "dataset_licenses",
+        rel(manifest_path),
+        f"licenses.policy={export_policy}",
         f"the dataset was exported under policy {export_policy!r}, which is not shippable",
-        "re-export with --config.licenses.policy=commercial and retrain"))
+        "re-export with --config.licenses.policy=commercial and retrain",
+      )
+    )
   attributions = read_attributions(attributions_path)
   if attributions is None:
-    found.append(violation("attributions", rel(attributions_path), "dataset",
-                           "attributions.csv missing", RERUN_EXPORT))
+    found.append(
+      violation(
+        "attributions", rel(attributions_path), "dataset", "attributions.csv missing", RERUN_EXPORT
+      )
+    )
   by_license, records, credited, uncredited = {}, 0, 0, 0
   for path, record in iter_shard_records(dataset_dir):
     records += 1
@@ -193,28 +235,53 @@ def check_dataset(workdir: str, policy) -> tuple:
     by_license[spdx] = by_license.get(spdx, 0) + 1
     allowed, reason = policy.check(spdx)
     if not allowed:
-      found.append(violation(
-          "dataset_licenses", rel(path), _record_item(record), f"license {spdx}: {reason}",
+      found.append(
+        violation(
+          "dataset_licenses",
+          rel(path),
+          _record_item(record),
+          f"license {spdx}: {reason}",
           f"drop the image from the catalog (or fix its license) and {RERUN_EXPORT} "
-          f"with licenses.policy={policy.name}"))
+          f"with licenses.policy={policy.name}",
+        )
+      )
     if attributions is None or not licenses.requires_attribution(spdx):
       continue
     problems = attribution_problems(record, attributions.get(record.get("sha256")))
     credited += not problems
     uncredited += bool(problems)
     if problems:
-      found.append(violation(
-          "attributions", rel(attributions_path), _record_item(record),
+      found.append(
+        violation(
+          "attributions",
+          rel(attributions_path),
+          _record_item(record),
           f"{spdx} requires attribution: {'; '.join(problems)}",
-          f"record author and url for the image in the catalog and {RERUN_EXPORT}"))
+          f"record author and url for the image in the catalog and {RERUN_EXPORT}",
+        )
+      )
   if not records:
-    found.append(violation("dataset_licenses", rel(os.path.join(dataset_dir, "splits")), "dataset",
-                           "no shard records", RERUN_EXPORT))
+    found.append(
+      violation(
+        "dataset_licenses",
+        rel(os.path.join(dataset_dir, "splits")),
+        "dataset",
+        "no shard records",
+        RERUN_EXPORT,
+      )
+    )
   results = {
-      "dataset_licenses": {"status": _status(found, "dataset_licenses"), "records": records,
-                           "export_policy": export_policy, "by_license": dict(sorted(by_license.items()))},
-      "attributions": {"status": _status(found, "attributions"), "credited": credited,
-                       "uncredited": uncredited},
+    "dataset_licenses": {
+      "status": _status(found, "dataset_licenses"),
+      "records": records,
+      "export_policy": export_policy,
+      "by_license": dict(sorted(by_license.items())),
+    },
+    "attributions": {
+      "status": _status(found, "attributions"),
+      "credited": credited,
+      "uncredited": uncredited,
+    },
   }
   return results, found
 
@@ -231,17 +298,25 @@ class StageJudge:
     if name in self.verdicts:
       return self.verdicts[name]
     if name in _visiting:
-      return {"status": FAIL, "sources": [], "file": f"{name}/config.json",
-              "problem": f"stages start from each other in a cycle: {' → '.join(_visiting + (name,))}",
-              "fix": "fix init_from_stage in the stage configs"}
+      return {
+        "status": FAIL,
+        "sources": [],
+        "file": f"{name}/config.json",
+        "problem": f"stages start from each other in a cycle: {' → '.join(_visiting + (name,))}",
+        "fix": "fix init_from_stage in the stage configs",
+      }
     stage_dir = os.path.join(self.workdir, name)
     config = fileio.read_json(os.path.join(stage_dir, "config.json"))
     if not os.path.isdir(stage_dir):
       verdict = {"status": ABSENT, "sources": []}
     elif not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-      verdict = {"status": FAIL, "sources": [], "file": f"{name}/config.json",
-                 "problem": "no training config.json: where its weights came from is unknown",
-                 "fix": f"re-run the stage that writes {name}/ (the train loop writes config.json)"}
+      verdict = {
+        "status": FAIL,
+        "sources": [],
+        "file": f"{name}/config.json",
+        "problem": "no training config.json: where its weights came from is unknown",
+        "fix": f"re-run the stage that writes {name}/ (the train loop writes config.json)",
+      }
     else:
       verdict = self._judge_sources(name, read_weight_sources(config), _visiting + (name,))
     self.verdicts[name] = verdict
@@ -249,8 +324,12 @@ class StageJudge:
 
   def _judge_sources(self, name, sources, visiting) -> dict:
     described, problems = [], []
-    judges = {"stage": self._stage, "import": self._import, "soft_labels": self._soft_labels,
-              "teacher": functools.partial(self._stage, relation="learns online from teacher")}
+    judges = {
+      "stage": self._stage,
+      "import": self._import,
+      "soft_labels": self._soft_labels,
+      "teacher": functools.partial(self._stage, relation="learns online from teacher"),
+    }
     for kind, ref in sources:
       text, problem = judges[kind](ref, visiting)
       described.append(text)
@@ -258,8 +337,11 @@ class StageJudge:
         problems.append(problem)
     verdict = {"status": FAIL if problems else PASS, "sources": described or ["scratch"]}
     if problems:
-      verdict.update(file=f"{name}/config.json", problem="; ".join(p for p, _ in problems),
-                     fix="; ".join(dict.fromkeys(f for _, f in problems)))
+      verdict.update(
+        file=f"{name}/config.json",
+        problem="; ".join(p for p, _ in problems),
+        fix="; ".join(dict.fromkeys(f for _, f in problems)),
+      )
     return verdict
 
   def _stage(self, ref, visiting, relation="starts from stage"):
@@ -267,56 +349,85 @@ class StageJudge:
     if parent["status"] == PASS:
       return text, None
     if parent["status"] == ABSENT:
-      return text, (f"{relation} {ref}, which is not in the workdir",
-                    f"run stage {ref} first, or point the config at a stage that exists")
+      return text, (
+        f"{relation} {ref}, which is not in the workdir",
+        f"run stage {ref} first, or point the config at a stage that exists",
+      )
     return text, (f"{relation} {ref}, which fails: {parent['problem']}", parent["fix"])
 
   def _import(self, ref, _):
-    path = ref if os.path.isabs(ref) else next(
+    path = (
+      ref
+      if os.path.isabs(ref)
+      else next(
         (p for p in (os.path.abspath(ref), os.path.join(self.workdir, ref)) if os.path.isdir(p)),
-        os.path.abspath(ref))
-    retrain = ("import permissively licensed weights (tools/import_pretrained.py --out DIR) and "
-               "retrain from them, or retrain from scratch with model.init_from=''")
+        os.path.abspath(ref),
+      )
+    )
+    retrain = (
+      "import permissively licensed weights (tools/import_pretrained.py --out DIR) and "
+      "retrain from them, or retrain from scratch with model.init_from=''"
+    )
     if not os.path.isdir(path):
-      return f"import {ref}", (f"model.init_from={ref} is not found, so its license cannot be "
-                               "verified", f"restore that import folder, or {retrain}")
+      return f"import {ref}", (
+        f"model.init_from={ref} is not found, so its license cannot be verified",
+        f"restore that import folder, or {retrain}",
+      )
     provenance = read_provenance(path)
     if provenance is None:
-      return f"import {ref}", (f"import folder {ref} has no provenance.json: weights of unknown license",
-                               retrain)
+      return f"import {ref}", (
+        f"import folder {ref} has no provenance.json: weights of unknown license",
+        retrain,
+      )
     text = f"import {ref}: {describe_provenance(provenance)}"
     if not licenses.weights_license_allowed(provenance.get("license")):
-      return text, (f"pretrained weights in {ref} are licensed {provenance.get('license')!r}, "
-                    f"not one of {WEIGHT_LICENSES}", retrain)
+      return text, (
+        f"pretrained weights in {ref} are licensed {provenance.get('license')!r}, "
+        f"not one of {WEIGHT_LICENSES}",
+        retrain,
+      )
     return text, None
 
   def _soft_labels(self, ref, _):
     verdict = self.soft_labels(ref)
     if verdict["status"] == PASS:
       return f"soft labels {ref}", None
-    return f"soft labels {ref}", (f"learns from soft labels {ref}, which "
-                                  f"{'are not in the workdir' if verdict['status'] == ABSENT else 'fail'}",
-                                  f"fix {ref} (see the soft_labels check) and re-run distillation")
+    return f"soft labels {ref}", (
+      f"learns from soft labels {ref}, which "
+      f"{'are not in the workdir' if verdict['status'] == ABSENT else 'fail'}",
+      f"fix {ref} (see the soft_labels check) and re-run distillation",
+    )
 
   def soft_labels(self, folder=SOFT_LABELS_DIR) -> dict:
     """{"status", "teachers": {dir: status}, ["problem", "fix", "file"]} of a soft-label folder."""
     if not os.path.isdir(os.path.join(self.workdir, folder)):
       return {"status": ABSENT, "teachers": {}}
     meta_file = f"{folder}/meta.json"
-    teachers = read_soft_label_teachers(fileio.read_json(os.path.join(self.workdir, meta_file)) or {})
+    teachers = read_soft_label_teachers(
+      fileio.read_json(os.path.join(self.workdir, meta_file)) or {}
+    )
     if teachers is None:
-      return {"status": FAIL, "teachers": {}, "file": meta_file,
-              "problem": "meta.json is missing or does not list the teachers (key 'teachers'): "
-                         "their licenses cannot be checked", "fix": "re-run the soft_labels stage"}
+      return {
+        "status": FAIL,
+        "teachers": {},
+        "file": meta_file,
+        "problem": "meta.json is missing or does not list the teachers (key 'teachers'): "
+        "their licenses cannot be checked",
+        "fix": "re-run the soft_labels stage",
+      }
     statuses = {t: self.stage(t)["status"] for t in teachers}
     failing = [t for t, s in statuses.items() if s != PASS]
     if not failing:
       return {"status": PASS, "teachers": statuses}
-    return {"status": FAIL, "teachers": statuses, "file": meta_file,
-            "problem": "soft labels come from teachers whose weights do not pass: " + ", ".join(
-                f"{t} ({statuses[t]})" for t in failing),
-            "fix": "fix those teachers (see the weights check), then re-run soft_labels and the "
-                   "student stages"}
+    return {
+      "status": FAIL,
+      "teachers": statuses,
+      "file": meta_file,
+      "problem": "soft labels come from teachers whose weights do not pass: "
+      + ", ".join(f"{t} ({statuses[t]})" for t in failing),
+      "fix": "fix those teachers (see the weights check), then re-run soft_labels and the "
+      "student stages",
+    }
 
 
 def check_weights(workdir: str, judge: StageJudge) -> tuple:
@@ -324,8 +435,11 @@ def check_weights(workdir: str, judge: StageJudge) -> tuple:
   names = find_training_stages(workdir)
   names += [n for n in recorded_training_stages(workdir) if n not in names]
   verdicts = {name: judge.stage(name) for name in names}
-  found = [violation("weights", v["file"], f"stage {name}", v["problem"], v["fix"])
-           for name, v in verdicts.items() if v["status"] == FAIL]
+  found = [
+    violation("weights", v["file"], f"stage {name}", v["problem"], v["fix"])
+    for name, v in verdicts.items()
+    if v["status"] == FAIL
+  ]
   present = any(v["status"] != ABSENT for v in verdicts.values())
   status = FAIL if found else PASS if present else ABSENT
   return {"status": status, "stages": verdicts}, found
@@ -336,8 +450,9 @@ def check_soft_labels(judge: StageJudge) -> tuple:
   verdict = judge.soft_labels()
   found = []
   if verdict["status"] == FAIL:
-    found.append(violation("soft_labels", verdict["file"], SOFT_LABELS_DIR, verdict["problem"],
-                           verdict["fix"]))
+    found.append(
+      violation("soft_labels", verdict["file"], SOFT_LABELS_DIR, verdict["problem"], verdict["fix"])
+    )
   return {k: verdict[k] for k in ("status", "teachers")}, found
 
 
@@ -354,19 +469,42 @@ def check_model_card(workdir: str) -> tuple:
   else:
     with open(card, encoding="utf-8") as f:
       if ATTRIBUTIONS_FILE not in f.read():
-        found.append(violation("model_card", f"{TFJS_DIR}/{MODEL_CARD}", "attribution pointer",
-                               f"does not point at {ATTRIBUTIONS_FILE}", fix))
+        found.append(
+          violation(
+            "model_card",
+            f"{TFJS_DIR}/{MODEL_CARD}",
+            "attribution pointer",
+            f"does not point at {ATTRIBUTIONS_FILE}",
+            fix,
+          )
+        )
   shipped = os.path.join(tfjs_dir, ATTRIBUTIONS_FILE)
   dataset_copy = os.path.join(workdir_lib.Workdir(workdir).dataset, ATTRIBUTIONS_FILE)
   if not os.path.exists(shipped):
-    found.append(violation("model_card", f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}", "attributions",
-                           "missing from the export", fix))
-  elif os.path.exists(dataset_copy) and fileio.sha256_file(shipped) != fileio.sha256_file(dataset_copy):
-    found.append(violation("model_card", f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}", "attributions",
-                           f"differs from dataset/{ATTRIBUTIONS_FILE}: the export credits another "
-                           "dataset version", fix))
+    found.append(
+      violation(
+        "model_card",
+        f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}",
+        "attributions",
+        "missing from the export",
+        fix,
+      )
+    )
+  elif os.path.exists(dataset_copy) and fileio.sha256_file(shipped) != fileio.sha256_file(
+    dataset_copy
+  ):
+    found.append(
+      violation(
+        "model_card",
+        f"{TFJS_DIR}/{ATTRIBUTIONS_FILE}",
+        "attributions",
+        f"differs from dataset/{ATTRIBUTIONS_FILE}: the export credits another dataset version",
+        fix,
+      )
+    )
   detail = "; ".join(f"{v['file']} {v['problem']}" for v in found) or (
-      f"{MODEL_CARD} points at {ATTRIBUTIONS_FILE}, which ships beside it")
+    f"{MODEL_CARD} points at {ATTRIBUTIONS_FILE}, which ships beside it"
+  )
   return {"status": FAIL if found else PASS, "detail": detail}, found
 
 
@@ -374,22 +512,38 @@ def check(workdir: str, policy_name=None) -> dict:
   """Runs every check on `workdir` → the report (see module docstring)."""
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a pipeline run.")
+    raise FileNotFoundError(
+      f"workdir {workdir} does not exist; pass the --workdir of a pipeline run."
+    )
   policy = licenses.get_policy(policy_name or DEFAULT_POLICY)
   results, found = check_dataset(workdir, policy)
   if not policy.shippable:
-    found.insert(0, violation("dataset_licenses", "(check policy)", f"policy={policy.name}",
-                              f"policy {policy.name!r} is for research only: nothing under it ships",
-                              "check (and export) with the commercial policy"))
+    found.insert(
+      0,
+      violation(
+        "dataset_licenses",
+        "(check policy)",
+        f"policy={policy.name}",
+        f"policy {policy.name!r} is for research only: nothing under it ships",
+        "check (and export) with the commercial policy",
+      ),
+    )
     results["dataset_licenses"]["status"] = FAIL
   judge = StageJudge(workdir)
-  for name, (result, violations) in (("weights", check_weights(workdir, judge)),
-                                     ("soft_labels", check_soft_labels(judge)),
-                                     ("model_card", check_model_card(workdir))):
+  for name, (result, violations) in (
+    ("weights", check_weights(workdir, judge)),
+    ("soft_labels", check_soft_labels(judge)),
+    ("model_card", check_model_card(workdir)),
+  ):
     results[name] = result
     found += violations
-  return {"passed": not found, "policy": policy.name, "workdir": workdir,
-          "checks": {name: results[name] for name in CHECKS}, "violations": found}
+  return {
+    "passed": not found,
+    "policy": policy.name,
+    "workdir": workdir,
+    "checks": {name: results[name] for name in CHECKS},
+    "violations": found,
+  }
 
 
 def write_report(workdir: str, report: dict) -> str:
@@ -406,8 +560,10 @@ def _detail(name, result) -> str:
   if name == "attributions" and "credited" in result:
     return f"{result['credited']} credited, {result['uncredited']} not"
   if name == "weights":
-    return "; ".join(f"{s}: {v['status']}" + (f" ({', '.join(v['sources'])})" if v["sources"] else "")
-                     for s, v in result["stages"].items())
+    return "; ".join(
+      f"{s}: {v['status']}" + (f" ({', '.join(v['sources'])})" if v["sources"] else "")
+      for s, v in result["stages"].items()
+    )
   if name == "soft_labels":
     return ", ".join(f"{t}: {s}" for t, s in result["teachers"].items())
   return result.get("detail", "")
@@ -415,16 +571,21 @@ def _detail(name, result) -> str:
 
 def format_report(report: dict, max_violations: int = 50) -> str:
   """A readable table of the checks, then the violations with their fixes."""
-  lines = [f"license check of {report['workdir']} (policy {report['policy']}): "
-           f"{'PASS' if report['passed'] else 'FAIL'}", "",
-           f"{'check':<18} {'status':<12} detail"]
+  lines = [
+    f"license check of {report['workdir']} (policy {report['policy']}): "
+    f"{'PASS' if report['passed'] else 'FAIL'}",
+    "",
+    f"{'check':<18} {'status':<12} detail",
+  ]
   for name, result in report["checks"].items():
     lines.append(f"{name:<18} {result['status']:<12} {_detail(name, result)}")
   violations = report["violations"]
   if violations:
     lines += ["", f"{len(violations)} violation(s):"]
     for v in violations[:max_violations]:
-      lines.append(f"  [{v['check']}] {v['file']} — {v['item']}: {v['problem']}\n      fix: {v['fix']}")
+      lines.append(
+        f"  [{v['check']}] {v['file']} — {v['item']}: {v['problem']}\n      fix: {v['fix']}"
+      )
     if len(violations) > max_violations:
       lines.append(f"  ... and {len(violations) - max_violations} more in {REPORT_FILE}")
   return "\n".join(lines)
@@ -438,5 +599,7 @@ def run(config, workdir: str) -> dict:
   if not report["passed"]:
     raise SystemExit(f"{text}\n\nlicense check FAILED; full report: {path}")
   print(text)
-  return {"metric": f"license check pass ({report['checks']['dataset_licenses']['records']} records)",
-          "report": path}
+  return {
+    "metric": f"license check pass ({report['checks']['dataset_licenses']['records']} records)",
+    "report": path,
+  }

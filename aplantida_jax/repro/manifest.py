@@ -4,6 +4,7 @@ Versions, JAX backend and devices, git commit and dirty flag, every stage's
 resolved config and seed, output hashes, pretrained-weight provenance and wall
 time per stage. Secrets never get in: every string is passed through `redact`.
 """
+
 import glob
 import json
 import os
@@ -17,8 +18,23 @@ from aplantida_jax import hashing
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import sources
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
-            "tensorflow", "tensorflowjs", "tf-keras", "numpy", "pillow", "pymongo", "torch")
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "grain",
+  "clu",
+  "ml-collections",
+  "tensorflow",
+  "tensorflowjs",
+  "tf-keras",
+  "numpy",
+  "pillow",
+  "pymongo",
+  "torch",
+)
 
 
 def redact(value: str) -> str:
@@ -64,15 +80,22 @@ def _versions() -> dict:
 
 def _git(root: str) -> dict:
   def git(*args):
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+    return subprocess.run(
+      ["git", *args], cwd=root, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
   commit = git("rev-parse", "HEAD")
   return {"commit": commit or None, "dirty": bool(git("status", "--porcelain")) if commit else None}
 
 
 def _jax_devices() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "process_count": jax.process_count()}
+
+  return {
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "process_count": jax.process_count(),
+  }
 
 
 def _outputs(workdir: str) -> dict:
@@ -80,6 +103,7 @@ def _outputs(workdir: str) -> dict:
   # Imported here: orbax and grain log warnings when imported, and the runner's console shows
   # only its stage lines (repro/pipeline.py); by now the stages are done.
   from aplantida_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+
   out = {}
   dataset_manifest = workdir_lib.Workdir(workdir).dataset_manifest
   if os.path.exists(dataset_manifest):
@@ -90,7 +114,9 @@ def _outputs(workdir: str) -> dict:
   params = {}
   for best in sorted(glob.glob(os.path.join(workdir, "**", "best"), recursive=True)):
     stage_dir = os.path.dirname(best)
-    params[os.path.relpath(stage_dir, workdir)] = hashing.tree_sha256(checkpointing.load_variables(stage_dir))
+    params[os.path.relpath(stage_dir, workdir)] = hashing.tree_sha256(
+      checkpointing.load_variables(stage_dir)
+    )
   if params:
     out["best_params_sha256"] = params
   provenance = {}
@@ -118,18 +144,27 @@ def success_criteria(workdir: str):
       limit = float(row["target"].split()[-1])
       row.update(value=size, passed=size <= limit, note="tfjs/export_report.json")
     elif row["criterion"].startswith("licence check") and license_report:
-      row.update(value=license_report.get("passed"), passed=license_report.get("passed"),
-                 note="license_report.json")
+      row.update(
+        value=license_report.get("passed"),
+        passed=license_report.get("passed"),
+        note="license_report.json",
+      )
     rows.append(row)
   return rows
 
 
 def finalize(workdir: str, manifest: dict) -> None:
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  manifest.update({
-      "platform": platform.platform(), "versions": _versions(), "jax": _jax_devices(),
-      "git": _git(root), "outputs": _outputs(workdir), "success_criteria": success_criteria(workdir),
+  manifest.update(
+    {
+      "platform": platform.platform(),
+      "versions": _versions(),
+      "jax": _jax_devices(),
+      "git": _git(root),
+      "outputs": _outputs(workdir),
+      "success_criteria": success_criteria(workdir),
       "seeds": {k: v.get("seed") for k, v in manifest["stages"].items()},
       "total_wall_s": round(sum(v.get("wall_s", 0) for v in manifest["stages"].values()), 1),
-  })
+    }
+  )
   save(workdir, manifest)

@@ -10,6 +10,7 @@ in `<workdir>/manifest.json` (see repro/manifest.py).
   python -m aplantida_jax.repro.pipeline [--workdir runs/demo] [--configs DIR]
       [--from STAGE] [--only STAGE] [--force]
 """
+
 import argparse
 import collections
 import contextlib
@@ -101,12 +102,23 @@ def _run_stage(stage, config_arg, workdir, log_path, console):
 
   Raises StageFailed with the stage, the error's last line and the log path.
   """
-  cmd = [sys.executable, "-m", "aplantida_jax.main", f"--config={config_arg}", f"--workdir={workdir}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    f"--config={config_arg}",
+    f"--workdir={workdir}",
+  ]
   summary, tail = {}, collections.deque(maxlen=200)
-  env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress reaches the log (and console) as it happens
-  with open(log_path, "w", buffering=1) as log, subprocess.Popen(
-      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-      bufsize=1) as proc:
+  env = dict(
+    os.environ, PYTHONUNBUFFERED="1"
+  )  # progress reaches the log (and console) as it happens
+  with (
+    open(log_path, "w", buffering=1) as log,
+    subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, bufsize=1
+    ) as proc,
+  ):
     log.write(f"$ {' '.join(cmd)}\n")
     for line in proc.stdout:
       log.write(line)
@@ -118,8 +130,10 @@ def _run_stage(stage, config_arg, workdir, log_path, console):
         with contextlib.suppress(json.JSONDecodeError):
           summary = json.loads(line)
   if proc.returncode != 0:
-    raise StageFailed(f"{stage.name} failed (exit {proc.returncode}): {last_error_line(tail)}  "
-                      f"[full log: {shown(log_path)}]")
+    raise StageFailed(
+      f"{stage.name} failed (exit {proc.returncode}): {last_error_line(tail)}  "
+      f"[full log: {shown(log_path)}]"
+    )
   return summary
 
 
@@ -129,6 +143,7 @@ def _demo_cdn(needed, demo_dir, port):
     yield
     return
   from aplantida_jax.data import demo_data  # pylint: disable=g-import-not-at-top
+
   with demo_data.serve_directory(demo_dir, port):
     yield
 
@@ -141,12 +156,25 @@ def _ensure_demo_data(demo_dir, port):
       if f"http://127.0.0.1:{port}/" in f.readline():
         return
   print(f"drawing the demo catalog into {shown(demo_dir)}/", flush=True)
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out",
-                         demo_dir, "--base-url", f"http://127.0.0.1:{port}"], cwd=ROOT,
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "tools", "make_demo_data.py"),
+      "--out",
+      demo_dir,
+      "--base-url",
+      f"http://127.0.0.1:{port}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if proc.returncode != 0:
-    raise StageFailed(f"drawing the demo catalog failed (exit {proc.returncode}): "
-                      f"{last_error_line(proc.stderr.splitlines())}")
+    raise StageFailed(
+      f"drawing the demo catalog failed (exit {proc.returncode}): "
+      f"{last_error_line(proc.stderr.splitlines())}"
+    )
 
 
 def select(planned, start=None, only=None):
@@ -158,22 +186,28 @@ def select(planned, start=None, only=None):
   if only:
     return [p for p in planned if p[0].name == only]
   if start:
-    return planned[names.index(start):]
+    return planned[names.index(start) :]
   return list(planned)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--configs", default=None,
-                      help="folder of your own stage configs (same file names as configs/); "
-                           "default: the built-in configs with their :demo variant on the demo data")
+  parser.add_argument(
+    "--configs",
+    default=None,
+    help="folder of your own stage configs (same file names as configs/); "
+    "default: the built-in configs with their :demo variant on the demo data",
+  )
   parser.add_argument("--from", dest="start", default=None, help="run from this stage on")
   parser.add_argument("--only", default=None, help="run only this stage")
   parser.add_argument("--force", action="store_true", help="re-run stages even when unchanged")
   args = parser.parse_args(argv)
 
   from configs import common  # pylint: disable=g-import-not-at-top
+
   demo = args.configs is None
   configs_dir = os.path.join(ROOT, "configs") if demo else os.path.abspath(args.configs)
   workdir = os.path.abspath(args.workdir)
@@ -187,8 +221,10 @@ def main(argv=None):
       return 1
 
   available = available_stages(configs_dir)
-  configs = {s.name: load_config(os.path.join(configs_dir, s.config), "demo" if demo else None)
-             for s in available}
+  configs = {
+    s.name: load_config(os.path.join(configs_dir, s.config), "demo" if demo else None)
+    for s in available
+  }
   try:
     planned = select(stages_lib.plan(available, configs, workdir), args.start, args.only)
   except ValueError as e:
@@ -202,11 +238,17 @@ def main(argv=None):
     path, config = os.path.join(configs_dir, stage.config), configs[stage.name]
     record = manifest["stages"].get(stage.name, {})
     deps = {d: manifest["stages"].get(d, {}).get("output_hash") for d in stage_deps}
-    fingerprint = hashing.sha256_json({"config": manifest_lib.redacted(config.to_dict()), "deps": deps})
+    fingerprint = hashing.sha256_json(
+      {"config": manifest_lib.redacted(config.to_dict()), "deps": deps}
+    )
     out_dir = stages_lib.output(config, workdir)
     console.start(stage.name)
-    unchanged = (record.get("status") == "done" and record.get("fingerprint") == fingerprint
-                 and os.path.exists(out_dir) and hashing.output_hash(out_dir) == record.get("output_hash"))
+    unchanged = (
+      record.get("status") == "done"
+      and record.get("fingerprint") == fingerprint
+      and os.path.exists(out_dir)
+      and hashing.output_hash(out_dir) == record.get("output_hash")
+    )
     if unchanged and not args.force:
       rows.append((stage.name, "skipped", 0.0, record.get("metric", "")))
       console.finish(*rows[-1])
@@ -214,17 +256,26 @@ def main(argv=None):
     start = time.time()
     try:
       with _demo_cdn(demo and stage.serves_demo, demo_dir, common.DEMO_PORT):
-        summary = _run_stage(stage, path + (":demo" if demo else ""), workdir,
-                             os.path.join(workdir, "logs", f"{stage.name}.log"), console)
+        summary = _run_stage(
+          stage,
+          path + (":demo" if demo else ""),
+          workdir,
+          os.path.join(workdir, "logs", f"{stage.name}.log"),
+          console,
+        )
     except StageFailed as e:
       console.finish(stage.name, "FAILED", time.time() - start, "")
       print(f"error: stage {e}", file=sys.stderr)
       return 1
     wall = time.time() - start
     manifest["stages"][stage.name] = {
-        "status": "done", "fingerprint": fingerprint, "config": manifest_lib.redacted(config.to_dict()),
-        "seed": config.get("seed"), "output_hash": hashing.output_hash(out_dir), "wall_s": round(wall, 1),
-        "metric": summary.get("metric", ""),
+      "status": "done",
+      "fingerprint": fingerprint,
+      "config": manifest_lib.redacted(config.to_dict()),
+      "seed": config.get("seed"),
+      "output_hash": hashing.output_hash(out_dir),
+      "wall_s": round(wall, 1),
+      "metric": summary.get("metric", ""),
     }
     manifest_lib.save(workdir, manifest)  # after every stage: a crash keeps what completed
     rows.append((stage.name, "ran", wall, summary.get("metric", "")))
@@ -237,6 +288,7 @@ def main(argv=None):
     print(f"{name:<19} {status:<9} {wall:7.1f}s  {metric}")
   print(f"{sum(r[2] for r in rows):.0f}s in all; manifest: {shown(workdir)}/manifest.json")
   return 0
+
 
 if __name__ == "__main__":
   sys.exit(main())

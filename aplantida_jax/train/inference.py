@@ -4,6 +4,7 @@ The evaluation, soft-label and export stages read checkpoints only through
 here, so a stage folder is the whole interface: config.json says which model
 was trained (num_classes resolved), orbax holds the variables.
 """
+
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -35,10 +36,19 @@ def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best"):
   apply = jax.jit(lambda v, images: steps.forward(model.apply, v, images, None, train=False)[0])
   metadata = input_pipeline.read_metadata(dataset_dir, split)
   logits = np.zeros((len(metadata["labels"]), config.model.num_classes), np.float32)
-  for batch in tqdm(input_pipeline.eval_batches(config.input, dataset_dir, split, batch_size,
-                                                shard_by_process=False),
-                    desc=f"predict {split}", total=-(-len(logits) // batch_size), disable=None):
+  for batch in tqdm(
+    input_pipeline.eval_batches(
+      config.input, dataset_dir, split, batch_size, shard_by_process=False
+    ),
+    desc=f"predict {split}",
+    total=-(-len(logits) // batch_size),
+    disable=None,
+  ):
     real = batch["mask"] > 0
     logits[batch["index"][real]] = np.asarray(apply(variables, batch["image"]))[real]
-  return {"logits": logits, "labels": metadata["labels"], "regions": metadata["regions"],
-          "sha256": metadata["sha256"]}
+  return {
+    "logits": logits,
+    "labels": metadata["labels"],
+    "regions": metadata["regions"],
+    "sha256": metadata["sha256"],
+  }

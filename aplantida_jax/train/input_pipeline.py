@@ -21,6 +21,7 @@ Eval elements are epoch 0 at position = record index.
 Worker processes start with spawn, so everything handed to a DataLoader is a
 top-level, picklable class.
 """
+
 import dataclasses
 import hashlib
 import io
@@ -97,17 +98,18 @@ class EpochIndexSampler(grain.samplers.IndexSampler):
   def __getitem__(self, index):
     metadata = super().__getitem__(index)
     epoch = index // self._shard_options.shard_count // len(self._record_keys)
-    return dataclasses.replace(metadata, record_key=epoch * self._num_records + metadata.record_key,
-                               rng=None)
+    return dataclasses.replace(
+      metadata, record_key=epoch * self._num_records + metadata.record_key, rng=None
+    )
 
   def __repr__(self):
     return "Epoch" + super().__repr__()  # EpochIndexSampler(num_records=..., seed=...)
 
 
 class AugmentParams(NamedTuple):
-  box: tuple      # (left, top, width, height) of the crop, in source pixels
-  flip: bool      # mirror left-right
-  jitter: tuple   # (brightness, contrast, saturation) factors; () = none
+  box: tuple  # (left, top, width, height) of the crop, in source pixels
+  flip: bool  # mirror left-right
+  jitter: tuple  # (brightness, contrast, saturation) factors; () = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Augment:
   same view. The box is in source pixels, so it is the same view at any output
   size (the student's, each teacher's).
   """
+
   crop_scale: tuple = (0.08, 1.0)
   crop_ratio: tuple = (3 / 4, 4 / 3)
   color_jitter: float = 0.2
@@ -127,8 +130,9 @@ class Augment:
   @classmethod
   def of(cls, crops, seed):
     """From a config with crop_scale, crop_ratio and color_jitter (config.input)."""
-    return cls(tuple(crops.crop_scale), tuple(crops.crop_ratio), float(crops.color_jitter),
-               int(seed))
+    return cls(
+      tuple(crops.crop_scale), tuple(crops.crop_ratio), float(crops.color_jitter), int(seed)
+    )
 
   def params(self, epoch, position, width, height) -> AugmentParams:
     """Inception-style crop (area fraction, aspect ratio), then flip, then jitter factors."""
@@ -197,9 +201,11 @@ def centre_crop(jpeg: bytes, size: int, crop_fraction: float) -> np.ndarray:
 
 
 def _fields(element, record, image, join_fn, epoch):
-  out = {"image": np.asarray(image, np.uint8),
-         "label": np.int32(record["label"]),
-         "index": np.int32(element["index"])}
+  out = {
+    "image": np.asarray(image, np.uint8),
+    "label": np.int32(record["label"]),
+    "index": np.int32(element["index"]),
+  }
   if join_fn is not None:
     out.update(join_fn(element["index"], epoch, element["position"], record))
   return out
@@ -212,8 +218,17 @@ class TrainTransform(grain.transforms.Map):
   sees that epoch (the crops a replayed soft-label set has targets for).
   """
 
-  def __init__(self, image_size, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-               color_jitter=0.2, join_fn=None, *, seed=0, crop_epochs=0):
+  def __init__(
+    self,
+    image_size,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    color_jitter=0.2,
+    join_fn=None,
+    *,
+    seed=0,
+    crop_epochs=0,
+  ):
     self.image_size = image_size
     self.augment = Augment(tuple(crop_scale), tuple(crop_ratio), float(color_jitter), int(seed))
     self.crop_epochs = crop_epochs
@@ -223,8 +238,11 @@ class TrainTransform(grain.transforms.Map):
     record = shards.decode(element["data"])
     epoch = element["epoch"] % self.crop_epochs if self.crop_epochs else element["epoch"]
     image = self.augment.image(record["jpeg"], epoch, element["position"], self.image_size)
-    return {**_fields(element, record, image, self.join_fn, epoch),
-            "epoch": np.int32(element["epoch"]), "position": np.int32(element["position"])}
+    return {
+      **_fields(element, record, image, self.join_fn, epoch),
+      "epoch": np.int32(element["epoch"]),
+      "position": np.int32(element["position"]),
+    }
 
 
 class EvalTransform(grain.transforms.Map):
@@ -245,8 +263,9 @@ def read_metadata(dataset_dir: str, split: str) -> dict:
   """Per-record label, regions and sha256 of a split, in record order."""
   labels, regions, sha256 = [], [], []
   for path in shards.shard_paths(dataset_dir, split):
-    for record in tqdm(shards.read_shard(path), desc=f"metadata {split}", leave=False,
-                       disable=None):
+    for record in tqdm(
+      shards.read_shard(path), desc=f"metadata {split}", leave=False, disable=None
+    ):
       labels.append(record["label"])
       regions.append(list(record["regions"]))
       sha256.append(record["sha256"])
@@ -260,10 +279,15 @@ def sampling_weights(input_config, metadata) -> np.ndarray:
     return 1.0 / counts[metadata["labels"]] ** input_config.class_balance_power
   if input_config.sampling == "region_weighted":
     countries = tuple(input_config.region_countries)
-    return np.array([input_config.region_weight if records.in_region(r, countries) else 1.0
-                     for r in metadata["regions"]])
-  raise ValueError(f"config.input.sampling={input_config.sampling!r} has no weights; "
-                   f"choose one of {SAMPLINGS}.")
+    return np.array(
+      [
+        input_config.region_weight if records.in_region(r, countries) else 1.0
+        for r in metadata["regions"]
+      ]
+    )
+  raise ValueError(
+    f"config.input.sampling={input_config.sampling!r} has no weights; choose one of {SAMPLINGS}."
+  )
 
 
 def train_view(input_config, dataset_dir, split, num_samples, seed):
@@ -273,21 +297,30 @@ def train_view(input_config, dataset_dir, split, num_samples, seed):
   `num_samples` indices with replacement (seeded), enough for the whole run.
   """
   if input_config.sampling not in SAMPLINGS:
-    raise ValueError(f"Unknown config.input.sampling={input_config.sampling!r}; "
-                     f"choose one of {SAMPLINGS}.")
+    raise ValueError(
+      f"Unknown config.input.sampling={input_config.sampling!r}; choose one of {SAMPLINGS}."
+    )
   region_filter = tuple(input_config.region_filter)
   if input_config.sampling == "uniform" and not region_filter:
     return None
   metadata = read_metadata(dataset_dir, split)
   candidates = np.arange(len(metadata["labels"]))
   if region_filter:
-    candidates = np.array([i for i in candidates
-                           if records.in_region(metadata["regions"][i], region_filter)], np.int64)
+    candidates = np.array(
+      [i for i in candidates if records.in_region(metadata["regions"][i], region_filter)], np.int64
+    )
     if not len(candidates):
-      raise ValueError(f"No {split} record is in config.input.region_filter={list(region_filter)}; "
-                       "check the region codes against dataset/manifest.json.")
-    logging.info("region filter %s keeps %d of %d %s records", list(region_filter),
-                 len(candidates), len(metadata["labels"]), split)
+      raise ValueError(
+        f"No {split} record is in config.input.region_filter={list(region_filter)}; "
+        "check the region codes against dataset/manifest.json."
+      )
+    logging.info(
+      "region filter %s keeps %d of %d %s records",
+      list(region_filter),
+      len(candidates),
+      len(metadata["labels"]),
+      split,
+    )
   if input_config.sampling == "uniform":
     return candidates
   weights = sampling_weights(input_config, metadata)[candidates]
@@ -298,10 +331,15 @@ def train_view(input_config, dataset_dir, split, num_samples, seed):
 def data_loader(source, sampler, operations, input_config) -> grain.DataLoader:
   """A Grain DataLoader with the config's worker processes, worker buffers and read threads."""
   return grain.DataLoader(
-      data_source=source, sampler=sampler, operations=operations,
-      worker_count=input_config.worker_count, worker_buffer_size=input_config.worker_buffer_size,
-      read_options=grain.ReadOptions(num_threads=input_config.read_threads,
-                                     prefetch_buffer_size=input_config.prefetch_buffer_size))
+    data_source=source,
+    sampler=sampler,
+    operations=operations,
+    worker_count=input_config.worker_count,
+    worker_buffer_size=input_config.worker_buffer_size,
+    read_options=grain.ReadOptions(
+      num_threads=input_config.read_threads, prefetch_buffer_size=input_config.prefetch_buffer_size
+    ),
+  )
 
 
 def train_loader(config, dataset_dir, process_batch_size, *, num_samples, join_fn=None):
@@ -316,40 +354,67 @@ def train_loader(config, dataset_dir, process_batch_size, *, num_samples, join_f
   view = train_view(inp, dataset_dir, config.train_split, num_samples, config.seed)
   source = RecordSource(shards.shard_paths(dataset_dir, config.train_split), view, epoch_keys=True)
   sampler = EpochIndexSampler(
-      num_records=source.num_positions,
-      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-      shuffle=True, num_epochs=None, seed=config.seed)
+    num_records=source.num_positions,
+    shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+    shuffle=True,
+    num_epochs=None,
+    seed=config.seed,
+  )
   crop_epochs = getattr(join_fn, "crop_epochs", 0)
   epochs = num_samples / source.num_positions
   if crop_epochs and epochs > crop_epochs:
-    logging.warning("this run draws %.1f epochs but its targets cover the crops of %d: epoch e "
-                    "reuses the crops (and targets) of epoch e %% %d. Re-run soft_labels with "
-                    "--config.replay_epochs=%d for fresh crops every epoch.", epochs, crop_epochs,
-                    crop_epochs, math.ceil(epochs))
-  transform = TrainTransform(inp.image_size, inp.crop_scale, inp.crop_ratio, inp.color_jitter,
-                             join_fn, seed=config.seed, crop_epochs=crop_epochs)
+    logging.warning(
+      "this run draws %.1f epochs but its targets cover the crops of %d: epoch e "
+      "reuses the crops (and targets) of epoch e %% %d. Re-run soft_labels with "
+      "--config.replay_epochs=%d for fresh crops every epoch.",
+      epochs,
+      crop_epochs,
+      crop_epochs,
+      math.ceil(epochs),
+    )
+  transform = TrainTransform(
+    inp.image_size,
+    inp.crop_scale,
+    inp.crop_ratio,
+    inp.color_jitter,
+    join_fn,
+    seed=config.seed,
+    crop_epochs=crop_epochs,
+  )
   return data_loader(
-      source, sampler, [transform, grain.transforms.Batch(process_batch_size, drop_remainder=True)],
-      inp)
+    source,
+    sampler,
+    [transform, grain.transforms.Batch(process_batch_size, drop_remainder=True)],
+    inp,
+  )
 
 
-def eval_batches(input_config, dataset_dir, split, process_batch_size, *, join_fn=None,
-                 shard_by_process=True):
+def eval_batches(
+  input_config, dataset_dir, split, process_batch_size, *, join_fn=None, shard_by_process=True
+):
   """One pass over the split; every record appears exactly once with mask 1.
 
   Short batches are padded (mask 0), and every process yields the same number
   of batches so that collective ops in the eval step never wait forever.
   """
   source = RecordSource(shards.shard_paths(dataset_dir, split))
-  shard_options = (grain.sharding.ShardByJaxProcess(drop_remainder=False) if shard_by_process
-                   else grain.sharding.NoSharding())
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
-                                        shuffle=False, num_epochs=1)
+  shard_options = (
+    grain.sharding.ShardByJaxProcess(drop_remainder=False)
+    if shard_by_process
+    else grain.sharding.NoSharding()
+  )
+  sampler = grain.samplers.IndexSampler(
+    num_records=len(source), shard_options=shard_options, shuffle=False, num_epochs=1
+  )
   loader = data_loader(
-      source, sampler,
-      [EvalTransform(input_config.image_size, input_config.eval_crop_fraction, join_fn),
-       grain.transforms.Batch(process_batch_size, drop_remainder=False)],
-      input_config)
+    source,
+    sampler,
+    [
+      EvalTransform(input_config.image_size, input_config.eval_crop_fraction, join_fn),
+      grain.transforms.Batch(process_batch_size, drop_remainder=False),
+    ],
+    input_config,
+  )
   share = math.ceil(len(source) / shard_options.shard_count)
   num_batches = math.ceil(share / process_batch_size)
   template = None
@@ -363,7 +428,9 @@ def eval_batches(input_config, dataset_dir, split, process_batch_size, *, join_f
 
 def _pad(batch, size):
   real = len(batch["label"])
-  padded = {k: np.concatenate([v, np.zeros((size - real,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}
+  padded = {
+    k: np.concatenate([v, np.zeros((size - real,) + v.shape[1:], v.dtype)])
+    for k, v in batch.items()
+  }
   padded["mask"] = (np.arange(size) < real).astype(np.float32)
   return padded

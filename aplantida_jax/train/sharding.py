@@ -4,6 +4,7 @@ Batches are split along that axis, the train state is replicated. Each
 process loads only its share of a global batch; `global_batch` stitches the
 shares into one global jax.Array without moving data between hosts.
 """
+
 import jax
 import numpy as np
 from absl import logging
@@ -21,11 +22,18 @@ def maybe_initialize_distributed(mesh_config) -> None:
   if not mesh_config.coordinator_address:
     return
   aplantida_jax.allow_cpu_collectives()
-  jax.distributed.initialize(coordinator_address=mesh_config.coordinator_address,
-                             num_processes=mesh_config.num_processes,
-                             process_id=mesh_config.process_id)
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  jax.distributed.initialize(
+    coordinator_address=mesh_config.coordinator_address,
+    num_processes=mesh_config.num_processes,
+    process_id=mesh_config.process_id,
+  )
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def create_mesh() -> Mesh:
@@ -43,8 +51,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """This process's share; the global batch must split evenly over devices."""
   if global_batch_size % mesh.size:
-    raise ValueError(f"Batch size {global_batch_size} does not split over {mesh.size} devices; "
-                     f"set config.batch_size / eval_batch_size to a multiple of {mesh.size}.")
+    raise ValueError(
+      f"Batch size {global_batch_size} does not split over {mesh.size} devices; "
+      f"set config.batch_size / eval_batch_size to a multiple of {mesh.size}."
+    )
   return global_batch_size // jax.process_count()
 
 

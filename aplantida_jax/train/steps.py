@@ -4,8 +4,10 @@ The loop jit-compiles these once; data parallelism comes from the shardings
 of their inputs (batch split over the "data" mesh axis, state replicated), so
 the same functions run on one CPU, N GPUs and several hosts.
 """
+
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,13 @@ def forward(apply_fn, variables, images, rng, train=True):
   """Logits (float32) and the updated batch stats of one forward pass."""
   if not train:
     return apply_fn(variables, preprocess.normalize(images), train=False).astype(jnp.float32), None
-  logits, updates = apply_fn(variables, preprocess.normalize(images), train=True,
-                             rngs={"dropout": rng}, mutable=["batch_stats"])
+  logits, updates = apply_fn(
+    variables,
+    preprocess.normalize(images),
+    train=True,
+    rngs={"dropout": rng},
+    mutable=["batch_stats"],
+  )
   return logits.astype(jnp.float32), updates.get("batch_stats", variables.get("batch_stats", {}))
 
 
@@ -62,18 +69,21 @@ class Task:
     hand the join that epoch.
   aux: pytree handed to loss_fn every step, replicated (e.g. online teachers).
   """
+
   loss_fn: Callable
-  join_fn: Optional[Callable] = None
+  join_fn: Callable | None = None
   aux: Any = None
 
 
 def classification_task(label_smoothing: float) -> Task:
   """Hard-label training: cross-entropy with label smoothing (teachers, fine-tune)."""
+
   def loss_fn(apply_fn, variables, batch, rng, aux):
     del aux
     logits, batch_stats = forward(apply_fn, variables, batch["image"], rng)
     loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
     return loss, (batch_stats, {"top1": topk_correct(logits, batch["label"], 1).mean()})
+
   return Task(loss_fn=loss_fn)
 
 
@@ -94,11 +104,14 @@ def train_step(state, batch, rng, aux, *, loss_fn):
     variables = {"params": params, "batch_stats": state.batch_stats}
     return loss_fn(state.apply_fn, variables, batch, step_rng, aux)
 
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params)
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads, batch_stats)
-  return new_state, {"loss": loss, "grad_norm": global_norm(state.trained_leaves(grads)),
-                     "param_norm": global_norm(jax.tree.leaves(new_state.params)), **metrics}
+  return new_state, {
+    "loss": loss,
+    "grad_norm": global_norm(state.trained_leaves(grads)),
+    "param_norm": global_norm(jax.tree.leaves(new_state.params)),
+    **metrics,
+  }
 
 
 def eval_step(state, batch):
@@ -111,9 +124,18 @@ def eval_step(state, batch):
   mask = batch["mask"]
   top1 = topk_correct(logits, batch["label"], 1)
   top5 = topk_correct(logits, batch["label"], 5)
-  sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-          "top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
+  sums = {
+    "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+    "top1": jnp.sum(top1 * mask),
+    "top5": jnp.sum(top5 * mask),
+    "count": jnp.sum(mask),
+  }
   for name, region in batch.get("regions", {}).items():
-    sums.update({f"{name}_top1": jnp.sum(top1 * region), f"{name}_top5": jnp.sum(top5 * region),
-                 f"{name}_count": jnp.sum(region)})
+    sums.update(
+      {
+        f"{name}_top1": jnp.sum(top1 * region),
+        f"{name}_top5": jnp.sum(top5 * region),
+        f"{name}_count": jnp.sum(region),
+      }
+    )
   return sums
