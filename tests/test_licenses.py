@@ -27,13 +27,31 @@ NORMALISATION = [
   ("https://creativecommons.org/publicdomain/zero/1.0/", "CC0-1.0"),
   ("Public Domain", "LicenseRef-PublicDomain"),
   ("public domain (author died 1900)", "LicenseRef-PublicDomain"),
-  ("https://creativecommons.org/publicdomain/mark/1.0/", "LicenseRef-PublicDomain"),
+  ("https://creativecommons.org/publicdomain/mark/1.0/", "CC-PDM-1.0"),  # SPDX's id for the mark
+  ("Public Domain Mark 1.0", "CC-PDM-1.0"),
   ("PD", "LicenseRef-PublicDomain"),
   # nothing granted
   ("All rights reserved", "LicenseRef-All-Rights-Reserved"),
   ("(c) Ana García", "LicenseRef-All-Rights-Reserved"),
   ("© 2021", "LicenseRef-All-Rights-Reserved"),
   ("Copyright 2019 John", "LicenseRef-All-Rights-Reserved"),
+  ("Photo (c) John Smith, all rights reserved", "LicenseRef-All-Rights-Reserved"),
+  # a copyright notice that names a license grants it
+  ("(c) John, CC BY 4.0", "CC-BY-4.0"),
+  ("© Ana García - CC BY-SA 3.0", "CC-BY-SA-3.0"),
+  ("Some rights reserved (CC BY-NC)", "CC-BY-NC-4.0"),
+  # negations and exceptions are not the license they mention
+  ("CC BY 4.0 except commercial use", "unknown"),
+  ("Not CC BY", "unknown"),
+  ("CC BY-SA, excluding derivatives", "unknown"),
+  # SPDX expressions keep their structure, each member normalised
+  ("CC-BY-NC-4.0 OR CC-BY-SA-4.0", "CC-BY-NC-4.0 OR CC-BY-SA-4.0"),
+  ("GFDL-1.2-or-later OR CC-BY-SA-3.0", "GFDL-1.2-or-later OR CC-BY-SA-3.0"),
+  ("CC-BY-SA-4.0 AND CC-BY-NC-4.0", "CC-BY-SA-4.0 AND CC-BY-NC-4.0"),
+  ("cc by 4.0 or cc by-sa 4.0", "CC-BY-4.0 OR CC-BY-SA-4.0"),
+  ("(MIT OR CC0) AND CC-BY-4.0", "(MIT OR CC0-1.0) AND CC-BY-4.0"),
+  # "and"/"or" in free text is not an expression unless every member is a license
+  ("Photo by John and Mary, CC BY 4.0", "CC-BY-4.0"),
   # nothing said, or nonsense
   ("", "unknown"),
   ("   ", "unknown"),
@@ -65,6 +83,7 @@ def test_normalize_is_idempotent(raw):
 COMMERCIAL = [
   ("CC0-1.0", True, "allowed"),
   ("LicenseRef-PublicDomain", True, "allowed"),
+  ("CC-PDM-1.0", True, "allowed"),
   ("CC-BY-4.0", True, "allowed"),
   ("CC-BY-SA-3.0", True, "allowed"),
   ("CC-BY-NC-4.0", False, licenses.REASON_NC),
@@ -73,7 +92,31 @@ COMMERCIAL = [
   ("LicenseRef-All-Rights-Reserved", False, licenses.REASON_RESERVED),
   ("unknown", False, licenses.REASON_UNKNOWN),
   ("GFDL-1.3-or-later", False, licenses.REASON_NOT_LISTED),
+  ("CC-BY-NC-4.0 OR CC-BY-SA-4.0", True, "allowed"),  # one alternative passes
+  ("CC-BY-SA-4.0 AND CC-BY-NC-4.0", False, licenses.REASON_NC),  # all must pass
+  ("GFDL-1.3-or-later OR LicenseRef-All-Rights-Reserved", False, licenses.REASON_NOT_LISTED),
 ]
+
+
+@pytest.mark.parametrize(
+  "expression,policy,used",
+  [
+    # The one a user of the image may pick: the policy's best, then no credit owed, then CC-BY.
+    ("CC-BY-NC-4.0 OR CC-BY-SA-4.0", "commercial", "CC-BY-SA-4.0"),
+    ("CC-BY-NC-4.0 OR CC-BY-SA-4.0", "research", "CC-BY-SA-4.0"),
+    ("GFDL-1.2-or-later OR CC-BY-SA-3.0", "commercial", "CC-BY-SA-3.0"),  # its own version
+    ("CC-BY-SA-4.0 OR CC-BY-4.0 OR CC0-1.0", "commercial", "CC0-1.0"),
+    ("CC-BY-SA-4.0 OR CC-BY-4.0", "commercial", "CC-BY-4.0"),
+    ("CC-BY-ND-4.0 OR CC-BY-NC-4.0", "research", "CC-BY-ND-4.0"),  # equals: the order written
+    ("(MIT OR CC0-1.0) AND CC-BY-4.0", "commercial", "CC0-1.0 AND CC-BY-4.0"),
+    ("CC-BY-SA-4.0 AND CC-BY-NC-4.0", "research", "CC-BY-SA-4.0 AND CC-BY-NC-4.0"),
+    ("CC-BY-4.0", "commercial", "CC-BY-4.0"),
+  ],
+)
+def test_choose_names_the_alternative_the_policy_uses(expression, policy, used):
+  chosen, allowed, _ = licenses.get_policy(policy).choose(expression)
+  assert (chosen, allowed) == (used, True)
+  assert licenses.normalize(chosen) == chosen
 
 
 @pytest.mark.parametrize("spdx,allowed,reason", COMMERCIAL)
@@ -110,7 +153,9 @@ def test_unknown_policy_is_a_clear_error():
     ("CC-BY-NC-4.0", True),
     ("CC0-1.0", False),
     ("LicenseRef-PublicDomain", False),
+    ("CC-PDM-1.0", False),
     ("unknown", True),
+    ("CC0-1.0 AND CC-BY-4.0", True),  # any member that needs credit
   ],
 )
 def test_requires_attribution(spdx, needs):

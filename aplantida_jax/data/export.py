@@ -14,6 +14,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -103,12 +104,16 @@ class Cache:
 
 
 def _licensed_records(config, stats, policy):
-  """Streams the catalog; returns (allowed records, Counter of rejection reasons)."""
+  """Streams the catalog; returns (allowed records, Counter of rejection reasons).
+
+  A record's license becomes the one the policy uses (`Policy.choose`: one alternative
+  of an `OR`), which shards and attributions then carry; license_raw keeps the catalog's.
+  """
   allowed, rejected = [], collections.Counter()
   for record in sources.iter_records(config.catalog, stats):
-    ok, reason = policy.check(record.license)
+    chosen, ok, reason = policy.choose(record.license)
     if ok:
-      allowed.append(record)
+      allowed.append(dataclasses.replace(record, license=chosen))
     else:
       rejected[reason] += 1
   return allowed, rejected
