@@ -259,3 +259,26 @@ def test_mistyped_override_names_the_key(tmp_path):
 def test_config_rejects_unknown_variant():
   with pytest.raises(ValueError, match="demox"):
     audit_config.get_config("demox")
+
+
+def test_species_spelled_several_ways_form_one_class_and_are_listed(tmp_path):
+  decomposed = "Nerium olea\u0301ndrum"  # "á" as a + combining accent (NFD)
+  names = ["Rosa canina", "Rosa\ncanina", "Rosa\u00a0 canina ", "Nerium oleándrum", decomposed]
+  catalog = tmp_path / "catalog.jsonl"
+  catalog.write_text(
+    "".join(
+      json.dumps({"scientificName": n, "images": [{"url": f"https://x.example/{i}.jpg"}]}) + "\n"
+      for i, n in enumerate(names)
+    ),
+    encoding="utf-8",
+  )
+  config = _config(catalog, url_check="none")
+  audit.run(config, str(tmp_path / "w"))
+  report = json.loads((tmp_path / "w" / "audit" / "report.json").read_text())
+  assert report["species"]["count"] == 2
+  assert report["species"]["merged_spellings"] == {
+    "Nerium oleándrum": sorted(["Nerium oleándrum", decomposed]),
+    "Rosa canina": sorted(["Rosa canina", "Rosa\ncanina", "Rosa\u00a0 canina "]),
+  }
+  markdown = (tmp_path / "w" / "audit" / "report.md").read_text()
+  assert "Species spelled several ways in the catalog" in markdown and '"Rosa\\ncanina"' in markdown

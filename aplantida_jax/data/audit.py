@@ -61,6 +61,7 @@ class _Tally:
     self.first_species = {}  # url or path → first species that listed it
     self.repeats = collections.Counter()  # url or path → extra listings
     self.cross_species = set()  # URLs listed under several species
+    self.spellings = collections.defaultdict(set)  # species → the catalog's spellings of it
 
   def add(self, record):
     if record.license not in self.decisions:
@@ -69,6 +70,7 @@ class _Tally:
     self.images[record.species] += 1
     self.allowed[record.species] += allowed
     self.species_regions.setdefault(record.species, record.species_regions)
+    self.spellings[record.species].add(record.species_raw or record.species)
     self.by_license[record.license] += 1
     if record.license == licenses.UNKNOWN and licenses.unrecognised(record.license_raw):
       self.unrecognised[record.license_raw] += 1
@@ -153,6 +155,8 @@ def build_report(tally: _Tally, stats, url_check: dict, config) -> dict:
       "without_allowed_images": sorted(s for s in per_species if not tally.allowed[s]),
       "most_images": ranked[:_TOP],
       "fewest_images": ranked[::-1][:_TOP],
+      # Spellings that differ only in whitespace or Unicode form, merged into one class.
+      "merged_spellings": {s: sorted(v) for s, v in sorted(tally.spellings.items()) if len(v) > 1},
     },
     "images": {"total": total, "allowed": allowed, "rejected": total - allowed},
     "licenses": {
@@ -200,6 +204,12 @@ def _markdown(report: dict) -> str:
     f"median {spread['median']}, max {spread['max']}",
     f"- Images: **{im['total']}**, allowed **{im['allowed']}**, rejected {im['rejected']}",
     f"- Species without any allowed image: {len(sp['without_allowed_images'])}",
+    f"- Species spelled several ways in the catalog (whitespace or Unicode form; merged into "
+    f"one class each): {len(sp['merged_spellings'])}",
+    *[
+      f"  - `{name}` ← {', '.join(json.dumps(v, ensure_ascii=False) for v in spellings)}"
+      for name, spellings in list(sp["merged_spellings"].items())[:_TOP]
+    ],
     f"- URL check ({uc['mode']}): {uc.get('checked', 0)} checked, {uc.get('failed', 0)} failed "
     f"({uc.get('failure_rate', 0):.1%}, max {uc.get('max_failure_rate', 0):.1%}) → "
     f"**{'PASS' if report['passed'] else 'FAIL'}**",

@@ -11,7 +11,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-  species: str  # scientific name, the class
+  species: str  # scientific name, the class (Unicode NFC, whitespace collapsed)
   url: str | None = None  # CDN URL (mongo/jsonl) ...
   path: str | None = None  # ... or a local file (folder source)
   license: str = "unknown"  # SPDX id after normalisation (see licenses.py)
@@ -22,6 +22,7 @@ class ImageRecord:
   species_regions: tuple = ()  # ISO country codes where the species lives
   family: str = ""
   common_names: tuple = ()  # ((lang, name), ...), hashable
+  species_raw: str = ""  # the catalog's spelling of `species` when normalising changed it
 
   @property
   def location(self) -> str:

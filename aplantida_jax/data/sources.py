@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Iterator
 
@@ -93,6 +94,13 @@ def _text(value) -> str:
   return ""
 
 
+def species_name(value) -> tuple:
+  """(class name, the catalog's spelling): Unicode NFC with whitespace collapsed, so that
+  "Rosa\u00a0canina", "Rosa  canina" and a decomposed "é" name one class (the audit lists them)."""
+  raw = str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+  return " ".join(unicodedata.normalize("NFC", raw).split()), raw
+
+
 def _regions(value, stats) -> tuple:
   """Species regions: a list of ISO codes (or one "ES,PT" string) → sorted unique upper-case codes."""
   if value is None:
@@ -145,7 +153,7 @@ def document_records(
   if not isinstance(doc, dict):
     stats["document: not an object"] += 1
     return
-  species = _text(get_path(doc, fields["species"]))
+  species, species_raw = species_name(get_path(doc, fields["species"]))
   if not species:
     stats[f"document: missing species (field '{fields['species']}')"] += 1
     return
@@ -158,6 +166,7 @@ def document_records(
     return
   shared = dict(
     species=species,
+    species_raw=species_raw if species_raw != species else "",
     species_regions=_regions(get_path(doc, fields["regions"]), stats),
     family=_text(get_path(doc, fields["family"])),
     common_names=_common_names(get_path(doc, fields["common_names"])),
