@@ -346,6 +346,68 @@ def _kill_mid_run(workdir, cache_env, after_step=4):
   proc.wait()
 
 
+def _descendants(pid):
+  """Live (non-zombie) processes below `pid`, from /proc."""
+  parents = {}
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+      except OSError:
+        continue
+      if fields[0] != "Z":
+        parents[int(entry)] = int(fields[1])
+  found, frontier = set(), {pid}
+  while frontier:
+    frontier = {child for child, parent in parents.items() if parent in frontier} - found
+    found |= frontier
+  return found
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def test_a_sigkilled_stage_leaves_no_data_worker_behind(straight, tmp_path, cache_env):
+  reference, _ = straight
+  workdir = str(tmp_path)
+  shutil.copytree(os.path.join(reference, "dataset"), os.path.join(workdir, "dataset"))
+  cmd = [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    "--config=configs/teacher_global.py:demo",
+    f"--workdir={workdir}",
+    *TINY,
+    "--config.input.worker_count=2",
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=helpers.ROOT,
+    env=helpers.cli_env(**cache_env),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  first = os.path.join(workdir, "teacher_global", "checkpoints", "2")
+  deadline = time.time() + 600
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  tree = _descendants(proc.pid)
+  assert len(tree) >= 2, f"expected the Grain workers below {proc.pid}, found {tree}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 10
+  while any(_alive(p) for p in tree) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not [p for p in tree if _alive(p)], "processes of the killed stage outlived it by 10 s"
+
+
 def test_resume_after_sigkill_gives_bitwise_identical_params(straight, tmp_path, cache_env):
   reference, _ = straight
   workdir = str(tmp_path)

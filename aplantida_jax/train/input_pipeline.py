@@ -19,14 +19,19 @@ draws epoch e's crops as those of epoch e % E and hands the join that epoch.
 Eval elements are epoch 0 at position = record index.
 
 Worker processes start with spawn, so everything handed to a DataLoader is a
-top-level, picklable class.
+top-level, picklable class. A worker exits when its stage's process is gone,
+however that ended (`exit_with_parent`): a SIGKILLed run leaves no workers behind.
 """
 
 import dataclasses
 import hashlib
 import io
 import math
+import multiprocessing
+import os
 import sys
+import threading
+import time
 from typing import NamedTuple
 
 import grain
@@ -39,6 +44,29 @@ from aplantida_jax.data import records
 from aplantida_jax.data import shards
 
 SAMPLINGS = ("uniform", "class_balanced", "region_weighted")
+PARENT_POLL_S = 1.0
+_watching_parent = False
+
+
+def exit_with_parent():
+  """In a Grain worker (a spawned child): exit as soon as the stage's process is gone.
+
+  A SIGKILLed parent runs no cleanup, so without this its workers would live on,
+  reparented, holding memory. Called on every record read; starts one daemon thread
+  per worker that polls the parent pid. A no-op in the stage's own process.
+  """
+  global _watching_parent
+  parent = multiprocessing.parent_process()
+  if _watching_parent or parent is None:
+    return
+  _watching_parent = True
+
+  def watch(pid=parent.pid):
+    while os.getppid() == pid:
+      time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class RecordSource(grain.sources.RandomAccessDataSource):
@@ -80,6 +108,7 @@ class RecordSource(grain.sources.RandomAccessDataSource):
     return position if self._view is None else self._view[position]
 
   def __getitem__(self, key):
+    exit_with_parent()
     epoch, position = divmod(int(key), self.num_positions)
     index = int(self.record_index(position))
     return {"index": index, "epoch": epoch, "position": position, "data": self._source[index]}
