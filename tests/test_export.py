@@ -383,6 +383,39 @@ def test_export_reports_every_fault_reason(cdn, tmp_path):
   assert sum(manifest["counts"].values()) == 6 + 1
 
 
+def test_permanent_failures_are_remembered_and_transient_ones_retried(cdn, tmp_path):
+  """Gone (404/410), HTML, redirect loops and redirects off HTTP fail the same way next time."""
+  redirect = lambda to: cdn_server.Response(302, b"", {"Location": to})  # noqa: E731
+  routes = {
+    "/gone.jpg": cdn_server.Response(410, b"gone"),
+    "/page.jpg": cdn_server.Response(200, b"<p>hi</p>", {"Content-Type": "text/html"}),
+    "/loop.jpg": redirect("/loop.jpg"),
+    "/to_file.jpg": redirect("file:///etc/passwd"),
+    "/to_data.jpg": redirect("data:image/jpeg;base64,/9j/"),
+    "/down.jpg": cdn_server.Response(503, b"later"),
+  }
+  urls = _serve_images(cdn, ["Alpha alba"], 6)
+  urls["Alpha alba"] += [cdn.route(path, response) for path, response in routes.items()]
+  _catalog(tmp_path / "catalog.jsonl", urls)
+  workdir = str(tmp_path / "w")
+  export.run(_config(tmp_path / "catalog.jsonl"), workdir)
+  manifest = tmp_path / "w/dataset/manifest.json"
+  failures = json.loads(manifest.read_text())["downloads"]["failures"]
+  assert failures == {
+    "http_410": 1,
+    "not_image": 1,
+    "too_many_redirects": 1,
+    "invalid_url": 2,  # file: and data: targets
+    "http_503": 1,
+  }
+  asked = {path: cdn.count(path) for path in routes}
+  export.run(_config(tmp_path / "catalog.jsonl"), workdir)
+  again = {path: cdn.count(path) - asked[path] for path in routes}
+  # Only the 503 is asked again; the remembered failures still count in the new manifest.
+  assert {path for path, n in again.items() if n} == {"/down.jpg"}
+  assert json.loads(manifest.read_text())["downloads"]["failures"] == failures
+
+
 def test_export_needs_some_image(tmp_path, cdn):
   _catalog(
     tmp_path / "catalog.jsonl",

@@ -33,9 +33,10 @@ from aplantida_jax.data import shards
 from aplantida_jax.data import sources
 from aplantida_jax.data import split as split_lib
 
-# Failures worth remembering across runs: the bytes were served and are bad, or
-# the file is gone. Timeouts, 5xx, 429, noai and too_large are retried next run.
-_PERMANENT_HTTP = ("http_404", "http_410")
+# Failures worth remembering across runs: the file is gone, the server answers with a page,
+# the URL or its redirects can never lead to an image. Timeouts, 5xx, 429, noai and too_large
+# are retried next run; delete dataset/cache/ to retry everything.
+_PERMANENT = ("http_404", "http_410", "not_image", "invalid_url", "too_many_redirects")
 
 
 def _location_key(location: str) -> str:
@@ -189,7 +190,7 @@ def _fill_cache(todo: dict, cache: Cache, config, total: int) -> collections.Cou
           {
             "key": result.key,
             "reason": result.reason,
-            "transient": result.reason not in _PERMANENT_HTTP,
+            "transient": result.reason not in _PERMANENT,
           }
         )
     for future in cf.as_completed(pending):
