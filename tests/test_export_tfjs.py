@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -286,3 +287,26 @@ def test_parity_fails_when_tfjs_sees_wrongly_normalised_input(workdir):
   )
   assert not result["passed"], result
   assert result["backends"]["cpu"]["max_abs_diff"] > parity.TARGET["max_abs_diff"]
+
+
+def test_a_failed_export_keeps_the_previous_tfjs_folder(workdir, tmp_path):
+  """The size check fails after jax2tf and TF.js conversion: the shipped folder is untouched."""
+  copy = str(tmp_path / "w")
+  shutil.copytree(workdir, copy)
+  tfjs_dir = os.path.join(copy, "tfjs")
+  before = {
+    os.path.relpath(os.path.join(d, f), tfjs_dir): open(os.path.join(d, f), "rb").read()
+    for d, _, files in os.walk(tfjs_dir)
+    for f in files
+  }
+  config = export_config.get_config()
+  config.export.max_mb = 0.001
+  config.export.parity_images = 0
+  with pytest.raises(opcheck.OpCheckError, match="MB"):
+    stage.run(config, copy)
+  after = {
+    os.path.relpath(os.path.join(d, f), tfjs_dir): open(os.path.join(d, f), "rb").read()
+    for d, _, files in os.walk(tfjs_dir)
+    for f in files
+  }
+  assert after == before and "model.json" in after

@@ -1,5 +1,9 @@
 """The HTTP client against a real misbehaving server on 127.0.0.1."""
 
+import datetime
+import email.utils
+import signal
+
 import pytest
 
 from aplantida_jax.data import fetch
@@ -56,14 +60,37 @@ def test_retry_after_is_honoured(cdn, faults):
   assert second - first >= 0.95, "the server asked for 1 s"
 
 
-def test_retry_after_is_capped(cdn, faults):
+@pytest.mark.parametrize(
+  "retry_after",
+  [
+    "3600",
+    email.utils.format_datetime(
+      datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1), usegmt=True
+    ),
+  ],
+  ids=["seconds", "http_date"],
+)
+def test_retry_after_is_capped(cdn, retry_after):
   cdn.route(
     "/limited2.jpg",
-    cdn_server.Response(429, b"", {"Retry-After": "3600"}),
+    cdn_server.Response(429, b"", {"Retry-After": retry_after}),
     cdn_server.image(cdn_server.jpeg_bytes()),
   )
-  got = _download({"x": cdn.url("/limited2.jpg")}, _http(max_retry_after_s=0.2))
+
+  def too_slow(*_):
+    raise TimeoutError("the download waited as the server asked, past the cap")
+
+  previous = signal.signal(signal.SIGALRM, too_slow)
+  signal.alarm(10)  # fails in seconds, not after the hour, if the cap is not applied
+  try:
+    got = _download({"x": cdn.url("/limited2.jpg")}, _http(max_retry_after_s=0.3, backoff_s=0.0))
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
   assert got["x"].ok
+  first, second = cdn.times("/limited2.jpg")
+  # It waited the cap (0.3 s), not the hour the server asked for.
+  assert 0.25 <= second - first < 5.0
 
 
 def test_retries_exhausted_reports_last_status(cdn):

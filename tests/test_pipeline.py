@@ -27,6 +27,9 @@ from tests.helpers import cli_env
 # ImageNet transfer (tests/test_import_pretrained.py and ./run.sh do), at a fraction of the
 # tracing, compiling and TF.js conversion. The downstream stages inherit them.
 SLIM = [f"c.model.kwargs = {SLIM_LITE0!r}", "c.model.init_from = ''", "c.optimizer.frozen = ''"]
+# A password every run's configs hold (catalog.mongo_uri); no file or output may show it.
+PLANTED = "Pl4nted-S3cret"
+MONGO_URI = f"mongodb://reader:{PLANTED}@db.example:27017/plants"
 # Per stage: config module, then lines that shrink its :demo variant further.
 SHRINK = {
   "audit": ["c.catalog.path = CATALOG"],
@@ -141,7 +144,7 @@ def runs(tmp_path_factory):
       write_configs(base / f"configs{seed}", seed, catalog)
 
     def start(name, seed, cache):
-      env = cli_env(JAX_COMPILATION_CACHE_DIR=str(base / cache))
+      env = cli_env(JAX_COMPILATION_CACHE_DIR=str(base / cache), APLANTIDA_MONGO_URI=MONGO_URI)
       return start_pipeline(base / f"configs{seed}", base / name, env)
 
     # "a" fills the compilation cache; "b" and "c" then run side by side (their stages are mostly
@@ -174,6 +177,22 @@ def test_every_stage_runs_and_the_run_is_recorded(runs):
   assert "license_check" in stdout and "ran" in stdout
   # TensorBoard on (clu's writer, the one path that imports TF in training; :demo turns it off).
   assert glob.glob(os.path.join(workdir, "teacher_global", "events.out.tfevents.*"))
+
+
+def test_a_planted_mongo_password_is_nowhere_in_the_workdir_or_the_output(runs):
+  """Every stage config holds catalog.mongo_uri (from $APLANTIDA_MONGO_URI): none may leak it."""
+  stdout, _, workdir = runs["a"]
+  assert PLANTED not in stdout
+  leaked = []
+  for folder, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        if PLANTED.encode() in f.read():
+          leaked.append(os.path.relpath(path, workdir))
+  assert not leaked, leaked
+  with open(os.path.join(workdir, "manifest.json")) as f:
+    assert "mongodb://***@db.example:27017/plants" in f.read()  # recorded, redacted
 
 
 def test_rerun_skips_every_stage(runs):

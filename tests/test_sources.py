@@ -351,6 +351,12 @@ def test_mongo_connection_error_never_shows_the_password():
       "mongodb://***@h1:1,h2:2/db",
     ),  # unescaped @ and / in password
     ("mongodb://alice:Qx?zPW77@host/db?authSource=admin", "mongodb://***@host/db?authSource=admin"),
+    ("mongodb://alice:Qx#zP/W?7@host/db", "mongodb://***@host/db"),  # unescaped # / ?
+    ("mongodb://alice:Qx%23z%2FW%3F7%40@host/db", "mongodb://***@host/db"),  # escaped
+    (
+      "mongodb+srv://alice:p@ss@cluster.example.net/?tls=true",
+      "mongodb+srv://***@cluster.example.net/?tls=true",
+    ),
     ("mongodb://h/?authSource=x&password=hunter2", "mongodb://h/?authSource=x&password=***"),
     (
       "mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN:abc",
@@ -500,3 +506,25 @@ def test_folder_source_over_flowers12():
   assert not any(commercial.check(r.license)[0] for r in records)
   assert all(research.check(r.license)[0] for r in records)
   assert not stats
+
+
+@pytest.mark.parametrize(
+  "url,kept",
+  [
+    ("https://cdn.example/a.jpg", True),
+    ("HTTP://CDN.example/a.jpg", True),  # schemes and hosts are case-insensitive
+    ("ftp://cdn.example/a.jpg", False),
+    ("file:///etc/passwd", False),
+    ("data:image/jpeg;base64,/9j/4AAQ", False),
+    ("javascript:alert(1)", False),
+    ("http://[::1/a.jpg", False),  # unclosed IPv6 bracket
+    ("http://cdn.example:99999/a.jpg", False),  # port out of range
+    ("//cdn.example/a.jpg", False),  # no scheme
+  ],
+)
+def test_only_http_urls_become_records_and_the_rest_are_counted(url, kept):
+  stats = collections.Counter()
+  doc = {"scientificName": "Thymus vulgaris", "images": [{"url": url, "license": "CC0"}]}
+  records = list(sources.document_records(doc, dict(common.catalog_config().fields), stats))
+  assert [r.url for r in records] == ([url] if kept else [])
+  assert sum(stats.values()) == (0 if kept else 1), stats
