@@ -159,6 +159,10 @@ def http_config() -> ml_collections.ConfigDict:
   c.retries = 3  # on connection errors, timeouts, 429 and 5xx
   c.backoff_s = 0.5  # base of the exponential backoff; Retry-After wins when given
   c.max_retry_after_s = 60.0  # cap on an honoured Retry-After
-  c.respect_noai = True  # skip images served with X-Robots-Tag: noai / noimageai
+  # Opt-outs honoured (data/fetch.py): X-Robots-Tag directives ([] = none), and the W3C
+  # TDM Reservation Protocol's `tdm-reservation: 1` (the EU DSM directive's machine-readable
+  # reservation). A skipped image counts as opt_out:<directive>.
+  c.opt_out_directives = ["noai", "noimageai", "noml", "noindex", "noimageindex"]
+  c.respect_tdm_reservation = True
   c.user_agent = "aplantida-jax/0.1 (+dataset export)"
   return c

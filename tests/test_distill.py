@@ -161,7 +161,7 @@ def _normalized(images):
   )
 
 
-def _save_teacher(workdir, name, seed):
+def _save_teacher(workdir, name, seed, diverged=False):
   """An untrained slim Lite0 teacher (config.json + real orbax best checkpoint).
 
   Its batch-norm statistics are those of the train images: with the initial ones (mean 0,
@@ -183,6 +183,8 @@ def _save_teacher(workdir, name, seed):
   head = variables["params"]["head"]["logits"]
   head["kernel"] = head["kernel"] * 20.0
   head["bias"] = jnp.asarray(np.random.default_rng(seed).normal(0, 2, NUM_CLASSES), jnp.float32)
+  if diverged:  # as a run whose loss went NaN would have left it
+    head["bias"] = jnp.full(NUM_CLASSES, jnp.nan, jnp.float32)
   stage_dir = os.path.join(workdir, name)
   os.makedirs(stage_dir)
   fileio.write_json(os.path.join(stage_dir, workdir_lib.CONFIG_FILE), config.to_dict())
@@ -554,6 +556,63 @@ def test_soft_labels_resume_from_finished_chunks(labelled, tmp_path, cache_env):
   np.testing.assert_allclose(rest[16:], original[16:])
   assert json.load(open(os.path.join(soft_dir, "meta.json")))["fingerprint"] == meta["fingerprint"]
   assert "rows an image" in result.stderr  # the storage report, at the plan's scale too
+
+
+def test_a_diverged_teacher_stops_soft_labels_with_one_line(labelled, tmp_path, cache_env):
+  workdir = _copy(labelled, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "soft_labels"))
+  shutil.rmtree(os.path.join(workdir, "teacher_regional"))
+  _save_teacher(workdir, "teacher_regional", 2, diverged=True)
+  result = helpers.run_main("configs/soft_labels.py:demo", workdir, *SOFT, **cache_env)
+  assert result.returncode == 1
+  error = result.stderr.strip().splitlines()[-1]
+  assert error.startswith("error: soft_labels: soft labels train: the teachers give NaN/inf")
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(workdir, "soft_labels", "meta.json"))
+
+
+def test_soft_labels_killed_mid_run_resume_to_byte_identical_arrays(labelled, tmp_path, cache_env):
+  workdir = _copy(labelled, tmp_path)
+  soft_dir = os.path.join(workdir, "soft_labels")
+  shutil.rmtree(soft_dir)
+  args = [*SOFT, "--config.chunk_size=4"]  # a dozen chunks: room to be killed between two
+  cmd = [
+    sys.executable,
+    "-m",
+    "aplantida_jax.main",
+    "--config=configs/soft_labels.py:demo",
+    f"--workdir={workdir}",
+    *args,
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=helpers.ROOT,
+    env=helpers.cli_env(**cache_env),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  first = os.path.join(soft_dir, "chunks", "train-0000000000.npz")
+  deadline = time.time() + 300
+  while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(soft_dir, "meta.json")), "finished before the kill"
+  kept = sorted(os.listdir(os.path.join(soft_dir, "chunks")))
+  result = helpers.run_main("configs/soft_labels.py:demo", workdir, *args, **cache_env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "train-0000000000.npz" in kept
+  done = len([k for k in kept if k.startswith("train-")])
+  # A resume, not a restart: the rerun starts from the chunks the killed run finished.
+  assert re.search(rf"soft labels train: resuming, {done} of \d+ chunks done", result.stderr)
+  # Byte for byte what the uninterrupted run (chunks of 16) stored.
+  for split in ("train", "val"):
+    for name in sorted(os.listdir(os.path.join(labelled, "soft_labels", split))):
+      with (
+        open(os.path.join(labelled, "soft_labels", split, name), "rb") as a,
+        open(os.path.join(soft_dir, split, name), "rb") as b,
+      ):
+        assert a.read() == b.read(), f"{split}/{name}"
 
 
 def test_centre_view_soft_labels_still_join_by_record(labelled, tmp_path, cache_env):

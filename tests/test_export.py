@@ -315,7 +315,14 @@ def test_export_over_faulty_cdn(cdn, tmp_path):
 
   dataset = tmp_path / "w" / "dataset"
   manifest = json.loads((dataset / "manifest.json").read_text())
-  fault_reasons = {"http_404", "timeout", "not_image", "truncated", "decompression_bomb", "noai"}
+  fault_reasons = {
+    "http_404",
+    "timeout",
+    "not_image",
+    "truncated",
+    "decompression_bomb",
+    "opt_out:noai",
+  }
   # Which faults got past the license filter depends on their position; all of those must fail right.
   assert set(manifest["downloads"]["failures"]) <= fault_reasons
   positions = [i % len(LICENSES) for u in urls.values() for i in range(len(u))]
@@ -376,7 +383,7 @@ def test_export_reports_every_fault_reason(cdn, tmp_path):
     "not_image": 1,
     "truncated": 1,
     "decompression_bomb": 1,
-    "noai": 1,
+    "opt_out:noai": 1,
   }
   # ok, redirect, 500-then-200, 429-then-200 and HEAD-less all serve the same bytes: one is kept.
   assert manifest["dedupe"]["duplicate_content"] == 4
@@ -618,3 +625,48 @@ def test_bench_export_mode_reports_json(tmp_path):
   assert result["machine"]["cpu_count"] == os.cpu_count()
   for key in ("images_per_s", "mb_per_s", "images_per_s_per_core"):
     assert 0 < result[key]["min"] <= result[key]["median"] <= result[key]["max"]
+
+
+def test_metadata_sidecars_stand_in_for_the_shards_and_a_changed_one_is_refused(
+  cdn, tmp_path, monkeypatch
+):
+  from aplantida_jax.repro import license_check  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  _catalog(tmp_path / "catalog.jsonl", _serve_images(cdn, ["Alpha alba", "Beta bella"], 8))
+  workdir = tmp_path / "w"
+  export.run(_config(tmp_path / "catalog.jsonl"), str(workdir))
+  dataset = workdir / "dataset"
+  manifest = json.loads((dataset / "manifest.json").read_text())
+  for split in split_lib.SPLITS:
+    sidecar = dataset / manifest["metadata"][split]["file"]
+    assert hashlib.sha256(sidecar.read_bytes()).hexdigest() == manifest["metadata"][split]["sha256"]
+    decoded = [r for p in shards.shard_paths(str(dataset), split) for r in shards.read_shard(p)]
+    lines = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    assert lines == [{k: r[k] for k in shards.METADATA_FIELDS} for r in decoded]
+  expected = input_pipeline.read_metadata(str(dataset), "train")
+
+  # Metadata readers and the license check decode no shard when the sidecars exist.
+  def no_decoding(path):
+    raise AssertionError(f"decoded {path}")
+
+  monkeypatch.setattr(shards, "read_shard", no_decoding)
+  got = input_pipeline.read_metadata(str(dataset), "train")
+  assert got["sha256"] == expected["sha256"] and got["regions"] == expected["regions"]
+  np.testing.assert_array_equal(got["labels"], expected["labels"])
+  assert license_check.check(str(workdir))["checks"]["dataset_licenses"]["status"] == "pass"
+
+  # A sidecar edited after the export is refused, naming it; so is a changed shard.
+  sidecar = dataset / manifest["metadata"]["train"]["file"]
+  original = sidecar.read_text()
+  sidecar.write_text(original.replace('"CC-BY-4.0"', '"CC-BY-NC-4.0"', 1))
+  with pytest.raises(shards.CorruptShardError, match=f"metadata sidecar {sidecar} differs"):
+    input_pipeline.read_metadata(str(dataset), "train")
+  sidecar.write_text(original)
+  shard = dataset / manifest["shards"]["val"][0]["file"]
+  shard.write_bytes(shard.read_bytes() + b"\0")
+  report = license_check.check(str(workdir))
+  assert any(
+    v["file"] == os.path.relpath(shard, workdir) and "differs from the sha256" in v["problem"]
+    for v in report["violations"]
+  )

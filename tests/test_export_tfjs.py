@@ -310,3 +310,14 @@ def test_a_failed_export_keeps_the_previous_tfjs_folder(workdir, tmp_path):
     for f in files
   }
   assert after == before and "model.json" in after
+
+
+@pytest.mark.parametrize("side", ["tfjs", "jax"])
+def test_non_finite_probabilities_never_pass_parity(side):
+  reference = np.full((4, 3), 1 / 3) + np.eye(4, 3) * 0.5
+  reference /= reference.sum(-1, keepdims=True)
+  candidate = reference.copy()
+  (candidate if side == "tfjs" else reference)[1] = np.nan
+  report = parity.report(reference, {"cpu": {"probabilities": candidate, "median_ms": 1.0}})
+  assert not report["passed"]
+  assert not np.isfinite(report["backends"]["cpu"]["max_abs_diff"])

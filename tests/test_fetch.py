@@ -42,7 +42,7 @@ def test_download_outcomes_and_reasons(cdn, faults):
     "html": "ok",
     "huge": "ok",
     "redirect": "ok",
-    "noai": "noai",
+    "noai": "opt_out:noai",
     "no_head": "ok",
   }
   # Bytes checks (truncated, HTML, huge) are imaging's job; fetch delivers what was served.
@@ -101,28 +101,37 @@ def test_retries_exhausted_reports_last_status(cdn):
 
 
 def test_noai_is_fetched_when_not_respected(faults):
-  got = _download({"x": faults["noai"]}, _http(respect_noai=False))
+  got = _download({"x": faults["noai"]}, _http(opt_out_directives=["noml"]))
   assert got["x"].ok
 
 
 @pytest.mark.parametrize(
-  "headers,opted_out",
+  "headers,reason,http",
   [
-    ({"X-Robots-Tag": "noml"}, True),
-    ({"X-Robots-Tag": "googlebot: noimageindex"}, True),
-    ({"X-Robots-Tag": "noindex, nofollow"}, True),
-    ({"tdm-reservation": "1"}, True),
-    ({"tdm-reservation": "0"}, False),
-    ({"X-Robots-Tag": "nofollow"}, False),
+    ({"X-Robots-Tag": "noml"}, "opt_out:noml", {}),
+    ({"X-Robots-Tag": "googlebot: noimageindex"}, "opt_out:noimageindex", {}),
+    ({"X-Robots-Tag": "noindex, nofollow"}, "opt_out:noindex", {}),
+    ({"X-Robots-Tag": "NoImageAI"}, "opt_out:noimageai", {}),
+    ({"tdm-reservation": "1"}, "opt_out:tdm-reservation", {}),
+    ({"tdm-reservation": "0"}, "ok", {}),
+    ({"X-Robots-Tag": "nofollow"}, "ok", {}),
+    # Each opt-out can be turned off on its own.
+    ({"X-Robots-Tag": "noindex"}, "ok", {"opt_out_directives": ["noai", "noimageai", "noml"]}),
+    ({"tdm-reservation": "1"}, "ok", {"respect_tdm_reservation": False}),
   ],
 )
-def test_opt_out_headers_are_honoured(cdn, headers, opted_out):
+def test_opt_out_headers_are_honoured_and_counted_by_directive(cdn, headers, reason, http):
   url = cdn.route(
     "/img.jpg",
     cdn_server.Response(200, cdn_server.jpeg_bytes(), {"Content-Type": "image/jpeg", **headers}),
   )
-  got = _download({"x": url}, _http())["x"]
-  assert (got.reason == "noai") == opted_out and got.ok != opted_out
+  got = _download({"x": url}, _http(**http))["x"]
+  assert got.reason == reason and got.ok == (reason == "ok")
+
+
+def test_an_unknown_opt_out_directive_is_a_config_error():
+  with pytest.raises(ValueError, match=r"opt_out_directives names \['noia'\]; known"):
+    fetch.check_config(_http(opt_out_directives=["noai", "noia"]))
 
 
 def test_too_large(faults):
@@ -171,3 +180,27 @@ def test_check_urls_html_is_not_an_image(cdn):
   url = cdn.route("/page", cdn_server.Response(200, b"<html/>", {"Content-Type": "text/html"}))
   (check,) = fetch.check_urls([url], _http())
   assert (check.ok, check.reason) == (False, "not_image")
+
+
+def test_a_body_cut_mid_transfer_is_retried(cdn):
+  full = cdn_server.jpeg_bytes()
+  cut = cdn_server.Response(
+    200,
+    full[: len(full) // 2],
+    {"Content-Type": "image/jpeg", "Content-Length": str(len(full)), "Connection": "close"},
+  )
+  url = cdn.route("/cut.jpg", cut, cdn_server.image(full))
+  got = _download({"x": url}, _http(retries=1))["x"]
+  assert got.ok and got.data == full and cdn.count("/cut.jpg") == 2
+  always_cut = cdn.route("/always_cut.jpg", cut)
+  got = _download({"x": always_cut}, _http(retries=1))["x"]
+  assert got.reason == "connection_error" and cdn.count("/always_cut.jpg") == 2
+
+
+def test_a_redirect_to_another_host_is_followed(cdn):
+  """CDNs redirect to other hosts: followed, and judged by where it lands."""
+  with cdn_server.CdnServer() as other:
+    target = other.route("/img.jpg", cdn_server.image(cdn_server.jpeg_bytes()))
+    url = cdn.route("/moved.jpg", cdn_server.Response(301, b"", {"Location": target}))
+    got = _download({"x": url}, _http())["x"]
+    assert got.ok and other.count("/img.jpg") == 1

@@ -239,3 +239,24 @@ def test_bad_sampling_and_empty_region_are_clear_errors(dataset_dir):
     _batches(dataset_dir, _config(sampling="zipf"), 1)
   with pytest.raises(ValueError, match="region_filter"):
     _batches(dataset_dir, _config(region_filter=["JP"]), 1)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bytes_changed"])
+def test_a_corrupt_shard_is_refused_naming_the_file(tmp_path, damage):
+  dataset = str(tmp_path / "dataset")
+  write_tiny_dataset(dataset, num_classes=2, per_class={"train": 4, "val": 4}, size=32)
+  path = shards.shard_paths(dataset, "val")[-1]
+  data = bytearray(open(path, "rb").read())
+  if damage == "truncated":
+    data = data[: len(data) // 2]
+  else:
+    data[200:1200] = bytes(b ^ 0x5A for b in data[200:1200])  # inside the first records
+  open(path, "wb").write(bytes(data))
+  config = training.training_config(output_dir="x", model_name="", image_size=32)
+  config.input.worker_count = 0
+  with pytest.raises(shards.CorruptShardError) as error:
+    input_pipeline.read_metadata(dataset, "val")
+  assert f"dataset shard {path} is corrupt" in str(error.value)
+  assert "Re-run the export stage" in str(error.value)
+  with pytest.raises(shards.CorruptShardError, match=f"dataset shard {path} is corrupt"):
+    list(input_pipeline.eval_batches(config.input, dataset, "val", 4))

@@ -34,7 +34,7 @@ from aplantida_jax.data import sources
 from aplantida_jax.data import split as split_lib
 
 # Failures worth remembering across runs: the file is gone, the server answers with a page,
-# the URL or its redirects can never lead to an image. Timeouts, 5xx, 429, noai and too_large
+# the URL or its redirects can never lead to an image. Timeouts, 5xx, 429, opt-outs and too_large
 # are retried next run; delete dataset/cache/ to retry everything.
 _PERMANENT = ("http_404", "http_410", "not_image", "invalid_url", "too_many_redirects")
 
@@ -232,8 +232,11 @@ def _shard_record(record, label, sha, jpeg) -> dict:
   )
 
 
-def _write_split(splits_dir, name, items, records, labels, cache, records_per_shard) -> list:
-  """Writes one split's shards (items already in their final order); returns shard info."""
+def _write_split(splits_dir, name, items, records, labels, cache, records_per_shard) -> tuple:
+  """Writes one split's shards and metadata sidecar (items in their final order).
+
+  Returns (shard info, sidecar info) for the manifest.
+  """
   num_shards = max(1, math.ceil(len(items) / records_per_shard))
   info = []
   for i in range(num_shards):
@@ -260,7 +263,16 @@ def _write_split(splits_dir, name, items, records, labels, cache, records_per_sh
         file=os.path.relpath(path, os.path.dirname(splits_dir)), records=len(chunk), sha256=digest
       )
     )
-  return info
+  # The sidecar from the same fields (labels, regions, licenses, ...), without the JPEGs.
+  sidecar = shards.write_metadata(
+    os.path.dirname(splits_dir),
+    name,
+    (
+      _shard_record(records[(item.species, item.location)], labels[item.species], item.sha256, b"")
+      for item in items
+    ),
+  )
+  return info, sidecar
 
 
 def _remove_stale_shards(splits_dir, keep):
@@ -360,12 +372,14 @@ def run(config, workdir: str) -> dict:
     # complete (until the new manifest is written last). A bad rerun leaves it whole.
     if os.path.exists(manifest_path):
       os.remove(manifest_path)
-    shard_info = {
+    written = {
       name: _write_split(
         splits_dir, name, list(items), by_location, labels, cache, config.export.records_per_shard
       )
       for name, items in result.splits.items()
     }
+    shard_info = {name: info for name, (info, _) in written.items()}
+    metadata_info = {name: sidecar for name, (_, sidecar) in written.items()}
   finally:
     cache.close()
   _remove_stale_shards(
@@ -392,6 +406,7 @@ def run(config, workdir: str) -> dict:
     },
     classes=list(result.species),
     shards=shard_info,
+    metadata=metadata_info,
     catalog=dict(
       source=sources.describe(config.catalog),
       image_records=len(records) + sum(license_rejections.values()),

@@ -5,7 +5,7 @@ One aiohttp session per call, bounded by `http.concurrency` requests in total an
 errors, timeouts, 429 and 5xx are retried `http.retries` times with exponential
 backoff (`http.backoff_s * 2**attempt`), or after the server's Retry-After
 (capped at `http.max_retry_after_s`). Every failure is a short reason string
-("http_404", "timeout", "noai", "too_large", ...) so reports can count them.
+("http_404", "timeout", "opt_out:noai", "too_large", ...) so reports can count them.
 
 The public entry points are synchronous so stages stay plain functions: the
 event loop runs inside the call (check_urls) or in a background thread
@@ -69,23 +69,27 @@ class _Failure(Exception):
     )
 
 
-# X-Robots-Tag directives that opt an image out of dataset use: the AI ones, and the
-# indexing ones img2dataset also honours by default.
+# X-Robots-Tag directives that may opt an image out of dataset use (http.opt_out_directives):
+# the AI ones, and the indexing ones img2dataset also honours by default.
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noml", "noindex", "noimageindex")
+TDM_RESERVATION = "tdm-reservation"
 
 
-def opts_out(headers) -> bool:
-  """True when the server opts the image out of text-and-data mining.
+def opt_out_reason(headers, http_cfg) -> str | None:
+  """`opt_out:<directive>` when the server opts the image out of data mining, else None.
 
-  X-Robots-Tag with one of OPT_OUT_DIRECTIVES (also in `bot: directive` form), or the
-  W3C TDM Reservation Protocol header `tdm-reservation: 1` (the machine-readable
-  reservation of EU directive 2019/790, art. 4).
+  An X-Robots-Tag directive listed in http.opt_out_directives (also in `bot: directive`
+  form), or, with http.respect_tdm_reservation, the W3C TDM Reservation Protocol header
+  `tdm-reservation: 1` (the machine-readable reservation of EU directive 2019/790, art. 4).
   """
+  honoured = {d.lower() for d in http_cfg.opt_out_directives}
   for value in headers.getall("X-Robots-Tag", ()):
     for token in value.replace(":", ",").split(","):
-      if token.strip().lower() in OPT_OUT_DIRECTIVES:
-        return True
-  return headers.get("tdm-reservation", "").strip() == "1"
+      if token.strip().lower() in honoured:
+        return f"opt_out:{token.strip().lower()}"
+  if http_cfg.respect_tdm_reservation and headers.get(TDM_RESERVATION, "").strip() == "1":
+    return f"opt_out:{TDM_RESERVATION}"
+  return None
 
 
 def _retry_after_s(headers, cap: float) -> float | None:
@@ -116,6 +120,12 @@ def check_config(http_cfg) -> None:
   for field, (ok, must) in rules.items():
     if not ok:
       raise ValueError(f"--config.http.{field}={http_cfg[field]!r} must be {must}.")
+  unknown = sorted({d.lower() for d in http_cfg.opt_out_directives} - set(OPT_OUT_DIRECTIVES))
+  if unknown:
+    raise ValueError(
+      f"--config.http.opt_out_directives names {unknown}; known X-Robots-Tag opt-outs: "
+      f"{list(OPT_OUT_DIRECTIVES)}."
+    )
 
 
 def _session(http_cfg) -> aiohttp.ClientSession:
@@ -151,8 +161,9 @@ async def _request_once(session, method: str, url: str, http_cfg, max_bytes: int
           resp.status,
           _retry_after_s(resp.headers, http_cfg.max_retry_after_s),
         )
-      if http_cfg.respect_noai and opts_out(resp.headers):
-        raise _Failure("noai", resp.status)
+      opted_out = opt_out_reason(resp.headers, http_cfg)
+      if opted_out:
+        raise _Failure(opted_out, resp.status)
       content_type = resp.headers.get("Content-Type", "")
       if content_type.startswith("text/html"):  # soft 404 pages; images are never HTML
         raise _Failure("not_image", resp.status)
@@ -215,9 +226,8 @@ async def _check_all(urls, http_cfg):
 def check_urls(urls: Iterable[str], http_cfg) -> list:
   """Concurrent HEAD (GET when HEAD is refused) of `urls` → list[UrlCheck], in input order.
 
-  A URL is ok when it answers 2xx after redirects, is not HTML, and (with
-  http.respect_noai) carries no X-Robots-Tag noai/noimageai, i.e. when the
-  export could use it. HEAD answered 403/405/501/5xx or a dropped connection is
+  A URL is ok when it answers 2xx after redirects, is not HTML, and does not opt
+  out (opt_out_reason), i.e. when the export could use it. HEAD answered 403/405/501/5xx or a dropped connection is
   retried as GET; timeouts are not (a GET would time out the same way).
   """
   return asyncio.run(_check_all(list(urls), http_cfg))

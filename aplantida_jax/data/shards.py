@@ -6,17 +6,27 @@ One ArrayRecord record = msgpack map with the JPEG bytes and its metadata:
   (hex of the JPEG bytes as stored).
 msgpack is deterministic for the same map, so identical inputs give
 byte-identical shards. Files are written under a temporary name and renamed.
+
+Beside each split's shards, `<split>.metadata.jsonl` holds every field but the
+JPEG, one line per record in record order, so that sampling, soft-label
+alignment, region masks and the license check never decode image bytes. The
+shards stay the truth: the export records the sidecar's sha256 in the dataset
+manifest, and `read_metadata` refuses a sidecar that does not match it.
 """
 
 import glob
+import hashlib
+import json
 import os
 
 import msgpack
 from array_record.python import array_record_module
 
+from aplantida_jax import errors
 from aplantida_jax import fileio
 
 FIELDS = ("jpeg", "label", "species", "regions", "country", "license", "author", "url", "sha256")
+METADATA_FIELDS = FIELDS[1:]  # all but the JPEG bytes
 WRITER_OPTIONS = "group_size:1"  # random access for Grain
 
 
@@ -71,11 +81,106 @@ def write_shard(path: str, encoded_records) -> None:
     writer.close()
 
 
-def read_shard(path: str):
-  """Yields decoded records of one shard in order."""
-  reader = array_record_module.ArrayRecordReader(path)
+class CorruptShardError(errors.StageError):
+  """A shard (or its metadata sidecar) cannot be trusted: the message names the file."""
+
+
+def metadata_path(dataset_dir: str, split: str) -> str:
+  return os.path.join(dataset_dir, "splits", f"{split}.metadata.jsonl")
+
+
+def write_metadata(dataset_dir: str, split: str, records) -> dict:
+  """Streams the split's sidecar from record dicts in record order (atomic write).
+
+  Returns {file, records, sha256} for the dataset manifest.
+  """
+  path = metadata_path(dataset_dir, split)
+  digest, count = hashlib.sha256(), 0
+  with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    for record in records:
+      line = json.dumps({k: record[k] for k in METADATA_FIELDS}, sort_keys=True) + "\n"
+      f.write(line.encode())
+      digest.update(line.encode())
+      count += 1
+  return {
+    "file": os.path.relpath(path, dataset_dir),
+    "records": count,
+    "sha256": digest.hexdigest(),
+  }
+
+
+def read_metadata(dataset_dir: str, split: str, recorded: dict) -> list:
+  """Metadata dicts of a split, in record order, from its sidecar (no JPEG decoded).
+
+  `recorded` is the dataset manifest's `metadata[split]`; a sidecar whose sha256
+  differs from it is refused (CorruptShardError), since the shards are the truth.
+  """
+  path = os.path.join(dataset_dir, recorded["file"])
   try:
-    for i in range(reader.num_records()):
-      yield decode(reader.read([i])[0])
-  finally:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise CorruptShardError(
+      f"metadata sidecar {path} is unreadable ({e}); re-run the export stage (configs/export.py)."
+    ) from None
+  if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+    raise CorruptShardError(
+      f"metadata sidecar {path} differs from the one dataset/manifest.json recorded (sha256); "
+      "re-run the export stage (configs/export.py) to rewrite it from the shards."
+    )
+  return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def corrupt(path: str, error: Exception, where: str = "") -> CorruptShardError:
+  reason = str(error) or type(error).__name__
+  return CorruptShardError(
+    f"dataset shard {path} is corrupt{where} ({reason}). Re-run the export stage "
+    "(configs/export.py): it rebuilds the shards from its download cache."
+  )
+
+
+def read_shard(path: str):
+  """Yields decoded records of one shard in order; a CorruptShardError names a bad file."""
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+  except RuntimeError as e:
+    raise corrupt(path, e) from None
+  for i in range(reader.num_records()):
+    try:
+      data = reader.read([i])[0]
+    except RuntimeError as e:
+      _close_quietly(reader)
+      raise corrupt(path, e, f" at record {i}") from None
+    yield decode(data)
+  try:
+    reader.close()  # Riegeli reports some damage (a cut tail) only here
+  except RuntimeError as e:
+    raise corrupt(path, e) from None
+
+
+def _close_quietly(reader) -> None:
+  try:
     reader.close()
+  except RuntimeError:
+    pass
+
+
+def check_readable(paths) -> None:
+  """Opens every shard; raises CorruptShardError naming the first that cannot be opened."""
+  for path in paths:
+    try:
+      array_record_module.ArrayRecordReader(path).close()
+    except RuntimeError as e:
+      raise corrupt(path, e) from None
+
+
+def locate(paths, index: int) -> tuple:
+  """(shard path, record within it) of record `index` across `paths` in order."""
+  for path in paths:
+    reader = array_record_module.ArrayRecordReader(path)
+    count = reader.num_records()
+    reader.close()
+    if index < count:
+      return path, index
+    index -= count
+  raise IndexError(index)

@@ -388,6 +388,12 @@ def label_split(config, chunk_dir, split, source, epochs, compute, transform, me
   count = epochs * num_positions
   chunk = config.chunk_size
   paths = []
+  done = sum(
+    os.path.exists(os.path.join(chunk_dir, f"{split}-{start:010d}.npz"))
+    for start in range(0, count, chunk)
+  )
+  if done:
+    logging.info("soft labels %s: resuming, %d of %d chunks done", split, done, -(-count // chunk))
   with tqdm(total=count, desc=f"soft labels {split}", unit="img", disable=None) as bar:
     for start in range(0, count, chunk):
       stop = min(start + chunk, count)

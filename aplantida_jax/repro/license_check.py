@@ -60,11 +60,21 @@ def read_export_policy(dataset_manifest: dict):
 
 
 def iter_shard_records(dataset_dir: str):
-  """(shard path, record) for every record of every split, in file order."""
+  """(file, record) for every record of every split, in file order.
+
+  A split the dataset manifest records a metadata sidecar for is read from it
+  (sha256-checked against the manifest, no JPEG decoded); other shards are decoded.
+  """
+  manifest = fileio.read_json(os.path.join(dataset_dir, "manifest.json")) or {}
+  sidecars = manifest.get("metadata") or {}
+  for split, recorded in sorted(sidecars.items()):
+    path = os.path.join(dataset_dir, recorded["file"])
+    for record in shards.read_metadata(dataset_dir, split, recorded):
+      yield path, record
   paths = sorted(
     p
     for p in glob.glob(os.path.join(dataset_dir, "splits", "*.array_record-*"))
-    if not p.endswith(".tmp")
+    if not p.endswith(".tmp") and os.path.basename(p).split(".array_record-")[0] not in sidecars
   )
   for path in tqdm(paths, desc="license check: shards", unit="shard", disable=len(paths) < 2):
     for record in shards.read_shard(path):
@@ -207,7 +217,20 @@ def check_dataset(workdir: str, policy) -> tuple:
         )
       ],
     )
-  found = []
+  # The sidecars stand in for the shards only while every shard is the one exported.
+  found = [
+    violation(
+      "dataset_licenses",
+      rel(os.path.join(dataset_dir, shard["file"])),
+      "shard",
+      "differs from the sha256 dataset/manifest.json recorded (changed after the export)",
+      RERUN_EXPORT,
+    )
+    for info in (manifest.get("shards") or {}).values()
+    for shard in info
+    if not os.path.exists(os.path.join(dataset_dir, shard["file"]))
+    or fileio.sha256_file(os.path.join(dataset_dir, shard["file"])) != shard["sha256"]
+  ]
   export_policy = read_export_policy(manifest)
   if export_policy is not None and not getattr(
     licenses.POLICIES.get(export_policy), "shippable", False

@@ -40,6 +40,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
+from aplantida_jax import fileio
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 
@@ -85,7 +86,12 @@ class RecordSource(grain.sources.RandomAccessDataSource):
   """
 
   def __init__(self, paths, view=None, *, epoch_keys=False):
-    self._source = grain.sources.ArrayRecordDataSource(list(paths))
+    self._paths = list(paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    except RuntimeError:
+      shards.check_readable(self._paths)  # names the file
+      raise
     self._view = None if view is None else np.asarray(view, np.int64)
     self._epoch_keys = epoch_keys
 
@@ -111,7 +117,12 @@ class RecordSource(grain.sources.RandomAccessDataSource):
     exit_with_parent()
     epoch, position = divmod(int(key), self.num_positions)
     index = int(self.record_index(position))
-    return {"index": index, "epoch": epoch, "position": position, "data": self._source[index]}
+    try:
+      data = self._source[index]
+    except RuntimeError as e:
+      path, within = shards.locate(self._paths, index)
+      raise shards.corrupt(path, e, f" at record {within}") from None
+    return {"index": index, "epoch": epoch, "position": position, "data": data}
 
 
 class EpochIndexSampler(grain.samplers.IndexSampler):
@@ -288,16 +299,28 @@ class EvalTransform(grain.transforms.Map):
     return _fields(element, record, image, self.join_fn, element["epoch"])
 
 
+def split_records(dataset_dir: str, split: str):
+  """Every record's metadata (shards.METADATA_FIELDS), in record order.
+
+  From the split's sidecar when dataset/manifest.json records one (sha256-checked, no
+  JPEG decoded), else by decoding the shards (datasets written without the export).
+  """
+  manifest = fileio.read_json(os.path.join(dataset_dir, "manifest.json")) or {}
+  recorded = (manifest.get("metadata") or {}).get(split)
+  if recorded:
+    yield from shards.read_metadata(dataset_dir, split, recorded)
+    return
+  for path in shards.shard_paths(dataset_dir, split):
+    yield from tqdm(shards.read_shard(path), desc=f"metadata {split}", leave=False, disable=None)
+
+
 def read_metadata(dataset_dir: str, split: str) -> dict:
   """Per-record label, regions and sha256 of a split, in record order."""
   labels, regions, sha256 = [], [], []
-  for path in shards.shard_paths(dataset_dir, split):
-    for record in tqdm(
-      shards.read_shard(path), desc=f"metadata {split}", leave=False, disable=None
-    ):
-      labels.append(record["label"])
-      regions.append(list(record["regions"]))
-      sha256.append(record["sha256"])
+  for record in split_records(dataset_dir, split):
+    labels.append(record["label"])
+    regions.append(list(record["regions"]))
+    sha256.append(record["sha256"])
   return {"labels": np.asarray(labels, np.int32), "regions": regions, "sha256": sha256}
 
 
