@@ -301,7 +301,7 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
 
   # val: each teacher on the eval crop.
   stored = _stored(labelled, "val")
-  assert stored["probs"].dtype == np.float16 and stored["classes"].dtype == np.int32
+  assert stored["probs"].dtype == np.float16 and stored["classes"].dtype == np.int16
   batch = next(input_pipeline.eval_batches(_input(), dataset_dir, "val", 64))
   mixed, plain = _numpy_ensemble(
     labelled,

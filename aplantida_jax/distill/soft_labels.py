@@ -17,12 +17,13 @@ Each teacher's probabilities at temperature T are averaged over views, then
 over teachers with per-image weights (a regional teacher counts
 `region_weight` times more on images of its region: image country, else the
 species' regions, as stored in the shards). Only the top-k probabilities
-(float16), their classes (int32) and the remaining mass are kept per row
-(k × 6 + 4 bytes), plus the record sha256 once per view position (32 bytes:
-every epoch's row e * N + j shows record view[j]). Dense storage is N × C × 2
-bytes (900k images × 9,000 classes ≈ 16 GB a row per image) against the
-user's 3.3 GB budget; replaying E = 16 epochs sparse is ≈ 0.95 GB at k = 10
-(14.4M rows × 64 bytes + 900k positions × 32 bytes).
+(float16), their classes (int16 below 32,768 classes, else int32) and the
+remaining mass are kept per row (k × 4 + 4 bytes with int16), plus the record
+sha256 once per view position (32 bytes: every epoch's row e * N + j shows
+record view[j]). Dense storage is N × C × 2 bytes (900k images × 9,000
+classes ≈ 16 GB a row per image) against the user's 3.3 GB budget; replaying
+E = 16 epochs sparse is ≈ 0.66 GB at k = 10 (14.4M rows × 44 bytes + 900k
+positions × 32 bytes).
 
   <workdir>/soft_labels/meta.json                 T, k, teachers, dataset hash, rows per split
                                                   ("counts"), and "replay": what the crops
@@ -31,7 +32,7 @@ user's 3.3 GB budget; replaying E = 16 epochs sparse is ≈ 0.95 GB at k = 10
                                                   color_jitter, sampling, region_filter);
                                                   null for centre views only
   <workdir>/soft_labels/<split>/probs.npy         [rows, k] float16 (teacher probabilities at T)
-                               classes.npy        [rows, k] int32
+                               classes.npy        [rows, k] int16 (int32 from 32,768 classes)
                                rest.npy           [rows] float32 (1 − Σ probs)
                                sha256.npy         [N, 32] uint8: position j's record sha256
                                                   (view[j]; for centre views N rows = N
@@ -76,6 +77,11 @@ from aplantida_jax.train import steps
 META_FILE = "meta.json"
 ARRAYS = ("probs", "classes", "rest", "sha256")
 REFERENCE = dict(images=900_000, classes=9_000, budget_bytes=3.3e9)  # the user's plan
+
+
+def class_dtype(num_classes: int):
+  """The stored class-index type: int16 while every index fits, else int32."""
+  return np.int16 if num_classes <= np.iinfo(np.int16).max + 1 else np.int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +387,7 @@ def _chunk_loader(config, source, start, stop, transform, batch_size):
   )
 
 
-def label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh):
+def label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh, num_classes):
   """Writes the chunk files of a split's epochs × source.num_positions rows (skipping
   finished ones) → their paths, in row order."""
   num_positions = source.num_positions
@@ -416,7 +422,7 @@ def label_split(config, chunk_dir, split, source, epochs, compute, transform, me
             "--config.optimizer.learning_rate) or point --config.teachers.*.dir elsewhere."
           )
         out["probs"].append(probs[:real].astype(np.float16))
-        out["classes"].append(classes[:real].astype(np.int32))
+        out["classes"].append(classes[:real].astype(class_dtype(num_classes)))
         out["rest"].append(rest[:real].astype(np.float32))
         out["sha256"].append(batch["sha256"])
         out["row"].append(batch["epoch"].astype(np.int64) * num_positions + batch["position"])
@@ -489,7 +495,8 @@ def storage_report(out_dir, splits, counts, num_classes, k, replay):
   """Disk size of the sparse set vs dense fp16 storage, here and at the user's scale."""
   sparse = sum(_folder_bytes(os.path.join(out_dir, s)) for s in splits)
   dense = sum(counts.values()) * num_classes * 2
-  row_bytes = k * (2 + 4) + 4  # fp16 probs + int32 classes, float32 rest
+  # fp16 probs + int16/int32 classes, float32 rest (at the plan's class count)
+  row_bytes = k * (2 + np.dtype(class_dtype(REFERENCE["classes"])).itemsize) + 4
   position_bytes = 32  # the record sha256, once per view position (not per row)
   rows_per_image = replay["epochs"] if replay else 1
   reference = REFERENCE["images"] * (rows_per_image * row_bytes + position_bytes)
@@ -617,7 +624,9 @@ def run(config, workdir) -> dict:
       if replayed
       else centre
     )
-    paths = label_split(config, chunk_dir, split, source, epochs, compute, transform, mesh)
+    paths = label_split(
+      config, chunk_dir, split, source, epochs, compute, transform, mesh, num_classes
+    )
     rows = epochs * source.num_positions
     _write_split(out_dir, split, paths, rows, source.num_positions)
     labels = input_pipeline.read_metadata(dataset_dir, split)["labels"]
@@ -714,7 +723,7 @@ class SoftLabelJoin:
       )
     return {
       "teacher_probs": np.asarray(a["probs"][row]),
-      "teacher_classes": np.asarray(a["classes"][row]),
+      "teacher_classes": np.asarray(a["classes"][row], np.int32),  # stored int16 or int32
       "teacher_rest": np.float32(a["rest"][row]),
     }
 
