@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -17,9 +19,8 @@ def cli_env(**extra):
   return env
 
 
-def run_main(config, workdir, *overrides, timeout=600, **env):
-  """`python -m aplantida_jax.main --config=... --workdir=... overrides` → CompletedProcess."""
-  cmd = [
+def _main_cmd(config, workdir, overrides):
+  return [
     sys.executable,
     "-m",
     "aplantida_jax.main",
@@ -27,9 +28,43 @@ def run_main(config, workdir, *overrides, timeout=600, **env):
     f"--workdir={workdir}",
     *overrides,
   ]
+
+
+def run_main(config, workdir, *overrides, timeout=600, **env):
+  """`python -m aplantida_jax.main --config=... --workdir=... overrides` → CompletedProcess."""
   return subprocess.run(
-    cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+    _main_cmd(config, workdir, overrides),
+    cwd=ROOT,
+    env=cli_env(**env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
+
+
+def start_main(config, workdir, *overrides, **env) -> subprocess.Popen:
+  """The run_main command in the background, its output discarded: a run to be killed."""
+  return subprocess.Popen(
+    _main_cmd(config, workdir, overrides),
+    cwd=ROOT,
+    env=cli_env(**env),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+
+
+def kill_when(proc, ready, timeout=600, poll_s=0.02) -> bool:
+  """SIGKILLs `proc` as soon as `ready()` holds (or it ends, or `timeout` passes).
+
+  Returns whether it was still running when killed: False means it finished first.
+  """
+  deadline = time.time() + timeout
+  while not ready() and proc.poll() is None and time.time() < deadline:
+    time.sleep(poll_s)
+  running = proc.poll() is None
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return running
 
 
 # A slim EfficientNet-Lite0 from scratch: what the tests train instead of the :demo variants'

@@ -17,10 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import grain
 import jax
@@ -576,27 +572,9 @@ def test_soft_labels_killed_mid_run_resume_to_byte_identical_arrays(labelled, tm
   soft_dir = os.path.join(workdir, "soft_labels")
   shutil.rmtree(soft_dir)
   args = [*SOFT, "--config.chunk_size=4"]  # a dozen chunks: room to be killed between two
-  cmd = [
-    sys.executable,
-    "-m",
-    "aplantida_jax.main",
-    "--config=configs/soft_labels.py:demo",
-    f"--workdir={workdir}",
-    *args,
-  ]
-  proc = subprocess.Popen(
-    cmd,
-    cwd=helpers.ROOT,
-    env=helpers.cli_env(**cache_env),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
+  proc = helpers.start_main("configs/soft_labels.py:demo", workdir, *args, **cache_env)
   first = os.path.join(soft_dir, "chunks", "train-0000000000.npz")
-  deadline = time.time() + 300
-  while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert helpers.kill_when(proc, lambda: os.path.exists(first), timeout=300, poll_s=0.01)
   assert not os.path.exists(os.path.join(soft_dir, "meta.json")), "finished before the kill"
   kept = sorted(os.listdir(os.path.join(soft_dir, "chunks")))
   result = helpers.run_main("configs/soft_labels.py:demo", workdir, *args, **cache_env)
@@ -658,29 +636,13 @@ def _latest_params(workdir, stage="student/distill"):
 
 
 def _kill_after_first_checkpoint(workdir, cache_env):
-  cmd = [
-    sys.executable,
-    "-m",
-    "aplantida_jax.main",
-    "--config=configs/student_distill.py:demo",
-    f"--workdir={workdir}",
-    *DISTILL,
-  ]
-  proc = subprocess.Popen(
-    cmd,
-    cwd=helpers.ROOT,
-    env=helpers.cli_env(**cache_env),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
+  proc = helpers.start_main("configs/student_distill.py:demo", workdir, *DISTILL, **cache_env)
   ckpt_dir = os.path.join(workdir, "student", "distill", "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  helpers.kill_when(
+    proc,
+    lambda: os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)),
+    timeout=300,
+  )
   steps_done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
   assert steps_done and max(steps_done) < 16, f"not interrupted mid-run: {steps_done}"
   return max(steps_done)

@@ -12,9 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -322,28 +319,9 @@ def test_best_checkpoint_reproduces_its_recorded_top1(straight):
 
 def _kill_mid_run(workdir, cache_env, after_step=4):
   """Starts the global teacher, SIGKILLs it once checkpoint `after_step` is committed."""
-  cmd = [
-    sys.executable,
-    "-m",
-    "aplantida_jax.main",
-    "--config=configs/teacher_global.py:demo",
-    f"--workdir={workdir}",
-    *TINY,
-  ]
-  proc = subprocess.Popen(
-    cmd,
-    cwd=helpers.ROOT,
-    env=helpers.cli_env(**cache_env),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
+  proc = helpers.start_main("configs/teacher_global.py:demo", workdir, *TINY, **cache_env)
   committed = os.path.join(workdir, "teacher_global", "checkpoints", str(after_step))
-  deadline = time.time() + 600
-  while not os.path.isdir(committed) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert helpers.kill_when(proc, lambda: os.path.isdir(committed)), "ended before the kill"
 
 
 def _descendants(pid):
@@ -377,31 +355,19 @@ def test_a_sigkilled_stage_leaves_no_data_worker_behind(straight, tmp_path, cach
   reference, _ = straight
   workdir = str(tmp_path)
   shutil.copytree(os.path.join(reference, "dataset"), os.path.join(workdir, "dataset"))
-  cmd = [
-    sys.executable,
-    "-m",
-    "aplantida_jax.main",
-    "--config=configs/teacher_global.py:demo",
-    f"--workdir={workdir}",
-    *TINY,
-    "--config.input.worker_count=2",
-  ]
-  proc = subprocess.Popen(
-    cmd,
-    cwd=helpers.ROOT,
-    env=helpers.cli_env(**cache_env),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
+  proc = helpers.start_main(
+    "configs/teacher_global.py:demo", workdir, *TINY, "--config.input.worker_count=2", **cache_env
   )
   first = os.path.join(workdir, "teacher_global", "checkpoints", "2")
-  deadline = time.time() + 600
-  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  tree = _descendants(proc.pid)
+  tree = set()
+
+  def training():  # the processes below the stage, once it trains
+    if os.path.isdir(first):
+      tree.update(_descendants(proc.pid))
+    return bool(tree)
+
+  assert helpers.kill_when(proc, training), "the run ended before it could be killed"
   assert len(tree) >= 2, f"expected the Grain workers below {proc.pid}, found {tree}"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
   deadline = time.time() + 10
   while any(_alive(p) for p in tree) and time.time() < deadline:
     time.sleep(0.2)
