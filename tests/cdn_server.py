@@ -10,6 +10,7 @@ import functools
 import http.server
 import io
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -23,6 +24,14 @@ class Response:
   body: bytes = b""
   headers: dict = dataclasses.field(default_factory=dict)
   delay_s: float = 0.0  # sleep before answering (slower than the client's timeout)
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+  """Clients that hang up (timeouts, cut bodies) are part of the script, not server errors."""
+
+  def handle_error(self, request, client_address):
+    if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+      super().handle_error(request, client_address)
 
 
 class CdnServer:
@@ -61,7 +70,7 @@ class CdnServer:
       def log_message(self, *args):
         pass
 
-    self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
     self._httpd.daemon_threads = True
     self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
