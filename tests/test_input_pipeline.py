@@ -260,3 +260,14 @@ def test_a_corrupt_shard_is_refused_naming_the_file(tmp_path, damage):
   assert "Re-run the export stage" in str(error.value)
   with pytest.raises(shards.CorruptShardError, match=f"dataset shard {path} is corrupt"):
     list(input_pipeline.eval_batches(config.input, dataset, "val", 4))
+
+
+def test_a_temp_file_left_by_a_killed_shard_write_is_not_a_shard(tmp_path):
+  dataset = str(tmp_path / "dataset")
+  write_tiny_dataset(dataset, num_classes=2, per_class={"train": 4, "val": 4}, size=32)
+  real = shards.shard_paths(dataset, "val")
+  with open(real[0] + ".tmp4242", "wb") as f:  # fileio.atomic_path's name, cut by a SIGKILL
+    f.write(b"half a shard")
+  assert shards.shard_paths(dataset, "val") == real
+  assert shards.split_names(dataset) == ["train", "val"]
+  assert len(input_pipeline.read_metadata(dataset, "val")["labels"]) == 8

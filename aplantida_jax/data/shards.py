@@ -41,9 +41,20 @@ def decode(data: bytes) -> dict:
   return msgpack.unpackb(data, raw=False)
 
 
+def _shard_files(dataset_dir: str, split: str = "*") -> list:
+  """Sorted finished shard files (not the temp files of a write a kill cut short)."""
+  pattern = os.path.join(dataset_dir, "splits", f"{split}.array_record-*")
+  return sorted(p for p in glob.glob(pattern) if ".tmp" not in os.path.basename(p))
+
+
+def split_names(dataset_dir: str) -> list:
+  """The splits that have shard files under dataset/splits/, sorted."""
+  return sorted({os.path.basename(p).split(".array_record-")[0] for p in _shard_files(dataset_dir)})
+
+
 def shard_paths(dataset_dir: str, split: str) -> list:
   """Sorted shard files of one split; raises a clear error if there are none."""
-  paths = sorted(glob.glob(os.path.join(dataset_dir, "splits", f"{split}.array_record-*")))
+  paths = _shard_files(dataset_dir, split)
   if not paths:
     raise FileNotFoundError(
       f"No shards for split {split!r} under {dataset_dir}/splits/. "
@@ -98,9 +109,9 @@ def write_metadata(dataset_dir: str, split: str, records) -> dict:
   digest, count = hashlib.sha256(), 0
   with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
     for record in records:
-      line = json.dumps({k: record[k] for k in METADATA_FIELDS}, sort_keys=True) + "\n"
-      f.write(line.encode())
-      digest.update(line.encode())
+      line = (json.dumps({k: record[k] for k in METADATA_FIELDS}, sort_keys=True) + "\n").encode()
+      f.write(line)
+      digest.update(line)
       count += 1
   return {
     "file": os.path.relpath(path, dataset_dir),
@@ -131,6 +142,24 @@ def read_metadata(dataset_dir: str, split: str, recorded: dict) -> list:
   return [json.loads(line) for line in data.decode().splitlines()]
 
 
+def split_records(dataset_dir: str, split: str):
+  """(file, metadata dict) of every record of a split, in record order.
+
+  From the split's sidecar when dataset/manifest.json records one (sha256-checked, no
+  JPEG decoded), else by decoding its shards (datasets written without the export).
+  """
+  manifest = fileio.read_json(os.path.join(dataset_dir, "manifest.json")) or {}
+  recorded = (manifest.get("metadata") or {}).get(split)
+  if recorded:
+    path = os.path.join(dataset_dir, recorded["file"])
+    for record in read_metadata(dataset_dir, split, recorded):
+      yield path, record
+    return
+  for path in shard_paths(dataset_dir, split):
+    for record in read_shard(path):
+      yield path, record
+
+
 def corrupt(path: str, error: Exception, where: str = "") -> CorruptShardError:
   reason = str(error) or type(error).__name__
   return CorruptShardError(
@@ -145,13 +174,16 @@ def read_shard(path: str):
     reader = array_record_module.ArrayRecordReader(path)
   except RuntimeError as e:
     raise corrupt(path, e) from None
-  for i in range(reader.num_records()):
-    try:
-      data = reader.read([i])[0]
-    except RuntimeError as e:
-      _close_quietly(reader)
-      raise corrupt(path, e, f" at record {i}") from None
-    yield decode(data)
+  try:
+    for i in range(reader.num_records()):
+      try:
+        data = reader.read([i])[0]
+      except RuntimeError as e:
+        raise corrupt(path, e, f" at record {i}") from None
+      yield decode(data)
+  except BaseException:  # an error, or a consumer that stopped early (GeneratorExit)
+    _close_quietly(reader)
+    raise
   try:
     reader.close()  # Riegeli reports some damage (a cut tail) only here
   except RuntimeError as e:

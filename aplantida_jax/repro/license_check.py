@@ -60,25 +60,11 @@ def read_export_policy(dataset_manifest: dict):
 
 
 def iter_shard_records(dataset_dir: str):
-  """(file, record) for every record of every split, in file order.
-
-  A split the dataset manifest records a metadata sidecar for is read from it
-  (sha256-checked against the manifest, no JPEG decoded); other shards are decoded.
-  """
-  manifest = fileio.read_json(os.path.join(dataset_dir, "manifest.json")) or {}
-  sidecars = manifest.get("metadata") or {}
-  for split, recorded in sorted(sidecars.items()):
-    path = os.path.join(dataset_dir, recorded["file"])
-    for record in shards.read_metadata(dataset_dir, split, recorded):
-      yield path, record
-  paths = sorted(
-    p
-    for p in glob.glob(os.path.join(dataset_dir, "splits", "*.array_record-*"))
-    if not p.endswith(".tmp") and os.path.basename(p).split(".array_record-")[0] not in sidecars
-  )
-  for path in tqdm(paths, desc="license check: shards", unit="shard", disable=len(paths) < 2):
-    for record in shards.read_shard(path):
-      yield path, record
+  """(file, record) for every record of every split on disk (shards.split_records)."""
+  for split in tqdm(
+    shards.split_names(dataset_dir), desc="license check", unit="split", disable=None
+  ):
+    yield from shards.split_records(dataset_dir, split)
 
 
 def read_attributions(path: str):

@@ -38,9 +38,7 @@ import grain
 import numpy as np
 from absl import logging
 from PIL import Image
-from tqdm import tqdm
 
-from aplantida_jax import fileio
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 
@@ -57,8 +55,10 @@ def exit_with_parent():
   per worker that polls the parent pid. A no-op in the stage's own process.
   """
   global _watching_parent
+  if _watching_parent:
+    return
   parent = multiprocessing.parent_process()
-  if _watching_parent or parent is None:
+  if parent is None:
     return
   _watching_parent = True
 
@@ -299,25 +299,10 @@ class EvalTransform(grain.transforms.Map):
     return _fields(element, record, image, self.join_fn, element["epoch"])
 
 
-def split_records(dataset_dir: str, split: str):
-  """Every record's metadata (shards.METADATA_FIELDS), in record order.
-
-  From the split's sidecar when dataset/manifest.json records one (sha256-checked, no
-  JPEG decoded), else by decoding the shards (datasets written without the export).
-  """
-  manifest = fileio.read_json(os.path.join(dataset_dir, "manifest.json")) or {}
-  recorded = (manifest.get("metadata") or {}).get(split)
-  if recorded:
-    yield from shards.read_metadata(dataset_dir, split, recorded)
-    return
-  for path in shards.shard_paths(dataset_dir, split):
-    yield from tqdm(shards.read_shard(path), desc=f"metadata {split}", leave=False, disable=None)
-
-
 def read_metadata(dataset_dir: str, split: str) -> dict:
   """Per-record label, regions and sha256 of a split, in record order."""
   labels, regions, sha256 = [], [], []
-  for record in split_records(dataset_dir, split):
+  for _, record in shards.split_records(dataset_dir, split):
     labels.append(record["label"])
     regions.append(list(record["regions"]))
     sha256.append(record["sha256"])
