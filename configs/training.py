@@ -45,6 +45,7 @@ def input_config(image_size=224) -> ml_collections.ConfigDict:
   c.worker_buffer_size = 2  # batches each worker prepares ahead
   c.read_threads = 8  # ArrayRecord read threads per worker
   c.prefetch_buffer_size = 64  # records read ahead per worker
+  c.device_prefetch = 2  # train batches put on device ahead of the running step
   return c
 
 

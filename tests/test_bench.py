@@ -68,3 +68,18 @@ def test_grain_and_tfdata_pipelines_do_the_same_work(tmp_path):
       means = batch["image"].astype(np.float32).mean(axis=(1, 2))
       distance = np.abs(means[:, None] - source_means[None]).max(-1).min(-1)
       assert distance.max() < 4, (make.__name__, distance)
+
+
+def test_scale_bench_measures_every_stage_it_runs(tmp_path):
+  """The harness on a small catalog, first two stages: each measured in its own process."""
+  out = tmp_path / "scale.json"
+  result = bench.main(
+    ["scale", "--classes", "12", "--per_class", "3", "--stages", "audit,export", "--out", str(out)]
+  )
+  assert result["images"] == 36 and sum(result["exported"].values()) == 36
+  assert set(result["stages"]) == {"audit", "export"}
+  for stage in result["stages"].values():
+    assert stage["wall_s"] > 0 and stage["cpu_s"] > 0 and stage["peak_rss_mb"] > 50
+  assert result["stages"]["export"]["output_mb"] > result["stages"]["audit"]["output_mb"] > 0
+  with pytest.raises(SystemExit, match="3 images per species"):
+    bench.main(["scale", "--per_class", "2", "--out", str(out)])

@@ -32,6 +32,7 @@ from aplantida_jax.distill import loop as distill_loop
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
 from aplantida_jax.models import preprocess
+from aplantida_jax.train import augment
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import loop
@@ -228,7 +229,7 @@ def _stored(workdir, split):
 
 
 def _numpy_ensemble(workdir, images, regions):
-  """Each teacher on `images` (uint8), regional teacher ×4 on ES images (weights 1, 0.5).
+  """Each teacher on `images` (0..255 RGB), regional teacher ×4 on ES images (weights 1, 0.5).
 
   → (weighted mix, plain mean) of the tempered probabilities."""
   probs = []
@@ -291,6 +292,7 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
     "sampling": "uniform",
     "region_filter": [],
     "view_sha256": hashlib.sha256(np.arange(TRAIN, dtype=np.int64).tobytes()).hexdigest(),
+    "recipe": augment.VERSION,
   }
   assert not os.path.exists(os.path.join(labelled, "soft_labels", "chunks"))
   dataset_dir = os.path.join(labelled, "dataset")
@@ -308,8 +310,9 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
   # The per-image weights matter: the plain mean of the two teachers is not what was stored.
   assert not np.allclose(stored["probs"], np.sort(plain, -1)[:, ::-1][:, :TOP_K], atol=2e-3)
 
-  # train: each teacher on the very pixels the student's loader yields (teachers and student
-  # are both 32 px here), two shuffled epochs; row epoch * N + position.
+  # train: each teacher on the very view the student's step sees (teachers and student are
+  # both 32 px here: the loader's crop, flipped and jittered as the train step does), two
+  # shuffled epochs; row epoch * N + position.
   batches = _distill_batches(labelled, EPOCHS * TRAIN // 8)
   epoch, position, index = (
     np.concatenate([b[k] for b in batches]) for k in ("epoch", "position", "index")
@@ -317,9 +320,11 @@ def test_soft_labels_match_a_numpy_recomputation_of_the_weighted_ensemble(labell
   rows = epoch * TRAIN + position
   assert sorted(rows) == list(range(EPOCHS * TRAIN)) and list(rows) != sorted(rows)
   metadata = input_pipeline.read_metadata(dataset_dir, "train")
-  mixed, _ = _numpy_ensemble(
-    labelled, np.concatenate([b["image"] for b in batches]), [metadata["regions"][i] for i in index]
+  student = _student_config()
+  views = augment.Augment.of(student.input, student.seed).flip_jitter(
+    np.concatenate([b["image"] for b in batches]), epoch, position
   )
+  mixed, _ = _numpy_ensemble(labelled, np.asarray(views), [metadata["regions"][i] for i in index])
   # The record sha256 is stored once per view position (here position = record), not per row.
   sha256 = _stored(labelled, "train")["sha256"]
   assert sha256.shape == (TRAIN, 32) and sha256.dtype == np.uint8
@@ -365,13 +370,7 @@ def _joined_batches(workdir, shard_index, join, num_epochs=1):
   )
   inp = _student_config().input
   transform = input_pipeline.TrainTransform(
-    SIZE,
-    inp.crop_scale,
-    inp.crop_ratio,
-    inp.color_jitter,
-    join,
-    seed=0,
-    crop_epochs=join.crop_epochs,
+    SIZE, augment.Augment.of(inp, 0), join, crop_epochs=join.crop_epochs
   )
   return grain.DataLoader(
     data_source=source, sampler=sampler, operations=[transform, grain.transforms.Batch(5)]
@@ -410,7 +409,7 @@ def test_soft_labels_stay_aligned_under_sharding_and_shuffling(labelled):
 def test_replayed_crops_are_the_pixels_the_student_loader_yields(tmp_path):
   """The stage's replay redraws the train loader's crops: same uint8 pixels, 2 shuffled epochs.
 
-  96 px photos for a 32 px student, so JPEG draft mode decodes the wide crops at 1/2 scale.
+  96 px photos for a 32 px student, so the wide crops shrink up to 3x.
   """
   dataset_dir = str(tmp_path / "dataset")
   write_tiny_dataset(dataset_dir, num_classes=3, per_class={"train": 4}, size=96)
@@ -422,7 +421,7 @@ def test_replayed_crops_are_the_pixels_the_student_loader_yields(tmp_path):
   views = soft_labels.TeacherViews(
     [(SIZE, 0.875)],
     soft_labels.TeacherWeights([1.0], [()], [1.0]),
-    replay=input_pipeline.Augment.of(replay_config.replay, replay_config.seed),
+    replay=augment.Augment.of(replay_config.replay, replay_config.seed),
   )
   replayed = {}
   chunk_loader = soft_labels._chunk_loader  # pylint: disable=protected-access  # the stage's
@@ -462,6 +461,13 @@ def test_a_student_with_other_crops_seed_or_view_is_refused(labelled):
   ) as error:
     distill_loop.build_task(config, labelled)
   assert "re-run soft_labels with --config.seed='1'" in str(error.value)  # the stage's own seed
+
+
+def test_soft_labels_of_another_augmentation_recipe_are_refused(labelled, monkeypatch):
+  """Targets of crops made by other code (e.g. before flip and jitter moved on device)."""
+  monkeypatch.setattr(augment, "VERSION", "another-recipe")
+  with pytest.raises(ValueError, match="augmentation recipe .* re-run soft_labels"):
+    distill_loop.build_task(_student_config(), labelled)
 
 
 def test_sha256_is_kept_once_per_position_after_checking_every_epoch(tmp_path):

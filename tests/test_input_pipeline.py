@@ -5,12 +5,14 @@ import io
 import itertools
 
 import grain
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from aplantida_jax.data import shards
 from aplantida_jax.models import preprocess
+from aplantida_jax.train import augment
 from aplantida_jax.train import input_pipeline
 from configs import training
 from tests.tiny_dataset import write_tiny_dataset
@@ -94,7 +96,7 @@ def _jpegs(dataset_dir, split="train"):
 
 
 def test_crops_are_a_pure_function_of_seed_epoch_and_position(dataset_dir):
-  """The loader's pixels are Augment(seed).image(record, epoch, position): what a replay redraws."""
+  """The loader's pixels are Augment(seed).crop(record, epoch, position): what a replay redraws."""
   config = _config(seed=3)
   batches = _batches(dataset_dir, config, 12)
   epoch, index, position = (
@@ -104,11 +106,12 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_position(dataset_dir):
   np.testing.assert_array_equal(position, index)  # no view: position = record
   assert sorted(index[:48]) == sorted(index[48:]) == list(range(48))
   assert list(index[:48]) != list(index[48:])  # reshuffled each epoch
-  augment = input_pipeline.Augment.of(config.input, config.seed)
+  crop = augment.Augment.of(config.input, config.seed).crop
   jpegs = _jpegs(dataset_dir)
   images = np.concatenate([b["image"] for b in batches])
+  np.testing.assert_array_equal(np.concatenate([b["crop_epoch"] for b in batches]), epoch)
   for e, i, image in zip(epoch, index, images):
-    np.testing.assert_array_equal(image, augment.image(jpegs[i], e, i, SIZE))
+    np.testing.assert_array_equal(image, crop(jpegs[i], e, i, SIZE))
   crops = {(e, i): image for e, i, image in zip(epoch, index, images)}
   assert sum(not np.array_equal(crops[0, i], crops[1, i]) for i in range(48)) > 40
 
@@ -127,36 +130,67 @@ def test_epoch_index_sampler_keys_carry_this_shards_epoch():
 
 
 def test_crop_box_is_the_same_view_at_every_output_size():
-  """The box is in source pixels: drafted (1/4) and full decodes show the same part of the photo."""
+  """The box is in source pixels: shrunk, kept or enlarged, it shows the same part of the photo."""
   width, height = 256, 192
   x, y = np.meshgrid(np.arange(width), np.arange(height))
   ramp = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.full_like(x, 128.0)], -1)
+  pixels = np.rint(ramp).astype(np.uint8)
   out = io.BytesIO()
-  Image.fromarray(np.rint(ramp).astype(np.uint8)).save(out, format="JPEG", quality=95)
-  jpeg = out.getvalue()
+  Image.fromarray(pixels).save(out, format="JPEG", quality=95)
+  np.testing.assert_allclose(augment.decode_rgb(out.getvalue()), pixels, atol=4)  # RGB order
   box = (40, 30, 120, 96)
-  for size in (24, 48, 100):  # drafted at 1/4, 1/2, not at all
-    image = Image.open(io.BytesIO(jpeg))
-    pixels = input_pipeline.render(image, input_pipeline.AugmentParams(box, False, ()), size)
+  for size in (24, 96, 200):
+    crop = augment.resize_box(pixels, box, size)
+    assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
     centres = (np.arange(size) + 0.5) / size  # output pixel centres, as a fraction of the box
     want_r = (box[0] + centres * box[2] - 0.5) * 255 / (width - 1)
     want_g = (box[1] + centres * box[3] - 0.5) * 255 / (height - 1)
     inner = slice(1, size - 1)  # the filter's support is clipped at the box edges
     np.testing.assert_allclose(
-      pixels[inner, inner, 0], np.broadcast_to(want_r, (size, size))[inner, inner], atol=3
+      crop[inner, inner, 0], np.broadcast_to(want_r, (size, size))[inner, inner], atol=1.5
     )
     np.testing.assert_allclose(
-      pixels[inner, inner, 1], np.broadcast_to(want_g[:, None], (size, size))[inner, inner], atol=3
+      crop[inner, inner, 1], np.broadcast_to(want_g[:, None], (size, size))[inner, inner], atol=1.5
     )
-  flipped = input_pipeline.render(
-    Image.open(io.BytesIO(jpeg)), input_pipeline.AugmentParams(box, True, ()), 48
+
+
+def _numpy_flip_jitter(images, flips, factors):
+  """The reference: the same maths as Augment.flip_jitter, in numpy, one image at a time."""
+  out = []
+  for image, flip, (brightness, contrast, saturation) in zip(images, flips, factors):
+    x = image.astype(np.float64)
+    x = x[:, ::-1] if flip else x
+    x = x * brightness
+    x = (x - x.mean()) * contrast + x.mean()
+    gray = x @ np.array([0.299, 0.587, 0.114])
+    out.append(np.clip((x - gray[..., None]) * saturation + gray[..., None], 0, 255))
+  return np.stack(out)
+
+
+def test_device_flip_and_jitter_are_a_pure_function_of_seed_epoch_position_and_match_numpy():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 12, 10, 3), dtype=np.uint8)
+  epoch, position = np.repeat([0, 1], 8), np.tile(np.arange(8), 2)
+  aug = augment.Augment(color_jitter=0.4, seed=5)
+  flips, factors = (np.asarray(a) for a in aug.draws(epoch, position))
+  assert flips.shape == (16,) and factors.shape == (16, 3)
+  assert 0 < flips.sum() < 16 and ((0.6 <= factors) & (factors <= 1.4)).all()
+  assert len({tuple(f) for f in factors}) == 16  # every (epoch, position) draws its own
+  jitted = np.asarray(jax.jit(aug.flip_jitter)(images, epoch, position))
+  assert jitted.dtype == np.float32
+  np.testing.assert_allclose(jitted, _numpy_flip_jitter(images, flips, factors), atol=2e-3)
+  # One example's view does not depend on the batch it arrives in, nor on its slot.
+  order = rng.permutation(16)
+  np.testing.assert_allclose(
+    np.asarray(aug.flip_jitter(images[order], epoch[order], position[order])),
+    jitted[order],
+    atol=1e-3,
   )
-  np.testing.assert_array_equal(
-    flipped,
-    input_pipeline.render(
-      Image.open(io.BytesIO(jpeg)), input_pipeline.AugmentParams(box, False, ()), 48
-    )[:, ::-1],
-  )
+  other_seed = np.asarray(augment.Augment(color_jitter=0.4, seed=6).draws(epoch, position)[1])
+  assert not np.allclose(other_seed, factors)
+  plain = augment.Augment(color_jitter=0.0, seed=5)
+  flipped = np.asarray(plain.flip_jitter(images, epoch, position))
+  np.testing.assert_array_equal(flipped, _numpy_flip_jitter(images, flips, np.ones((16, 3))))
 
 
 def test_eval_pass_sees_every_record_exactly_once(dataset_dir):
@@ -271,3 +305,21 @@ def test_a_temp_file_left_by_a_killed_shard_write_is_not_a_shard(tmp_path):
   assert shards.shard_paths(dataset, "val") == real
   assert shards.split_names(dataset) == ["train", "val"]
   assert len(input_pipeline.read_metadata(dataset, "val")["labels"]) == 8
+
+
+def test_device_prefetch_checkpoints_the_batches_handed_out_not_those_ahead(dataset_dir):
+  config = _config(seed=4)
+  straight = _batches(dataset_dir, config, 10)
+
+  def prefetched(depth):
+    loader = input_pipeline.train_loader(config, dataset_dir, BATCH, num_samples=400)
+    return input_pipeline.DevicePrefetch(iter(loader), jax.device_put, depth)
+
+  first = prefetched(depth=3)
+  head = [next(first) for _ in range(4)]  # 7 batches drawn, 3 waiting on device
+  assert isinstance(head[0]["image"], jax.Array)
+  resumed = prefetched(depth=3)
+  resumed.set_state(first.get_state())
+  for want, got in zip(straight, head + [next(resumed) for _ in range(6)]):
+    for key in ("image", "index", "crop_epoch", "position"):
+      np.testing.assert_array_equal(want[key], np.asarray(got[key]))

@@ -307,29 +307,30 @@ def test_train_augmentation_is_the_same_for_every_seed_and_epoch(tmp_path):
   """The premise of the exact comparison: with this config, a record's train crop is the same
   whatever the seed and epoch (so the runs' different orders and placements see equal pixels)."""
   from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.train import augment  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
 
   write_flip_invariant_dataset(str(tmp_path))
   inp = tiny_config().input
   source = input_pipeline.RecordSource(shards.shard_paths(str(tmp_path), "train"))
   draws = [(seed, epoch) for seed in range(4) for epoch in range(3)]
+  augments = {seed: augment.Augment.of(inp, seed) for seed in range(4)}
   transforms = {
-    seed: input_pipeline.TrainTransform(
-      inp.image_size, inp.crop_scale, inp.crop_ratio, inp.color_jitter, seed=seed
-    )
-    for seed in range(4)
+    seed: input_pipeline.TrainTransform(inp.image_size, augments[seed]) for seed in range(4)
   }
   flips = set()
   for index in range(len(source)):
     element = source[index]
-    images = [transforms[seed].map({**element, "epoch": epoch})["image"] for seed, epoch in draws]
-    for image in images[1:]:
-      np.testing.assert_array_equal(image, images[0])
-    size = Image.open(io.BytesIO(shards.decode(element["data"])["jpeg"])).size
-    flips |= {
-      transforms[seed].augment.params(epoch, element["position"], *size).flip
-      for seed, epoch in draws
-    }
+    views = []
+    for seed, epoch in draws:
+      crop = transforms[seed].map({**element, "epoch": epoch})["image"]
+      flip, _ = augments[seed].draws([epoch], [element["position"]])
+      flips.add(bool(flip[0]))
+      views.append(
+        np.asarray(augments[seed].flip_jitter(crop[None], [epoch], [element["position"]])[0])
+      )
+    for view in views[1:]:
+      np.testing.assert_array_equal(view, views[0])
   assert flips == {False, True}  # both flip outcomes occurred: the equality is not vacuous
 
 

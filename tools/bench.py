@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -328,14 +329,14 @@ def grain_batches(dataset_dir, config, batch):
 
 
 def tfdata_batches(dataset_dir, config, batch):
-  """tf.data doing the trainer's work: same shards, same global shuffle, same crop/flip/jitter.
+  """tf.data doing the trainer's host work: same shards, same global shuffle, same crops.
 
   Records come from the same ArrayRecord reader (a generator: reading and
-  msgpack are cheap); decoding and augmentation run in `worker_count` tf.data
+  msgpack are cheap); decoding and cropping run in `worker_count` tf.data
   threads with the standard TF recipe: sample_distorted_bounding_box +
-  decode_and_crop_jpeg (decodes only the crop), antialiased bilinear resize
-  (PIL's BILINEAR also antialiases when shrinking), then the same flip and
-  brightness/contrast/saturation maths as input_pipeline.TrainTransform.
+  decode_and_crop_jpeg (decodes only the crop), bilinear resize without
+  antialiasing (as augment.resize_box), uint8 out. Flip and jitter run on
+  device in both pipelines, so neither does them here.
   """
   import grain  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -367,17 +368,7 @@ def tfdata_batches(dataset_dir, config, batch):
     )
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
-    pixels = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-    pixels = tf.image.random_flip_left_right(pixels)
-    if inp.color_jitter:
-      brightness, contrast, saturation = tf.unstack(
-        tf.random.uniform([3], 1 - inp.color_jitter, 1 + inp.color_jitter)
-      )
-      pixels = pixels * brightness
-      mean = tf.reduce_mean(pixels)
-      pixels = (pixels - mean) * contrast + mean
-      gray = tf.tensordot(pixels, tf.constant([0.299, 0.587, 0.114]), 1)[..., None]
-      pixels = (pixels - gray) * saturation + gray
+    pixels = tf.image.resize(image, (size, size), method="bilinear", antialias=False)
     image = tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
     return {"image": image, "label": tf.cast(label, tf.int32)}
 
@@ -488,6 +479,7 @@ def bench_loader(args) -> dict:
         except ImportError as e:  # e.g. no tensorflow on the GPU machine
           skipped[name] = f"{type(e).__name__}: {e}"
           results.pop(name, None)
+    host_crop = host_crop_costs(dataset_dir, args)
   ratios = {}
   if "grain" in results and "tfdata" in results:
     ratios = {
@@ -504,14 +496,70 @@ def bench_loader(args) -> dict:
     results=results,
     skipped=skipped,
     grain_over_tfdata=ratios,
+    host_crop_cpu_ms_per_image=host_crop,
+    target_images_per_s_per_core=800,
   )
+
+
+def host_crop_costs(dataset_dir, args) -> dict:
+  """CPU ms per image (median of windows) of the host crop by library, the same boxes.
+
+  opencv: augment.Augment.crop, what the workers run. pillow: Pillow's JPEG draft decode +
+  antialiased bilinear resize of the same box (input_pipeline.resized_crop, the eval crop's
+  resize). pillow+numpy_jitter adds the former host flip and colour jitter in numpy,
+  which the train step now does on device.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from aplantida_jax.data import shards  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.train import augment  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  source = input_pipeline.RecordSource(shards.shard_paths(dataset_dir, "train"))
+  jpegs = [shards.decode(source[i]["data"])["jpeg"] for i in range(min(128, len(source)))]
+  aug = augment.Augment.of(_loader_config(args.image_size, 0, args.seed).input, args.seed)
+
+  def pillow(jpeg, e, i, size):
+    image = Image.open(io.BytesIO(jpeg))
+    box = aug.box(e, i, *image.size)
+    return np.asarray(input_pipeline.resized_crop(image, box, size))
+
+  def pillow_numpy_jitter(jpeg, e, i, size):
+    pixels = pillow(jpeg, e, i, size).astype(np.float32)[:, ::-1]
+    brightness, contrast, saturation = 1.1, 0.9, 1.05
+    pixels = pixels * brightness
+    pixels = (pixels - pixels.mean()) * contrast + pixels.mean()
+    gray = pixels @ np.array(augment.GRAY_WEIGHTS, np.float32)
+    pixels = (pixels - gray[..., None]) * saturation + gray[..., None]
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+  costs = {}
+  for name, crop in (
+    ("opencv", aug.crop),
+    ("pillow", pillow),
+    ("pillow+numpy_jitter", pillow_numpy_jitter),
+  ):
+    windows = []
+    for window in range(args.windows):
+      start = time.process_time()
+      for i, jpeg in enumerate(jpegs):
+        crop(jpeg, window, i, args.image_size)
+      windows.append(1e3 * (time.process_time() - start) / len(jpegs))
+    costs[name] = summarise(windows)
+  return costs
 
 
 # ---------------------------------------------------------------- train (JAX vs PyTorch)
 
 
-def jax_train_step_fn(name, *, batch, res, dtype="float32", num_classes=1000, seed=0):
-  """(run_once, sync, info): one `steps.train_step` as train/loop.py runs it, synthetic batch."""
+def jax_train_step_fn(name, *, batch, res, dtype="float32", num_classes=1000, seed=0, augment=True):
+  """(run_once, sync, info): one `steps.train_step` as train/loop.py runs it, synthetic batch.
+
+  augment=False leaves out the on-device flip and colour jitter (the loop always runs them).
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
@@ -521,6 +569,8 @@ def jax_train_step_fn(name, *, batch, res, dtype="float32", num_classes=1000, se
   data = {
     "image": np_rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
     "label": np_rng.integers(0, num_classes, batch).astype(np.int32),
+    "crop_epoch": np.zeros(batch, np.int32),
+    "position": np.arange(batch, dtype=np.int32),
   }
   run_once, sync = _step_fn(
     steps.classification_task(0.1),
@@ -529,6 +579,7 @@ def jax_train_step_fn(name, *, batch, res, dtype="float32", num_classes=1000, se
     batch=batch,
     res=res,
     seed=seed,
+    augment=augment,
   )
   return run_once, sync, dict(precision=f"{dtype} compute, float32 params")
 
@@ -593,15 +644,28 @@ def bench_train(args) -> dict:
 
   results = {}
   for name in _comma_list(args.model):
-    run_once, sync, info = jax_train_step_fn(
-      name, batch=args.batch, res=args.res, dtype=args.dtype, num_classes=args.num_classes
-    )
-    timing = time_windows(
-      run_once, sync, warmup=args.warmup, windows=args.windows, window_s=args.window_s
-    )
-    del run_once, sync
-    gc.collect()
-    jax_result = dict(images_per_s=rate(timing, args.batch), **info, timing=timing)
+    jax_side = {}
+    for augment in (True, False):  # the loop's step, then the same step without augmentation
+      run_once, sync, info = jax_train_step_fn(
+        name,
+        batch=args.batch,
+        res=args.res,
+        dtype=args.dtype,
+        num_classes=args.num_classes,
+        augment=augment,
+      )
+      timing = time_windows(
+        run_once, sync, warmup=args.warmup, windows=args.windows, window_s=args.window_s
+      )
+      del run_once, sync
+      gc.collect()
+      jax_side[augment] = dict(images_per_s=rate(timing, args.batch), **info, timing=timing)
+      jax.clear_caches()
+    jax_result = jax_side[True]
+    without = jax_side[False]["images_per_s"]["median"]
+    jax_result["without_augmentation_images_per_s"] = jax_side[False]["images_per_s"]
+    # Share of the step's time the on-device flip + jitter take (target < 5 %).
+    jax_result["augmentation_cost"] = 1 - jax_result["images_per_s"]["median"] / without
     torch_result = _torch_side(name, args)
     ratio = None
     if "images_per_s" in torch_result:
@@ -683,13 +747,18 @@ def bench_infer(args) -> dict:
 # ---------------------------------------------------------------- distill
 
 
-def _step_fn(task, model, batch_data, *, batch, res, seed=0):
-  """(run_once, sync) of one loop-identical train step for `task` on a fixed device batch."""
+def _step_fn(task, model, batch_data, *, batch, res, seed=0, augment=True):
+  """(run_once, sync) of one loop-identical train step for `task` on a fixed device batch.
+
+  augment: the loop's on-device flip and jitter (config.input's defaults) run in the step;
+  batch_data then needs `crop_epoch` and `position`.
+  """
   import functools  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
 
   from aplantida_jax import models  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.train import augment as augment_lib  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from aplantida_jax.train import steps  # pylint: disable=g-import-not-at-top
@@ -704,7 +773,11 @@ def _step_fn(task, model, batch_data, *, batch, res, seed=0):
     replicated,
   )
   step = jax.jit(
-    functools.partial(steps.train_step, loss_fn=task.loss_fn),
+    functools.partial(
+      steps.train_step,
+      loss_fn=task.loss_fn,
+      augment=augment_lib.Augment.of(training.input_config(res), seed) if augment else None,
+    ),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )
@@ -763,6 +836,8 @@ def bench_distill(args) -> dict:
   base = {
     "image": np_rng.integers(0, 256, (args.batch, args.res, args.res, 3), dtype=np.uint8),
     "label": np_rng.integers(0, args.num_classes, args.batch).astype(np.int32),
+    "crop_epoch": np.zeros(args.batch, np.int32),
+    "position": np.arange(args.batch, dtype=np.int32),
   }
   precomputed = {
     **base,
@@ -858,6 +933,190 @@ def bench_browser(args) -> dict:
   result["target"] = (
     "ratio_ours_over_keras <= 1 (no slower than Keras MobileNetV2); user limit 5 s CPU"
   )
+  return result
+
+
+# ---------------------------------------------------------------- scale
+
+# Runs one stage as `python -m aplantida_jax.main` and writes its own and its children's
+# (Grain workers, Node) peak RSS and CPU seconds to the JSON file named first.
+_STAGE_RUNNER = """
+import json, resource, runpy, sys, time
+out = sys.argv.pop(1)
+sys.argv[0] = "aplantida_jax.main"
+start = time.perf_counter()
+code = 0
+try:
+  runpy.run_module("aplantida_jax.main", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+  code = e.code or 0
+finally:
+  me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  with open(out, "w") as f:
+    json.dump({"code": code, "wall_s": time.perf_counter() - start,
+               "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+               "peak_rss_mb": max(me.ru_maxrss, kids.ru_maxrss) / 1024}, f)
+sys.exit(code)
+"""
+
+# Per stage: its config module, then lines that set it to the synthetic catalog and a small
+# factorised-head network (the :demo variants otherwise).
+_SCALE_STAGES = {
+  "audit": ("audit", ["c.catalog.path = CATALOG", "c.audit.url_check = 'none'"]),
+  "export": (
+    "export",
+    [
+      "c.catalog.path = CATALOG",
+      "c.export.image_size = 40",
+      "c.export.min_size = 16",
+      "c.export.min_per_class = 3",
+      "c.export.records_per_shard = 4000",
+    ],
+  ),
+  "teacher_global": (
+    "teacher_global",
+    [
+      "c.model.name = 'mobilenet_v2'",
+      "c.model.kwargs = {'width': 0.35, 'head_dim': 128, 'dropout_rate': 0.1}",
+      "c.model.init_from = ''",
+      "c.optimizer.frozen = ''",
+      "c.input.image_size = 32",
+      "c.batch_size = 64",
+      "c.eval_batch_size = 256",
+      "c.num_train_steps = STEPS",
+      "c.eval_every_steps = STEPS",
+      "c.checkpoint.every_steps = STEPS",
+    ],
+  ),
+  "soft_labels": (
+    "soft_labels",
+    [
+      "c.teachers.regional.dir = ''",
+      "c.replay_epochs = 1",
+      "c.batch_size = 256",
+      "c.chunk_size = 4096",
+    ],
+  ),
+  "evaluate": (
+    "evaluate",
+    [
+      "c.eval.checkpoint_dir = 'teacher_global'",
+      "c.eval.teacher_dir = ''",
+      "c.eval.batch_size = 256",
+    ],
+  ),
+  "export_tfjs": ("export_tfjs", ["c.export.checkpoint_dir = 'teacher_global'"]),
+}
+
+
+def _tiny_jpeg(index: int) -> bytes:
+  """A distinct 64x48 JPEG (its own colours), so that no two images dedupe."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(index)
+  pixels = Image.fromarray(rng.integers(0, 255, (3, 4, 3), dtype=np.uint8)).resize(
+    (64, 48), Image.BILINEAR
+  )
+  buf = io.BytesIO()
+  pixels.save(buf, "JPEG", quality=85)
+  return buf.getvalue()
+
+
+def _folder_mb(path) -> float:
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total / 1e6
+
+
+@register(
+  "scale",
+  "every stage at the user's class count: audit → export → train → soft labels → evaluate → TF.js",
+  [
+    ("--classes", dict(type=int, default=9000)),
+    ("--per_class", dict(type=int, default=4, help="images per species (at least 3: val, test)")),
+    ("--steps", dict(type=int, default=4, help="teacher train steps")),
+    ("--stages", dict(default=",".join(_SCALE_STAGES), help="comma list, in pipeline order")),
+    ("--keep", dict(default="", help="keep the workdir here (default: a temp dir)")),
+  ],
+)
+def bench_scale(args) -> dict:
+  if args.per_class < 3:
+    raise SystemExit(
+      f"--per_class={args.per_class}: the export needs 3 images per species (one each for "
+      "train, val and test); smaller species are dropped."
+    )
+  tmp = args.keep or tempfile.mkdtemp(prefix="bench_scale_")
+  served, workdir, configs = (pathlib.Path(tmp, d) for d in ("served", "workdir", "configs"))
+  for folder in (served, workdir, configs):
+    folder.mkdir(parents=True, exist_ok=True)
+  images = args.classes * args.per_class
+  catalog = pathlib.Path(tmp, "catalog.jsonl")
+  countries = ("ES", "FR", "US")  # a third each: Spain, Europe, elsewhere
+  stages = {}
+  with _http_server(str(served)) as base:
+    with open(catalog, "w") as f:
+      for s in range(args.classes):
+        urls = []
+        for i in range(args.per_class):
+          name = f"{s}/{i}.jpg"
+          (served / str(s)).mkdir(exist_ok=True)
+          (served / name).write_bytes(_tiny_jpeg(s * args.per_class + i))
+          urls.append({"url": f"{base}/{name}", "license": "CC-BY-4.0", "author": "bench"})
+        doc = {
+          "scientificName": f"Plantus speciosus{s}",
+          "family": f"Family{s % 50}",
+          "regions": [countries[s % 3]],
+          "images": urls,
+        }
+        f.write(json.dumps(doc) + "\n")
+    for stage in _comma_list(args.stages):
+      module, lines = _SCALE_STAGES[stage]
+      body = "\n".join(f"  {line}" for line in lines)
+      config = configs / f"{stage}.py"
+      config.write_text(
+        f"from configs import {module} as base\nCATALOG = {str(catalog)!r}\n"
+        f"STEPS = {args.steps}\n\n\ndef get_config(arg=None):\n"
+        f"  c = base.get_config('demo')\n{body}\n  return c\n"
+      )
+      before = _folder_mb(workdir)
+      usage = pathlib.Path(tmp, f"{stage}.usage.json")
+      with open(pathlib.Path(tmp, f"{stage}.log"), "w") as log:
+        proc = subprocess.run(
+          [
+            sys.executable,
+            "-c",
+            _STAGE_RUNNER,
+            str(usage),
+            f"--config={config}",
+            f"--workdir={workdir}",
+          ],
+          cwd=pathlib.Path(__file__).resolve().parents[1],
+          env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(configs.parent)},
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          check=False,
+        )
+      result = json.loads(usage.read_text())
+      result["output_mb"] = _folder_mb(workdir) - before
+      stages[stage] = {k: result[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "output_mb")}
+      if proc.returncode:
+        log_tail = pathlib.Path(tmp, f"{stage}.log").read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"bench scale: stage {stage} failed:\n" + "\n".join(log_tail))
+  manifest = json.loads((workdir / "dataset" / "manifest.json").read_text())
+  tfjs = workdir / "tfjs"
+  result = dict(
+    classes=args.classes,
+    per_class=args.per_class,
+    images=images,
+    exported=manifest.get("counts"),
+    stages=stages,
+    tfjs_fp16_mb=_folder_mb(tfjs) if tfjs.exists() else None,
+    workdir=str(workdir) if args.keep else None,
+  )
+  if not args.keep:
+    shutil.rmtree(tmp, ignore_errors=True)
   return result
 
 

@@ -35,6 +35,7 @@ from absl import logging
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.distill import losses
 from aplantida_jax.distill import soft_labels
+from aplantida_jax.train import augment
 from aplantida_jax.train import loop as train_loop
 from aplantida_jax.train import steps
 
@@ -140,6 +141,12 @@ def check_crops(config, meta, soft_labels_dir):
       tuple(config.input.crop_scale),
     )
     return
+  if replay.get("recipe") != augment.VERSION:
+    raise ValueError(
+      f"the soft labels in {soft_labels_dir} hold the teachers' view of crops made by "
+      f"augmentation recipe {replay.get('recipe', 'before recipes were recorded')!r}, this "
+      f"code makes {augment.VERSION!r}: re-run soft_labels (its finished chunks are stale)."
+    )
   for field, key, soft_field in CROP_FIELDS:
     value = config
     for part in field.split("."):

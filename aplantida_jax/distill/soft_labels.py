@@ -7,7 +7,7 @@ What the teachers see:
       e * N + j (e < E) is view position j of epoch e: record view[j] of the
       student's train view (input_pipeline.train_view of config.replay's
       sampling and region_filter; N = len(view)), cropped, flipped and jittered
-      by input_pipeline.Augment(config.replay's crops, seed) at (e, j), exactly
+      by augment.Augment(config.replay's crops, seed) at (e, j), exactly
       as the student's train loader draws it. The box is in source pixels, so
       every teacher sees the same view at its own resolution.
   other splits (val, for monitoring), and train when E = 0: the eval crop
@@ -69,6 +69,7 @@ from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
 from aplantida_jax.distill import losses
+from aplantida_jax.train import augment as augment_lib
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import sharding
@@ -188,10 +189,12 @@ class TeacherWeights:
 class TeacherViews(grain.transforms.Map):
   """A row's element → the images its teachers see, per distinct teacher input (size, crop).
 
-  replay (an input_pipeline.Augment): the student's crop of the element's
-  (epoch, position), one view. Otherwise the eval crop plus num_views − 1
-  views of `augment` at (view, record index). Either way the same crop for
-  every teacher, independent of chunking, batch size and workers.
+  replay (an augment.Augment): the student's view of the element's (epoch, position),
+  one view. Otherwise the eval crop plus num_views − 1 views of `augment` at (view,
+  record index). Either way the same view for every teacher, independent of chunking,
+  batch size and workers. The host makes the crops; `view_augments` says which views
+  ensemble_topk flips and jitters on device, keyed by the batch's `view_epoch_<v>` and
+  `view_position_<v>`.
   """
 
   def __init__(self, crops, weights, *, num_views=1, augment=None, replay=None):
@@ -200,6 +203,13 @@ class TeacherViews(grain.transforms.Map):
     self.num_views = num_views
     self.augment = augment
     self.replay = replay
+
+  @property
+  def view_augments(self) -> tuple:
+    """Per view: the Augment whose device half it gets, or None (the eval crop)."""
+    if self.replay is not None:
+      return (self.replay,)
+    return (None,) + (self.augment,) * (self.num_views - 1)
 
   def map(self, element):
     record = shards.decode(element["data"])
@@ -212,14 +222,20 @@ class TeacherViews(grain.transforms.Map):
       "sha256": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8),
       **self.weights(index, epoch, position, record),
     }
+    keys = [(epoch, position)] if self.replay is not None else [(0, index)]
+    keys += [(v, index) for v in range(1, len(self.view_augments))]
+    for v, (view_epoch, view_position) in enumerate(keys):
+      if self.view_augments[v] is not None:
+        out[f"view_epoch_{v}"] = np.int32(view_epoch)
+        out[f"view_position_{v}"] = np.int32(view_position)
     jpeg = record["jpeg"]
     for size, fraction in self.crops:
-      if self.replay is not None:
-        out[view_key(size, fraction, 0)] = self.replay.image(jpeg, epoch, position, size)
-        continue
-      out[view_key(size, fraction, 0)] = input_pipeline.centre_crop(jpeg, size, fraction)
-      for v in range(1, self.num_views):
-        out[view_key(size, fraction, v)] = self.augment.image(jpeg, v, index, size)
+      for v, augment in enumerate(self.view_augments):
+        out[view_key(size, fraction, v)] = (
+          input_pipeline.centre_crop(jpeg, size, fraction)
+          if augment is None
+          else augment.crop(jpeg, *keys[v], size)
+        )
     return out
 
 
@@ -228,6 +244,15 @@ _HOST_FIELDS = ("index", "epoch", "position", "label", "sha256")  # TeacherViews
 
 def view_key(image_size, crop_fraction, view):
   return f"image_{image_size}_{crop_fraction}_{view}"
+
+
+def teacher_input(batch, key, view, augment):
+  """The device batch's images of `key` (one view of one teacher input), with the view's
+  device half of `augment` (flip, jitter) applied when it has one."""
+  images = batch[key]
+  if augment is None:
+    return images
+  return augment.flip_jitter(images, batch[f"view_epoch_{view}"], batch[f"view_position_{view}"])
 
 
 def teacher_probs(teacher, variables, images, temperature):
@@ -242,14 +267,22 @@ def mix(probs, weights):
   return mixed / jnp.sum(weights, axis=-1, keepdims=True)
 
 
-def ensemble_topk(variables, batch, *, teachers, num_views, temperature, k):
-  """Teachers' view-averaged tempered probabilities, mixed per image → sparse top-k."""
+def ensemble_topk(variables, batch, *, teachers, view_augments, temperature, k):
+  """Teachers' view-averaged tempered probabilities, mixed per image → sparse top-k.
+
+  view_augments: TeacherViews.view_augments of the batch's transform (static).
+  """
   probs = [
     sum(
-      teacher_probs(t, v, batch[view_key(t.image_size, t.eval_crop_fraction, view)], temperature)
-      for view in range(num_views)
+      teacher_probs(
+        t,
+        v,
+        teacher_input(batch, view_key(t.image_size, t.eval_crop_fraction, view), view, augment),
+        temperature,
+      )
+      for view, augment in enumerate(view_augments)
     )
-    / num_views
+    / len(view_augments)
     for t, v in zip(teachers, variables)
   ]
   return losses.sparse_target(mix(probs, batch["teacher_weights"]), k)
@@ -308,6 +341,7 @@ def replay_spec(config, dataset_dir):
     "color_jitter": float(r.color_jitter),
     "sampling": r.sampling,
     "region_filter": list(r.region_filter),
+    "recipe": augment_lib.VERSION,
   }
   return spec, view
 
@@ -320,6 +354,7 @@ def fingerprint(config, teachers, manifest_sha256, num_classes, replay=None):
     "num_views": config.num_views,
     "seed": config.seed,
     "augment": config.augment.to_dict(),
+    "augment_recipe": augment_lib.VERSION,
     "manifest": manifest_sha256,
     "num_classes": num_classes,
     "teachers": [
@@ -590,18 +625,10 @@ def run(config, workdir) -> dict:
   sharding.process_batch_size(config.batch_size, mesh)  # checks divisibility
   replicated = sharding.replicated(mesh)
   variables = jax.device_put([t.variables for t in teachers], replicated)
-  compute = functools.partial(
-    jax.jit(
-      functools.partial(
-        ensemble_topk,
-        teachers=teachers,
-        num_views=config.num_views,
-        temperature=config.temperature,
-        k=k,
-      ),
-      out_shardings=replicated,
-    ),
-    variables,
+  ensemble = jax.jit(
+    functools.partial(ensemble_topk, teachers=teachers, temperature=config.temperature, k=k),
+    static_argnames="view_augments",
+    out_shardings=replicated,
   )
   crops = sorted({(t.image_size, t.eval_crop_fraction) for t in teachers})
   weights = TeacherWeights.of(teachers)
@@ -609,7 +636,7 @@ def run(config, workdir) -> dict:
     crops,
     weights,
     num_views=config.num_views,
-    augment=input_pipeline.Augment.of(config.augment, config.seed),
+    augment=augment_lib.Augment.of(config.augment, config.seed),
   )
 
   counts, ensemble_top1 = {}, {}
@@ -620,10 +647,11 @@ def run(config, workdir) -> dict:
     )
     epochs = replay["epochs"] if replayed else 1
     transform = (
-      TeacherViews(crops, weights, replay=input_pipeline.Augment.of(config.replay, config.seed))
+      TeacherViews(crops, weights, replay=augment_lib.Augment.of(config.replay, config.seed))
       if replayed
       else centre
     )
+    compute = functools.partial(ensemble, variables, view_augments=transform.view_augments)
     paths = label_split(
       config, chunk_dir, split, source, epochs, compute, transform, mesh, num_classes
     )

@@ -4,13 +4,15 @@ Batches hold `image` (uint8 NHWC; `models.preprocess.normalize` applies the Imag
 mean/std on device, so 4x fewer bytes cross process and PCIe boundaries),
 `label` (int32), `index` (int32 record index in the split) and whatever a
 task's `join_fn(index, epoch, position, record)` adds per record (e.g. soft
-labels). Train batches also hold `epoch` and `position` (the record's position
-in the train view); eval batches hold `mask` (1 real, 0 padding).
+labels). Train batches also hold `epoch`, `crop_epoch` and `position` (the record's
+position in the train view); eval batches hold `mask` (1 real, 0 padding).
+`DevicePrefetch` keeps the next batches on device while a step runs.
 
 Train randomness is a pure function of (config.seed, epoch, view position):
 `EpochIndexSampler` puts the epoch into the record key, `RecordSource` splits
-it back, and `Augment` draws crop, flip and jitter from
-rng (seed, epoch, position). Batches therefore depend on the seed and the
+it back, the workers crop with `augment.Augment` of (seed, epoch, position) and
+the train step flips and jitters on device from the same triple (train batches
+carry `crop_epoch`, the epoch whose view was drawn). Batches therefore depend on the seed and the
 sampler position only (not on worker count or timing), the iterator state is
 checkpointable, and the soft-label stage can replay the very crops the student
 will see (distill/soft_labels.py). A join_fn with a `crop_epochs` attribute
@@ -23,6 +25,7 @@ top-level, picklable class. A worker exits when its stage's process is gone,
 however that ended (`exit_with_parent`): a SIGKILLed run leaves no workers behind.
 """
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -32,7 +35,6 @@ import os
 import sys
 import threading
 import time
-from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -41,6 +43,7 @@ from PIL import Image
 
 from aplantida_jax.data import records
 from aplantida_jax.data import shards
+from aplantida_jax.train import augment as augment_lib
 
 SAMPLINGS = ("uniform", "class_balanced", "region_weighted")
 PARENT_POLL_S = 1.0
@@ -146,64 +149,8 @@ class EpochIndexSampler(grain.samplers.IndexSampler):
     return "Epoch" + super().__repr__()  # EpochIndexSampler(num_records=..., seed=...)
 
 
-class AugmentParams(NamedTuple):
-  box: tuple  # (left, top, width, height) of the crop, in source pixels
-  flip: bool  # mirror left-right
-  jitter: tuple  # (brightness, contrast, saturation) factors; () = none
-
-
-@dataclasses.dataclass(frozen=True)
-class Augment:
-  """Random-resized crop + horizontal flip + mild colour jitter of (seed, epoch, position).
-
-  `params` is the only place these draws happen: the train loader and the
-  soft-label replay both call it, so the same (seed, epoch, position) is the
-  same view. The box is in source pixels, so it is the same view at any output
-  size (the student's, each teacher's).
-  """
-
-  crop_scale: tuple = (0.08, 1.0)
-  crop_ratio: tuple = (3 / 4, 4 / 3)
-  color_jitter: float = 0.2
-  seed: int = 0
-
-  @classmethod
-  def of(cls, crops, seed):
-    """From a config with crop_scale, crop_ratio and color_jitter (config.input)."""
-    return cls(
-      tuple(crops.crop_scale), tuple(crops.crop_ratio), float(crops.color_jitter), int(seed)
-    )
-
-  def params(self, epoch, position, width, height) -> AugmentParams:
-    """Inception-style crop (area fraction, aspect ratio), then flip, then jitter factors."""
-    rng = np.random.default_rng((self.seed, int(epoch), int(position)))
-    box = None
-    log_ratio = np.log(self.crop_ratio)
-    for _ in range(10):
-      target = width * height * rng.uniform(*self.crop_scale)
-      ratio = np.exp(rng.uniform(*log_ratio))
-      w = round(math.sqrt(target * ratio))
-      h = round(math.sqrt(target / ratio))
-      if 0 < w <= width and 0 < h <= height:
-        box = (int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
-        break
-    if box is None:  # fallback: centre square
-      side = min(width, height)
-      box = ((width - side) // 2, (height - side) // 2, side, side)
-    flip = bool(rng.random() < 0.5)
-    jitter = ()
-    if self.color_jitter:
-      jitter = tuple(rng.uniform(1 - self.color_jitter, 1 + self.color_jitter, size=3))
-    return AugmentParams(box, flip, jitter)
-
-  def image(self, jpeg: bytes, epoch, position, size) -> np.ndarray:
-    """The view of (epoch, position) of this JPEG, uint8 [size, size, 3]."""
-    image = Image.open(io.BytesIO(jpeg))
-    return render(image, self.params(epoch, position, *image.size), size)
-
-
 def resized_crop(image: Image.Image, box, size: int) -> Image.Image:
-  """`box` (source pixels) resized to size×size, decoding only the pixels it needs.
+  """`box` (source pixels) resized to size×size with antialiasing, decoding only what it needs.
 
   JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when the output allows; the
   box is scaled into the drafted image, so it covers the same part of the
@@ -215,20 +162,6 @@ def resized_crop(image: Image.Image, box, size: int) -> Image.Image:
   scale_x, scale_y = image.size[0] / width, image.size[1] / height
   scaled = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
   return image.convert("RGB").resize((size, size), Image.BILINEAR, box=scaled)
-
-
-def render(image: Image.Image, params: AugmentParams, size: int) -> np.ndarray:
-  """Applies drawn AugmentParams to an opened (not yet decoded) image → uint8 [size, size, 3]."""
-  pixels = np.asarray(resized_crop(image, params.box, size), np.float32)
-  if params.flip:
-    pixels = pixels[:, ::-1]
-  if params.jitter:
-    brightness, contrast, saturation = params.jitter
-    pixels = pixels * brightness
-    pixels = (pixels - pixels.mean()) * contrast + pixels.mean()
-    gray = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
-    pixels = (pixels - gray[..., None]) * saturation + gray[..., None]
-  return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def centre_crop(jpeg: bytes, size: int, crop_fraction: float) -> np.ndarray:
@@ -252,35 +185,27 @@ def _fields(element, record, image, join_fn, epoch):
 
 
 class TrainTransform(grain.transforms.Map):
-  """Decode + Augment of the element's (epoch, position) with `seed`, then the join.
+  """Decode + the host half of Augment (the crop) at the element's (epoch, position), the join.
 
-  crop_epochs = E > 0: epoch e draws the crops of epoch e % E, and the join
-  sees that epoch (the crops a replayed soft-label set has targets for).
+  crop_epochs = E > 0: epoch e draws the views of epoch e % E (`crop_epoch`), and the
+  join sees that epoch (the views a replayed soft-label set has targets for). The train
+  step applies the device half (flip, jitter) keyed by (crop_epoch, position).
   """
 
-  def __init__(
-    self,
-    image_size,
-    crop_scale=(0.08, 1.0),
-    crop_ratio=(3 / 4, 4 / 3),
-    color_jitter=0.2,
-    join_fn=None,
-    *,
-    seed=0,
-    crop_epochs=0,
-  ):
+  def __init__(self, image_size, augment: augment_lib.Augment, join_fn=None, *, crop_epochs=0):
     self.image_size = image_size
-    self.augment = Augment(tuple(crop_scale), tuple(crop_ratio), float(color_jitter), int(seed))
+    self.augment = augment
     self.crop_epochs = crop_epochs
     self.join_fn = join_fn
 
   def map(self, element):
     record = shards.decode(element["data"])
     epoch = element["epoch"] % self.crop_epochs if self.crop_epochs else element["epoch"]
-    image = self.augment.image(record["jpeg"], epoch, element["position"], self.image_size)
+    image = self.augment.crop(record["jpeg"], epoch, element["position"], self.image_size)
     return {
       **_fields(element, record, image, self.join_fn, epoch),
       "epoch": np.int32(element["epoch"]),
+      "crop_epoch": np.int32(epoch),
       "position": np.int32(element["position"]),
     }
 
@@ -297,6 +222,46 @@ class EvalTransform(grain.transforms.Map):
     record = shards.decode(element["data"])
     image = centre_crop(record["jpeg"], self.image_size, self.crop_fraction)
     return _fields(element, record, image, self.join_fn, element["epoch"])
+
+
+class DevicePrefetch:
+  """An iterator of `put(batch)` (device arrays) kept `depth` batches ahead of the consumer.
+
+  jax.device_put is asynchronous, so the next batches' host-to-device copies overlap the
+  running step (the Grain workers already overlap decoding). Checkpointable like the Grain
+  iterator it wraps: get_state() is the state after the last batch *handed out*, not after
+  the ones waiting on device, so a resumed run sees exactly the batches a straight run
+  would; set_state() drops what was prefetched.
+  """
+
+  def __init__(self, iterator, put, depth=2):
+    self._iterator = iterator
+    self._put = put
+    self._depth = depth
+    self._ahead = collections.deque()  # (device batch, iterator state after it)
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._ahead) < max(self._depth, 1):
+      batch = next(self._iterator)
+      self._ahead.append((self._put(batch), self._iterator.get_state()))
+    batch, self._state = self._ahead.popleft()
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def set_state(self, state):
+    self._ahead.clear()
+    self._iterator.set_state(state)
+    self._state = state
+
+  def start_prefetch(self):
+    """Grain's checkpoint handler calls this after set_state: start the workers early."""
+    self._iterator.start_prefetch()
 
 
 def read_metadata(dataset_dir: str, split: str) -> dict:
@@ -411,11 +376,8 @@ def train_loader(config, dataset_dir, process_batch_size, *, num_samples, join_f
     )
   transform = TrainTransform(
     inp.image_size,
-    inp.crop_scale,
-    inp.crop_ratio,
-    inp.color_jitter,
+    augment_lib.Augment.of(inp, config.seed),
     join_fn,
-    seed=config.seed,
     crop_epochs=crop_epochs,
   )
   return data_loader(

@@ -24,6 +24,7 @@ from aplantida_jax import models
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.evaluation import evaluators
 from aplantida_jax.models import pretrained
+from aplantida_jax.train import augment as augment_lib
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import sharding
@@ -201,14 +202,21 @@ def train_and_evaluate(config, workdir, *, task=None) -> dict:
     num_samples=config.num_train_steps * config.batch_size,
     join_fn=task.join_fn,
   )
+  train_iter = input_pipeline.DevicePrefetch(
+    iter(loader), functools.partial(sharding.global_batch, mesh), config.input.device_prefetch
+  )
   checkpoints = checkpointing.StageCheckpoints(stage_dir, config.checkpoint)
-  state, train_iter = checkpoints.restore_latest(state, iter(loader))
+  state, train_iter = checkpoints.restore_latest(state, train_iter)
   start_step = int(state.step) // accum
   if start_step:
     logging.info("resumed %s at step %d", stage_dir, start_step)
 
   train_step = jax.jit(
-    functools.partial(steps.train_step, loss_fn=task.loss_fn),
+    functools.partial(
+      steps.train_step,
+      loss_fn=task.loss_fn,
+      augment=augment_lib.Augment.of(config.input, config.seed),
+    ),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )
@@ -259,8 +267,7 @@ def _train(
   window, window_steps, timer = None, 0, None
   for step in range(start_step + 1, config.num_train_steps + 1):
     for _ in range(accum):
-      batch = sharding.global_batch(mesh, next(train_iter))
-      state, metrics = train_step(state, batch, train_rng, aux)
+      state, metrics = train_step(state, next(train_iter), train_rng, aux)
       window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
     window_steps += 1
     if timer is None:  # throughput and ETA exclude compilation

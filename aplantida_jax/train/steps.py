@@ -96,9 +96,16 @@ def global_norm(leaves):
   return jnp.linalg.norm(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves]))
 
 
-def train_step(state, batch, rng, aux, *, loss_fn):
-  """One optimizer call on one (micro-)batch; the dropout rng follows state.step."""
+def train_step(state, batch, rng, aux, *, loss_fn, augment=None):
+  """One optimizer call on one (micro-)batch; the dropout rng follows state.step.
+
+  augment (an augment.Augment): its device half (flip, jitter of each example's
+  (crop_epoch, position)) turns batch["image"] into float32 0..255 before loss_fn sees it.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
+  if augment is not None:
+    images = augment.flip_jitter(batch["image"], batch["crop_epoch"], batch["position"])
+    batch = {**batch, "image": images}
 
   def objective(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
