@@ -36,6 +36,7 @@ def get_config(arg=None):
   e.min_accepted = 10  # ... and must answer at least this many val images (else "unreachable")
   e.top_confusions = 10  # most confused pairs listed and plotted
   e.batch_size = 64
+  e.kept_logits = 32  # K: top logits kept per image (+ the tail's log-mean-exp); exact if C <= K
   e.t_min, e.t_max = 0.05, 20.0  # temperature search range
 
   config.regions = common.regions_config()

@@ -82,9 +82,13 @@ def test_confusions_by_hand():
   labels = np.array([0, 0, 0, 1, 1, 2])
   predicted = np.array([1, 1, 0, 0, 1, 1])
   logits = np.eye(3)[predicted] * 5.0
-  np.testing.assert_array_equal(
-    metrics.confusion_matrix(logits, labels), [[1, 2, 0], [1, 1, 0], [0, 1, 0]]
-  )
+  assert metrics.confusion_counts(logits, labels) == {
+    (0, 0): 1,
+    (0, 1): 2,
+    (1, 0): 1,
+    (1, 1): 1,
+    (2, 1): 1,
+  }
   rows = metrics.top_confusions(logits, labels, k=2, class_names=["a", "b", "c"])
   assert [(r["true_species"], r["predicted_species"], r["count"]) for r in rows] == [
     ("a", "b", 2),
@@ -218,6 +222,87 @@ def test_abstain_threshold_says_when_the_target_is_unreachable():
   logits, labels = np.eye(3)[[0, 1, 2, 0]] * [[4.0], [4.0], [1.0], [1.0]], np.array([0, 1, 0, 1])
   assert calibration.abstain_threshold(logits, labels, 0.95)["n_accepted"] == 2
   assert not calibration.abstain_threshold(logits, labels, 0.95, min_accepted=3)["reachable"]
+
+
+# --- kept scores (what the stage keeps instead of [N, C] logits) -------------------------------
+
+
+def _planted_logits(n, c, temperature, seed):
+  """Logits of a wide, imperfect model and labels drawn from softmax(logits / temperature)."""
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(scale=3.0, size=(n, c))
+  logits[:, :3] = np.round(logits[:, :3])  # ties, broken to the lower class
+  return logits, sample_labels(metrics.softmax(logits / temperature), rng)
+
+
+def test_device_compression_keeps_what_the_dense_metrics_need():
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from aplantida_jax.train import inference  # pylint: disable=g-import-not-at-top
+
+  logits, labels = _planted_logits(600, 300, 1.4, seed=0)
+  *device, finite = jax.device_get(
+    jax.jit(inference.compress, static_argnums=2)(
+      logits.astype(np.float32), labels.astype(np.int32), 8
+    )
+  )
+  assert finite.all()
+  kept = metrics.Scores(*device[:3], labels, *device[3:], num_classes=300)
+  want = metrics.Scores.of(logits.astype(np.float32), labels, k=8)
+  for field in ("top_classes", "label_rank"):
+    np.testing.assert_array_equal(getattr(kept, field), getattr(want, field))
+  for field in ("top_logits", "tail_logit", "label_logit", "log_z", "dlog_z"):
+    np.testing.assert_allclose(getattr(kept, field), getattr(want, field), rtol=1e-5, atol=1e-4)
+
+  # Counts are exact; probabilities match the dense logits at any temperature.
+  for t in (1.0, 0.6, 2.5):
+    dense = metrics.summary(logits / t, labels, [["ES"]] * 600, REGIONS)
+    compact = metrics.summary(kept / t, labels, [["ES"]] * 600, REGIONS)
+    for key in ("top1", "top5", "macro_top1", "macro_top5", "regions"):
+      assert compact[key] == dense[key]
+    for key in ("nll", "brier", "ece", "mce"):
+      assert compact[key] == pytest.approx(dense[key], abs=5e-4), key
+  assert metrics.per_class_table(kept, labels) == metrics.per_class_table(logits, labels)
+  assert metrics.top_confusions(kept, labels) == metrics.top_confusions(logits, labels)
+  dense_fit, kept_fit = (calibration.fit_temperature(x, labels) for x in (logits, kept))
+  assert kept_fit["temperature"] == pytest.approx(dense_fit["temperature"], rel=2e-3)
+  assert abs(dense_fit["temperature"] - 1.4) < 0.1  # the planted one
+  dense_cut, kept_cut = (calibration.abstain_threshold(x, labels, 0.6, 1.4) for x in (logits, kept))
+  assert kept_cut["threshold"] == pytest.approx(dense_cut["threshold"], rel=1e-4)
+  assert kept_cut["coverage"] == pytest.approx(dense_cut["coverage"], abs=2 / 600)
+  teacher_logits = logits + np.random.default_rng(1).normal(size=logits.shape)
+  dense_agree = metrics.teacher_agreement(logits, teacher_logits)
+  agree = metrics.teacher_agreement(kept, metrics.Scores.of(teacher_logits, labels, 8))
+  assert 0.2 < dense_agree["top1_agree"] < 0.9  # neither vacuous nor trivial
+  assert agree["top1_agree"] == dense_agree["top1_agree"]
+  assert agree["top5_agree"] == dense_agree["top5_agree"]
+  # The KL is exact when every class is kept (here it spreads each tail evenly).
+  exact = metrics.teacher_agreement(
+    metrics.Scores.of(logits, labels), metrics.Scores.of(teacher_logits, labels)
+  )
+  assert exact["kl_teacher_student"] == pytest.approx(dense_agree["kl_teacher_student"], rel=1e-9)
+
+
+def test_report_memory_does_not_grow_with_images_times_classes():
+  """Scoring and calibrating 3,000 classes allocates O(N·K), not the N×C a dense pass would."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+
+  peaks = {}
+  for n in (500, 2000):
+    logits, labels = _planted_logits(n, 3000, 1.0, seed=n)
+    kept = metrics.Scores.of(logits, labels, k=32)
+    del logits
+    tracemalloc.start()
+    fit = calibration.fit_temperature(kept, labels)
+    metrics.summary(kept / fit["temperature"], labels, [["ES"]] * n, REGIONS)
+    calibration.abstain_threshold(kept, labels, 0.5, fit["temperature"])
+    metrics.per_class_table(kept, labels)
+    metrics.top_confusions(kept, labels)
+    peaks[n] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+  dense_growth = (2000 - 500) * 3000 * 8  # one float64 [N, C] array more
+  assert peaks[2000] - peaks[500] < dense_growth / 10, peaks
+  assert peaks[2000] < 2000 * 3000 * 8 / 4, peaks
 
 
 # --- bad input ------------------------------------------------------------------------------------

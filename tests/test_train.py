@@ -308,10 +308,11 @@ def test_best_checkpoint_reproduces_its_recorded_top1(straight):
   stage = os.path.join(workdir, "teacher_global")
   out = inference.predict_split(stage, os.path.join(workdir, "dataset"), "val", batch_size=8)
   metadata = input_pipeline.read_metadata(os.path.join(workdir, "dataset"), "val")
-  assert out["logits"].shape == (18, NUM_CLASSES) and out["logits"].dtype == np.float32
+  scores = out["scores"]
+  assert (len(scores), scores.num_classes, scores.k) == (18, NUM_CLASSES, NUM_CLASSES)
   np.testing.assert_array_equal(out["labels"], metadata["labels"])
   assert out["sha256"] == metadata["sha256"] and out["regions"] == metadata["regions"]
-  top1 = np.mean(out["logits"].argmax(-1) == out["labels"])
+  top1 = np.mean(scores.predicted == out["labels"])
   assert top1 == pytest.approx(summary["best"]["value"], abs=1e-6)
   model, variables, config = inference.load_model(stage, "latest")
   assert config.model.name == "efficientnet_lite0" and set(variables) == {"params", "batch_stats"}

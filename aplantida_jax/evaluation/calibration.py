@@ -4,7 +4,8 @@ The app shows a species only when the model is confident enough; these two
 numbers make "confident" mean something: T turns logits into honest
 probabilities (Guo et al. 2017), and the threshold is the lowest max-probability
 at which the shown answers are right at least `target_precision` of the time.
-Both are deterministic functions of (logits, labels): no seeds, no scipy.
+Both are deterministic functions of (logits, labels): no seeds, no scipy. Logits are
+dense [N, C] or metrics.Scores (what the evaluate stage keeps).
 """
 
 import numpy as np
@@ -12,13 +13,10 @@ import numpy as np
 from aplantida_jax.evaluation import metrics
 
 
-def _nll_derivatives(logits, labels, beta):
+def _nll_derivatives(scores, beta):
   """d/dbeta and d2/dbeta2 of mean NLL(softmax(beta * logits)); the second is a variance, >= 0."""
-  probs = metrics.softmax(beta * logits)
-  expected = np.sum(probs * logits, axis=1)
-  true_logit = logits[np.arange(len(labels)), labels]
-  variance = np.sum(probs * logits**2, axis=1) - expected**2
-  return float(np.mean(expected - true_logit)), float(np.mean(np.maximum(variance, 0.0)))
+  _, slope, curvature = scores.partition(beta)
+  return float(np.mean(slope - scores.label_logit)), float(np.mean(curvature))
 
 
 def fit_temperature(logits, labels, t_min=0.05, t_max=20.0, tol=1e-10, max_iter=100):
@@ -31,18 +29,18 @@ def fit_temperature(logits, labels, t_min=0.05, t_max=20.0, tol=1e-10, max_iter=
   and just as deterministic. `at_bound` says the optimum hit the search range
   (e.g. a val set the model separates perfectly wants T -> 0).
   """
-  logits, labels = metrics.check_inputs(logits, labels, what="val")
+  scores = metrics.as_scores(logits, labels, what="val")
   if not 0 < t_min < 1 <= t_max:
     raise ValueError(f"need 0 < t_min < 1 <= t_max, got t_min={t_min}, t_max={t_max}.")
   lo, hi = 1.0 / t_max, 1.0 / t_min
-  if _nll_derivatives(logits, labels, lo)[0] >= 0:
+  if _nll_derivatives(scores, lo)[0] >= 0:
     beta, iterations = lo, 0
-  elif _nll_derivatives(logits, labels, hi)[0] <= 0:
+  elif _nll_derivatives(scores, hi)[0] <= 0:
     beta, iterations = hi, 0
   else:
     beta = 1.0
     for iterations in range(1, max_iter + 1):  # noqa: B007  (reported after the loop)
-      grad, curvature = _nll_derivatives(logits, labels, beta)
+      grad, curvature = _nll_derivatives(scores, beta)
       if grad < 0:
         lo = beta
       else:
@@ -56,8 +54,8 @@ def fit_temperature(logits, labels, t_min=0.05, t_max=20.0, tol=1e-10, max_iter=
   temperature = 1.0 / beta
   return {
     "temperature": float(temperature),
-    "nll_before": metrics.nll(logits, labels),
-    "nll_after": metrics.nll(logits / temperature, labels),
+    "nll_before": metrics.nll(scores, None),
+    "nll_after": metrics.nll(scores / temperature, None),
     "iterations": iterations,
     "at_bound": bool(np.isclose(temperature, t_min) or np.isclose(temperature, t_max)),
   }
@@ -79,7 +77,9 @@ def abstain_threshold(logits, labels, target_precision=0.95, temperature=1.0, mi
       f"target_precision must be in (0, 1], got {target_precision}; "
       "set config.eval.target_precision."
     )
-  confidence, correct = metrics.confidence_and_correct(np.asarray(logits) / temperature, labels)
+  confidence, correct = metrics.confidence_and_correct(
+    metrics.as_scores(logits, labels) / temperature, None
+  )
   order = np.argsort(-confidence, kind="stable")
   sorted_confidence = confidence[order]
   accepted = np.arange(1, len(order) + 1)
@@ -116,7 +116,9 @@ def abstain_threshold(logits, labels, target_precision=0.95, temperature=1.0, mi
 
 def selective_metrics(logits, labels, threshold, temperature=1.0):
   """Coverage and precision when predictions below `threshold` answer "unsure"."""
-  confidence, correct = metrics.confidence_and_correct(np.asarray(logits) / temperature, labels)
+  confidence, correct = metrics.confidence_and_correct(
+    metrics.as_scores(logits, labels) / temperature, None
+  )
   accepted = confidence >= threshold
   n_accepted = int(accepted.sum())
   return {

@@ -53,8 +53,8 @@ def _has_split(dataset_dir, split):
 def _write_plots(eval_dir, config, split, test, temperature, threshold, before, after, confusions):
   """The report's PNGs; returns their file names."""
   n_bins = config.eval.n_bins
-  raw = metrics.confidence_and_correct(test["logits"], test["labels"])
-  confidence, correct = metrics.confidence_and_correct(test["logits"] / temperature, test["labels"])
+  raw = metrics.confidence_and_correct(test["scores"], test["labels"])
+  confidence, correct = metrics.confidence_and_correct(test["scores"] / temperature, test["labels"])
   top1_targets = {
     "global": config.criteria.top1,
     "spain": config.criteria.spain_top1,
@@ -84,17 +84,17 @@ def _write_plots(eval_dir, config, split, test, temperature, threshold, before, 
 def write_evaluation(config, workdir, names, val, test, provenance, teacher=None):
   """Calibrates on `val`, scores `test` (and `teacher` on it), writes <workdir>/eval/; returns the report.
 
-  `val`, `test`, `teacher` are predict_split dicts (logits, labels, regions,
+  `val`, `test`, `teacher` are predict_split dicts (scores, labels, regions,
   sha256); `provenance` = {"checkpoint": {...}, "splits": {...}} for the report.
   """
   e = config.eval
   eval_dir = workdir_lib.Workdir(workdir).eval
   os.makedirs(eval_dir, exist_ok=True)
   report_split = provenance["splits"]["report"]
-  fit = calibration.fit_temperature(val["logits"], val["labels"], e.t_min, e.t_max)
+  fit = calibration.fit_temperature(val["scores"], val["labels"], e.t_min, e.t_max)
   temperature = fit["temperature"]
   threshold = calibration.abstain_threshold(
-    val["logits"], val["labels"], e.target_precision, temperature, e.min_accepted
+    val["scores"], val["labels"], e.target_precision, temperature, e.min_accepted
   )
 
   def summarise(logits, data, what):
@@ -102,8 +102,8 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
       logits, data["labels"], data["regions"], config.regions.to_dict(), e.n_bins, len(names), what
     )
 
-  test_before = summarise(test["logits"], test, report_split)
-  test_after = summarise(test["logits"] / temperature, test, report_split)
+  test_before = summarise(test["scores"], test, report_split)
+  test_after = summarise(test["scores"] / temperature, test, report_split)
   result = {
     **provenance,
     "calibration": {
@@ -111,17 +111,17 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
       "fit": fit,
       "threshold": threshold,
       "report_split": calibration.selective_metrics(
-        test["logits"], test["labels"], threshold["threshold"], temperature
+        test["scores"], test["labels"], threshold["threshold"], temperature
       ),
     },
     "val": {
-      "uncalibrated": summarise(val["logits"], val, "val"),
-      "calibrated": summarise(val["logits"] / temperature, val, "val"),
+      "uncalibrated": summarise(val["scores"], val, "val"),
+      "calibrated": summarise(val["scores"] / temperature, val, "val"),
     },
     "test": {"uncalibrated": test_before, "calibrated": test_after},
-    "per_class": metrics.per_class_table(test["logits"], test["labels"], names),
+    "per_class": metrics.per_class_table(test["scores"], test["labels"], names),
     "top_confusions": metrics.top_confusions(
-      test["logits"], test["labels"], e.top_confusions, names
+      test["scores"], test["labels"], e.top_confusions, names
     ),
     "teacher_agreement": None,
   }
@@ -133,9 +133,9 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
       )
     result["teacher_agreement"] = {
       "teacher_dir": e.teacher_dir,
-      "teacher_top1": metrics.topk_accuracy(teacher["logits"], test["labels"], 1),
-      "teacher_top5": metrics.topk_accuracy(teacher["logits"], test["labels"], 5),
-      **metrics.teacher_agreement(test["logits"], teacher["logits"]),
+      "teacher_top1": metrics.topk_accuracy(teacher["scores"], test["labels"], 1),
+      "teacher_top5": metrics.topk_accuracy(teacher["scores"], test["labels"], 5),
+      **metrics.teacher_agreement(test["scores"], teacher["scores"]),
     }
   result["criteria"] = report.criteria_table(test_after, config.criteria)
   result["criteria_passed"] = all(
@@ -183,7 +183,12 @@ def run(config, workdir):
   def predict(stage, split):
     logging.info("evaluate: predicting %s/ on split %s", stage, split)
     return inference.predict_split(
-      os.path.join(workdir, stage), dataset_dir, split, batch_size=e.batch_size, which=e.which
+      os.path.join(workdir, stage),
+      dataset_dir,
+      split,
+      batch_size=e.batch_size,
+      which=e.which,
+      keep=e.kept_logits,
     )
 
   val = predict(checkpoint, "val")

@@ -6,11 +6,13 @@ was trained (num_classes resolved), orbax holds the variables.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from aplantida_jax import models
 from aplantida_jax import workdir as workdir_lib
+from aplantida_jax.evaluation import metrics
 from aplantida_jax.train import checkpointing
 from aplantida_jax.train import input_pipeline
 from aplantida_jax.train import steps
@@ -26,28 +28,82 @@ def load_model(stage_dir, which="best"):
   return models.from_config(config.model), checkpointing.load_variables(stage_dir, which), config
 
 
-def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best"):
-  """Logits of every record of `split`, in record order, with its metadata.
+def compress(logits, labels, k):
+  """One batch's logits [B, C] → the device half of metrics.Scores, O(B·K) to copy back.
 
-  Returns {"logits": float32 [N, C], "labels": int32 [N], "regions": [[str]],
-  "sha256": [str]}. Images get the eval transform of the stage's config.
+  (top logits [B, K] descending, their classes, the tail's log-mean-exp [B] (−inf when
+  K = C), the label's logit and rank [B] (ties to the lower class, as metrics.Scores.of),
+  log Σ exp(β·logits) and its β-derivative [B, |BETAS|] at metrics.BETAS, whether the row
+  is finite [B]). jit-compiled, with k static.
+  """
+  num_classes = logits.shape[-1]
+  k = min(k, num_classes)
+  top, classes = jax.lax.top_k(logits, k)
+  tail = jnp.full(logits.shape[:1], -jnp.inf)
+  if k < num_classes:
+    rest = logits.at[jnp.arange(len(logits))[:, None], classes].set(-jnp.inf)
+    tail = jax.nn.logsumexp(rest, axis=-1) - jnp.log(num_classes - k)
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  lower = jnp.arange(num_classes)[None, :] < labels[:, None]
+  rank = jnp.sum((logits > label_logit) | ((logits == label_logit) & lower), axis=-1)
+  scaled = jnp.asarray(metrics.BETAS, logits.dtype)[None, :, None] * logits[:, None, :]
+  log_z = jax.nn.logsumexp(scaled, axis=-1)
+  dlog_z = jnp.sum(jax.nn.softmax(scaled, axis=-1) * logits[:, None, :], axis=-1)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  return top, classes, tail, label_logit[:, 0], rank, log_z, dlog_z, finite
+
+
+def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", keep=32):
+  """metrics.Scores of every record of `split`, in record order, with its metadata.
+
+  Returns {"scores": metrics.Scores (K = keep), "labels": int32 [N], "regions": [[str]],
+  "sha256": [str]}. Memory is O(N·keep), never O(N·C). Images get the eval transform of
+  the stage's config; a NaN/inf logit anywhere is a ValueError naming the stage.
   """
   model, variables, config = load_model(stage_dir, which)
-  apply = jax.jit(lambda v, images: steps.forward(model.apply, v, images, None, train=False)[0])
+
+  @jax.jit
+  def scores_of(v, images, labels):
+    logits = steps.forward(model.apply, v, images, None, train=False)[0]
+    return compress(logits, labels, keep)
+
   metadata = input_pipeline.read_metadata(dataset_dir, split)
-  logits = np.zeros((len(metadata["labels"]), config.model.num_classes), np.float32)
+  n = len(metadata["labels"])
+  k = min(keep, config.model.num_classes)
+  columns = {
+    "top_logits": np.zeros((n, k)),
+    "top_classes": np.zeros((n, k), np.int64),
+    "tail_logit": np.zeros(n),
+    "label_logit": np.zeros(n),
+    "label_rank": np.zeros(n, np.int64),
+    "log_z": np.zeros((n, len(metrics.BETAS))),
+    "dlog_z": np.zeros((n, len(metrics.BETAS))),
+    "finite": np.zeros(n, bool),
+  }
   for batch in tqdm(
     input_pipeline.eval_batches(
       config.input, dataset_dir, split, batch_size, shard_by_process=False
     ),
     desc=f"predict {split}",
-    total=-(-len(logits) // batch_size),
+    total=-(-n // batch_size),
     disable=None,
   ):
     real = batch["mask"] > 0
-    logits[batch["index"][real]] = np.asarray(apply(variables, batch["image"]))[real]
+    outputs = jax.device_get(scores_of(variables, batch["image"], batch["label"]))
+    for column, values in zip(columns.values(), outputs):
+      column[batch["index"][real]] = values[real]
+  bad = np.flatnonzero(~columns.pop("finite"))
+  if bad.size:
+    raise ValueError(
+      f"{stage_dir} on {split}: {bad.size} of {n} rows of logits hold NaN/inf (first at "
+      f"record {bad[0]}); the checkpoint diverged or its inputs are corrupt. Re-train (lower "
+      "the learning rate) or pick an earlier checkpoint."
+    )
+  scores = metrics.Scores(
+    **columns, labels=metadata["labels"].astype(np.int64), num_classes=config.model.num_classes
+  )
   return {
-    "logits": logits,
+    "scores": scores,
     "labels": metadata["labels"],
     "regions": metadata["regions"],
     "sha256": metadata["sha256"],
