@@ -32,6 +32,7 @@ LONGEST_FIRST = (
   "tests.test_pipeline",
   "tests.test_distill",
   "tests.test_train",
+  "tests.test_bench",
   "tests.test_multidevice",
   "tests.test_browser",
   "tests.test_export_tfjs",

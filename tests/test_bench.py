@@ -4,6 +4,7 @@ Speeds are measured by the bench modes, never asserted here.
 """
 
 import io
+import json
 import os
 import sys
 
@@ -83,3 +84,40 @@ def test_scale_bench_measures_every_stage_it_runs(tmp_path):
   assert result["stages"]["export"]["output_mb"] > result["stages"]["audit"]["output_mb"] > 0
   with pytest.raises(SystemExit, match="3 images per species"):
     bench.main(["scale", "--per_class", "2", "--out", str(out)])
+
+
+def test_a_3000_species_pipeline_runs_with_a_factorised_head(tmp_path):
+  """audit → export → teacher → soft labels → evaluate → TF.js at 3,000 classes, 3 images each."""
+  out = tmp_path / "scale.json"
+  result = bench.main(
+    [
+      "scale",
+      "--classes",
+      "3000",
+      "--per_class",
+      "3",
+      "--steps",
+      "2",
+      "--keep",
+      str(tmp_path / "run"),
+      "--out",
+      str(out),
+    ]
+  )
+  assert result["exported"] == {"train": 3000, "val": 3000, "test": 3000}
+  assert list(result["stages"]) == [
+    "audit",
+    "export",
+    "teacher_global",
+    "soft_labels",
+    "evaluate",
+    "export_tfjs",
+  ]
+  workdir = tmp_path / "run" / "workdir"
+  report = json.loads((workdir / "eval" / "report.json").read_text())
+  assert len(report["per_class"]) == 3000 and report["test"]["calibrated"]["n"] == 3000
+  assert report["test"]["calibrated"]["num_classes"] == 3000
+  soft = json.loads((workdir / "soft_labels" / "meta.json").read_text())
+  assert soft["counts"]["train"] == 3000
+  # mobilenet_v2 at width 0.35 with a 128-wide head: the head is 3000 × 128 + 1280 × 128.
+  assert 2 < result["tfjs_fp16_mb"] < 6

@@ -1112,7 +1112,12 @@ def bench_scale(args) -> dict:
     images=images,
     exported=manifest.get("counts"),
     stages=stages,
-    tfjs_fp16_mb=_folder_mb(tfjs) if tfjs.exists() else None,
+    # The graph model the browser downloads: model.json + its weight shards.
+    tfjs_fp16_mb=(
+      sum(p.stat().st_size for p in [tfjs / "model.json", *tfjs.glob("group*.bin")]) / 1e6
+      if (tfjs / "model.json").exists()
+      else None
+    ),
     workdir=str(workdir) if args.keep else None,
   )
   if not args.keep:

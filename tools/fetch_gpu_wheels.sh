@@ -5,8 +5,9 @@
 #   tools/fetch_gpu_wheels.sh          # then copy the repo, .whl/ included, to the GPU host
 #
 # The GPU host is assumed to have Python 3.12 (x86-64) with jax (CUDA), flax, optax,
-# orbax-checkpoint, msgpack, etils, cloudpickle, protobuf, PyYAML, pillow, tqdm, psutil, torch
-# and timm already; it lacks only the packages below (our Grain input pipeline and configs).
+# orbax-checkpoint, msgpack, etils, cloudpickle, protobuf, PyYAML, pillow, opencv-python-headless,
+# tqdm, psutil, torch and timm already; it lacks only the packages below (our Grain input
+# pipeline and configs).
 # Override with GPU_PYTHON_VERSION=3.11 etc. for another host Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."

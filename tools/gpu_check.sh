@@ -44,7 +44,7 @@ import os
 import sys
 
 sys.path.insert(0, "tools")
-REQUIRED = ["numpy", "PIL", "absl", "msgpack", "etils.epath", "cloudpickle", "portpicker", "tqdm",
+REQUIRED = ["numpy", "PIL", "cv2", "absl", "msgpack", "etils.epath", "cloudpickle", "portpicker", "tqdm",
             "jax", "flax", "optax", "orbax.checkpoint", "grain", "array_record.python.array_record_module",
             "ml_collections", "torch",
             "configs.training", "aplantida_jax.models", "aplantida_jax.train.steps",
