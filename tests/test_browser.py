@@ -130,3 +130,27 @@ def test_pwa_classifies_online_then_offline(workdir, photo, browser, isolate, ca
   finally:
     context.close()
     server.server_close()
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["coop_coep", "no_isolation"])
+def test_wasm_runs_threads_only_when_cross_origin_isolated(workdir, browser, isolate):
+  """On a machine that reports 8 logical cores (TF.js 4.22 gives XNNPACK half of them, at most
+  4; this 2-core CI machine therefore gets 1 thread, README "Export to TF.js")."""
+  server = pwa_server.make_server(os.path.join(workdir, "tfjs"), port=0, isolate=isolate)
+  pwa_server.serve_in_thread(server)
+  context = browser.new_context()
+  page = context.new_page()
+  page.add_init_script(
+    "Object.defineProperty(Navigator.prototype, 'hardwareConcurrency', {get: () => 8})"
+  )
+  try:
+    page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+    page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    info = page.evaluate("aplantida.info()")
+    assert info["crossOriginIsolated"] == isolate
+    assert info["threads"] == (4 if isolate else 1)
+    assert ("4 threads" in page.text_content("#status")) == isolate
+  finally:
+    context.close()
+    server.shutdown()
+    server.server_close()
