@@ -241,13 +241,13 @@ def test_device_compression_keeps_what_the_dense_metrics_need():
   from aplantida_jax.train import inference  # pylint: disable=g-import-not-at-top
 
   logits, labels = _planted_logits(600, 300, 1.4, seed=0)
-  *device, finite = jax.device_get(
+  device = jax.device_get(
     jax.jit(inference.compress, static_argnums=2)(
       logits.astype(np.float32), labels.astype(np.int32), 8
     )
   )
-  assert finite.all()
-  kept = metrics.Scores(*device[:3], labels, *device[3:], num_classes=300)
+  assert device.pop("finite").all()
+  kept = metrics.Scores(**device, labels=labels, num_classes=300)
   want = metrics.Scores.of(logits.astype(np.float32), labels, k=8)
   for field in ("top_classes", "label_rank"):
     np.testing.assert_array_equal(getattr(kept, field), getattr(want, field))

@@ -204,12 +204,17 @@ class TeacherViews(grain.transforms.Map):
     self.augment = augment
     self.replay = replay
 
+  def views(self, epoch, position, index):
+    """Per view: (the Augment whose crop and device half it gets, its (epoch, position)
+    key), or (None, None) for the eval crop."""
+    if self.replay is not None:
+      return [(self.replay, (epoch, position))]
+    return [(None, None)] + [(self.augment, (v, index)) for v in range(1, self.num_views)]
+
   @property
   def view_augments(self) -> tuple:
     """Per view: the Augment whose device half it gets, or None (the eval crop)."""
-    if self.replay is not None:
-      return (self.replay,)
-    return (None,) + (self.augment,) * (self.num_views - 1)
+    return tuple(augment for augment, _ in self.views(0, 0, 0))
 
   def map(self, element):
     record = shards.decode(element["data"])
@@ -222,19 +227,17 @@ class TeacherViews(grain.transforms.Map):
       "sha256": np.frombuffer(bytes.fromhex(record["sha256"]), np.uint8),
       **self.weights(index, epoch, position, record),
     }
-    keys = [(epoch, position)] if self.replay is not None else [(0, index)]
-    keys += [(v, index) for v in range(1, len(self.view_augments))]
-    for v, (view_epoch, view_position) in enumerate(keys):
-      if self.view_augments[v] is not None:
-        out[f"view_epoch_{v}"] = np.int32(view_epoch)
-        out[f"view_position_{v}"] = np.int32(view_position)
+    views = self.views(epoch, position, index)
+    for v, (_, key) in enumerate(views):
+      if key is not None:
+        out[f"view_epoch_{v}"], out[f"view_position_{v}"] = np.int32(key[0]), np.int32(key[1])
     jpeg = record["jpeg"]
     for size, fraction in self.crops:
-      for v, augment in enumerate(self.view_augments):
+      for v, (augment, key) in enumerate(views):
         out[view_key(size, fraction, v)] = (
           input_pipeline.centre_crop(jpeg, size, fraction)
           if augment is None
-          else augment.crop(jpeg, *keys[v], size)
+          else augment.crop(jpeg, *key, size)
         )
     return out
 

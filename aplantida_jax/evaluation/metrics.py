@@ -67,9 +67,9 @@ class Scores:
   beta: float = 1.0
 
   @classmethod
-  def of(cls, logits, labels, k=None):
-    """Dense [N, C] logits (validated) → Scores; k=None keeps every class (exact)."""
-    logits, labels = check_dense(logits, labels)
+  def of(cls, logits, labels, k=None, *, num_classes=None, what="split"):
+    """Dense [N, C] logits (validated: check_dense) → Scores; k=None keeps every class (exact)."""
+    logits, labels = check_dense(logits, labels, num_classes, what)
     n, c = logits.shape
     k = c if k is None else min(k, c)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
@@ -84,14 +84,6 @@ class Scores:
     above = (logits > label_logit[:, None]) | ((logits == label_logit[:, None]) & lower_index)
     log_z, dlog_z = _partition_at(logits, BETAS)
     return cls(top, order, tail, labels, label_logit, above.sum(1), log_z, dlog_z, c)
-
-  @property
-  def _per_example(self):
-    return [f.name for f in dataclasses.fields(self) if f.name not in ("num_classes", "beta")]
-
-  def take(self, index):
-    """The examples at `index` (a mask or indices)."""
-    return dataclasses.replace(self, **{f: getattr(self, f)[index] for f in self._per_example})
 
   def __len__(self):
     return len(self.labels)
@@ -194,8 +186,7 @@ def as_scores(logits, labels=None, what="split", num_classes=None):
     if not len(logits):
       raise ValueError(_empty_error(what))
     return logits
-  check_dense(logits, labels, num_classes, what)
-  return Scores.of(logits, labels)
+  return Scores.of(logits, labels, num_classes=num_classes, what=what)
 
 
 def _empty_error(what):

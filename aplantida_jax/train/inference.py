@@ -31,10 +31,11 @@ def load_model(stage_dir, which="best"):
 def compress(logits, labels, k):
   """One batch's logits [B, C] → the device half of metrics.Scores, O(B·K) to copy back.
 
-  (top logits [B, K] descending, their classes, the tail's log-mean-exp [B] (−inf when
-  K = C), the label's logit and rank [B] (ties to the lower class, as metrics.Scores.of),
-  log Σ exp(β·logits) and its β-derivative [B, |BETAS|] at metrics.BETAS, whether the row
-  is finite [B]). jit-compiled, with k static.
+  {top_logits [B, K] descending, top_classes, tail_logit [B] (the tail's log-mean-exp;
+  −inf when K = C), label_logit and label_rank [B] (ties to the lower class, as
+  metrics.Scores.of), log_z and dlog_z [B, |BETAS|] (log Σ exp(β·logits) and its
+  β-derivative at metrics.BETAS), finite [B] (the row holds no NaN/inf)}: metrics.Scores'
+  per-example fields, by name. jit-compiled, with k static.
   """
   num_classes = logits.shape[-1]
   k = min(k, num_classes)
@@ -49,8 +50,16 @@ def compress(logits, labels, k):
   scaled = jnp.asarray(metrics.BETAS, logits.dtype)[None, :, None] * logits[:, None, :]
   log_z = jax.nn.logsumexp(scaled, axis=-1)
   dlog_z = jnp.sum(jax.nn.softmax(scaled, axis=-1) * logits[:, None, :], axis=-1)
-  finite = jnp.all(jnp.isfinite(logits), axis=-1)
-  return top, classes, tail, label_logit[:, 0], rank, log_z, dlog_z, finite
+  return {
+    "top_logits": top,
+    "top_classes": classes,
+    "tail_logit": tail,
+    "label_logit": label_logit[:, 0],
+    "label_rank": rank,
+    "log_z": log_z,
+    "dlog_z": dlog_z,
+    "finite": jnp.all(jnp.isfinite(logits), axis=-1),
+  }
 
 
 def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", keep=32):
@@ -90,8 +99,8 @@ def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", ke
   ):
     real = batch["mask"] > 0
     outputs = jax.device_get(scores_of(variables, batch["image"], batch["label"]))
-    for column, values in zip(columns.values(), outputs):
-      column[batch["index"][real]] = values[real]
+    for name, column in columns.items():
+      column[batch["index"][real]] = outputs[name][real]
   bad = np.flatnonzero(~columns.pop("finite"))
   if bad.size:
     raise ValueError(
