@@ -248,6 +248,14 @@ def test_device_compression_keeps_what_the_dense_metrics_need():
   )
   assert device.pop("finite").all()
   kept = metrics.Scores(**device, labels=labels, num_classes=300)
+  # Ties go to the lower class, on device as in numpy: both labels here rank second.
+  tied = jax.device_get(
+    jax.jit(inference.compress, static_argnums=2)(
+      np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]], np.float32), np.array([1, 2], np.int32), 2
+    )
+  )
+  np.testing.assert_array_equal(tied["label_rank"], [1, 1])
+  np.testing.assert_array_equal(tied["top_classes"], [[0, 1], [1, 2]])
   want = metrics.Scores.of(logits.astype(np.float32), labels, k=8)
   for field in ("top_classes", "label_rank"):
     np.testing.assert_array_equal(getattr(kept, field), getattr(want, field))
