@@ -1,10 +1,15 @@
 """The PWA in real Chromium: classify a photo, agree with JAX, work offline, time the wasm backend.
 
+Phone-sized photos (3–12 MP: flowers12 upscaled, demo plants drawn at that
+size) must reach the model as the eval transform gives them to JAX, without
+the page ever holding the full-resolution photo as a tensor.
+
 Debian's chromium driven by Python Playwright (CI installs it with apt).
 Served on 127.0.0.1 with and without cross-origin isolation (COOP/COEP),
 which decides whether the wasm backend may use threads.
 """
 
+import glob
 import io
 import os
 
@@ -14,7 +19,9 @@ from PIL import Image
 
 from aplantida_jax.data import shards
 from aplantida_jax.export import pwa_server
+from aplantida_jax.export import resize_bench
 from aplantida_jax.train import input_pipeline
+from tests import helpers
 from tests import tfjs_fixture
 
 CHROMIUM = "/usr/bin/chromium"
@@ -71,6 +78,14 @@ def photo(workdir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def phone_photos(tmp_path_factory):
+  """JPEG paths of 3–12 MP photos that the page must shrink 30–70× to the 56 px input."""
+  if not glob.glob(os.path.join(helpers.FLOWERS, "*", "*.jpg")):
+    pytest.skip(f"{helpers.FLOWERS} holds no photos")
+  return resize_bench.phone_photos(str(tmp_path_factory.mktemp("phone_photos")), helpers.FLOWERS)
+
+
+@pytest.fixture(scope="module")
 def browser():
   playwright_api = pytest.importorskip("playwright.sync_api")
   with playwright_api.sync_playwright() as p:
@@ -80,7 +95,9 @@ def browser():
 
 
 def _classify(page, png):
-  page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+  page.wait_for_selector("body[data-state=ready], body[data-state=classified]", timeout=60_000)
+  # Reset, so that a second photo waits for its own answer.
+  page.evaluate("document.body.dataset.state = 'ready'")
   page.set_input_files("#photo", png)
   page.wait_for_selector("body[data-state=classified]", timeout=60_000)
   items = page.query_selector_all("#results li")
@@ -154,3 +171,72 @@ def test_wasm_runs_threads_only_when_cross_origin_isolated(workdir, browser, iso
     context.close()
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def page_of(workdir, browser):
+  """Opens the PWA (no isolation) and yields the page; closes both after the test."""
+  server = pwa_server.make_server(os.path.join(workdir, "tfjs"), port=0, isolate=False)
+  pwa_server.serve_in_thread(server)
+  context = browser.new_context()
+  page = context.new_page()
+  page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+  yield page
+  context.close()
+  server.shutdown()
+  server.server_close()
+
+
+# Mean |Δ| (0–255) between the page's model input and the eval transform's, per phone photo. The
+# page's halving resampler is not Pillow's triangle filter: ~1.5 levels on smooth photos, ~6.6 on
+# the most textured flowers12 one; reading the photo whole and resizeBilinear (no antialiasing)
+# gives a median of 9.4 here (BUILD.md "Browser preprocessing"). A random-weight model turns 1.5
+# levels into ~0.2 of probability, so probability parity is measured on trained exports there
+# (tools/bench.py browser_resize), not here.
+MEDIAN_PIXEL_DIFF = 2.5
+MAX_PIXEL_DIFF = 8.0
+
+
+def test_phone_photos_reach_the_model_as_the_eval_transform_gives_them_to_jax(
+  page_of, phone_photos
+):
+  with open(phone_photos[0], "rb") as f:
+    assert len(Image.open(f).getdata()) >= 3_000_000
+  diffs = {}
+  for path in phone_photos:
+    top = _classify(page_of, path)
+    assert len(top) == tfjs_fixture.NUM_CLASSES
+    pixels = page_of.evaluate(
+      """([size, fraction]) => {
+        const input = aplantida.preprocess(document.getElementById('preview'), size, fraction);
+        return input.data().then((data) => { input.dispose(); return Array.from(data); });
+      }""",
+      [tfjs_fixture.IMAGE_SIZE, 0.875],
+    )
+    with open(path, "rb") as f:
+      expected = input_pipeline.centre_crop(f.read(), tfjs_fixture.IMAGE_SIZE, 0.875)
+    page_input = np.asarray(pixels, np.float32).reshape(expected.shape)
+    diffs[os.path.basename(path)] = float(np.abs(page_input - expected).mean())
+  assert np.median(list(diffs.values())) <= MEDIAN_PIXEL_DIFF, diffs
+  assert max(diffs.values()) <= MAX_PIXEL_DIFF, diffs
+
+
+def test_preprocessing_a_12_mp_photo_holds_no_full_resolution_tensor(page_of, phone_photos):
+  twelve_mp = next(p for p in phone_photos if "4000x3000" in p)
+  _classify(page_of, twelve_mp)
+  profile = page_of.evaluate(
+    """() => {
+      const preview = document.getElementById('preview');
+      let shape;
+      const before = tf.memory().numBytes;  // peakBytes counts what was held before (the model)
+      const profile = tf.profile(() => {
+        const input = aplantida.preprocess(preview, 56, 0.875);
+        shape = input.shape;
+        return input;
+      });
+      return profile.then((p) => ({peakBytes: p.peakBytes - before, shape, width: preview.naturalWidth}));
+    }"""
+  )
+  assert profile["width"] == 4000
+  assert profile["shape"] == [1, tfjs_fixture.IMAGE_SIZE, tfjs_fixture.IMAGE_SIZE, 3]
+  assert profile["peakBytes"] < 20_000_000, profile

@@ -956,6 +956,23 @@ def bench_browser(args) -> dict:
   return result
 
 
+@register(
+  "browser_resize",
+  "Chromium: ways to shrink 3-12 MP photos to the model input vs the eval transform (pixels, Δp)",
+  [
+    ("--model", dict(default="runs/demo/tfjs", help="a TF.js export folder (./run.sh makes one)")),
+    ("--flowers", dict(default="../shared/data/flowers12/train", help="photos to upscale")),
+  ],
+)
+def bench_browser_resize(args) -> dict:
+  from aplantida_jax.export import resize_bench  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory(prefix="browser_resize_") as folder:
+    result = resize_bench.compare(args.model, resize_bench.phone_photos(folder, args.flowers))
+  result["target"] = "max_abs_prob_diff <= 0.02 and top1_agreement >= 0.99 (shipped)"
+  return result
+
+
 # ---------------------------------------------------------------- scale
 
 # Runs one stage as `python -m aplantida_jax.main` and writes its own and its children's

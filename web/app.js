@@ -2,7 +2,8 @@
 //
 // The exported model expects float32 [1, H, W, 3] RGB in 0-255 and returns
 // calibrated probabilities (normalisation and temperature are in the graph),
-// so this file only crops, resizes and reads metadata.json / labels.json.
+// so this file only crops, resizes and reads metadata.json / labels.json. Photos are drawn
+// through <img>, which applies their EXIF orientation as the download stage does.
 // `?backend=cpu|wasm|webgl` picks the TF.js backend (default wasm);
 // `?model=path/` points at another export folder (default model/).
 'use strict';
@@ -32,17 +33,33 @@ async function initBackend() {
   await tf.ready();
 }
 
-// Centre square crop of `fraction` of the short side (as evaluation does), resized.
+// Python's round(): halves go to the even neighbour, so the crop is the eval transform's box.
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+// The eval transform in the browser's own antialiased resampler: the centre square of `fraction`
+// of the short side, halved by drawImage while it is at least twice the input, then drawn at the
+// input size. Only size×size pixels ever become a tensor (a 12 MP photo read whole by fromPixels
+// is a ~146 MB int32 tensor, and resizeBilinear does not antialias). BUILD.md has the measurements.
 function preprocess(image, size, fraction) {
-  return tf.tidy(() => {
-    const pixels = tf.browser.fromPixels(image);
-    const [height, width] = pixels.shape;
-    const side = Math.max(1, Math.round(Math.min(width, height) * fraction));
-    const top = Math.floor((height - side) / 2);
-    const left = Math.floor((width - side) / 2);
-    const crop = pixels.slice([top, left, 0], [side, side, 3]);
-    return tf.image.resizeBilinear(crop, [size, size]).toFloat().expandDims(0);
-  });
+  const width = image.naturalWidth || image.width;
+  const height = image.naturalHeight || image.height;
+  const side = Math.max(1, roundHalfEven(Math.min(width, height) * fraction));
+  let [source, left, top, span] = [image, Math.floor((width - side) / 2), Math.floor((height - side) / 2), side];
+  for (;;) {
+    const target = span >= 2 * size ? Math.round(span / 2) : size;
+    const canvas = new OffscreenCanvas(target, target);
+    const context = canvas.getContext('2d', {willReadFrequently: target === size});
+    context.imageSmoothingQuality = target > span ? 'low' : 'high';  // 'low' upsamples bilinearly, as Pillow does
+    context.drawImage(source, left, top, span, span, 0, 0, target, target);
+    if (target === size) {
+      const pixels = context.getImageData(0, 0, size, size);
+      return tf.tidy(() => tf.browser.fromPixels(pixels).toFloat().expandDims(0));
+    }
+    [source, left, top, span] = [canvas, 0, 0, target];
+  }
 }
 
 function topK(probabilities, k) {
@@ -142,4 +159,4 @@ window.aplantida = {ready: init().catch((error) => {
   document.body.dataset.state = 'error';
   setStatus(`Could not load the model: ${error.message}`);
   throw error;
-}), classifyImage, benchmark, info};
+}), classifyImage, preprocess, benchmark, info};

@@ -91,7 +91,9 @@ def metadata(
       "dtype": "float32",
       "channels": "RGB",
       "range": [0, 255],
-      "preprocess": "centre square crop, bilinear resize to input size; no normalisation",
+      "preprocess": (
+        "centre square crop, antialiased bilinear resize to input size; no normalisation"
+      ),
       "eval_crop_fraction": model_info.get("eval_crop_fraction"),
     },
     "normalisation": {

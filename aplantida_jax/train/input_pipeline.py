@@ -149,16 +149,23 @@ class EpochIndexSampler(grain.samplers.IndexSampler):
     return "Epoch" + super().__repr__()  # EpochIndexSampler(num_records=..., seed=...)
 
 
+# JPEG draft decoding keeps at least this many times the output's resolution: at 1× the DCT's
+# 8×8 block average, not the antialiased bilinear resize, would set the filter (BUILD.md).
+DRAFT_OVERSAMPLE = 3
+
+
 def resized_crop(image: Image.Image, box, size: int) -> Image.Image:
   """`box` (source pixels) resized to size×size with antialiasing, decoding only what it needs.
 
-  JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when the output allows; the
-  box is scaled into the drafted image, so it covers the same part of the
-  photo whatever the output size.
+  JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still leaves
+  DRAFT_OVERSAMPLE× the output's pixels across the box; the box is scaled into
+  the drafted image, so it covers the same part of the photo whatever the
+  output size.
   """
   width, height = image.size
   left, top, crop_w, crop_h = box
-  image.draft("RGB", (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
+  scale = DRAFT_OVERSAMPLE * size
+  image.draft("RGB", (math.ceil(width * scale / crop_w), math.ceil(height * scale / crop_h)))
   scale_x, scale_y = image.size[0] / width, image.size[1] / height
   scaled = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
   return image.convert("RGB").resize((size, size), Image.BILINEAR, box=scaled)

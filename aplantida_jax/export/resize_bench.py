@@ -1,0 +1,147 @@
+"""Browser preprocessing: ways to shrink a phone photo in Chromium, against the eval transform.
+
+Each method crops the eval transform's centre square and resizes it to the
+model's input in the page; its pixels are compared with
+`input_pipeline.centre_crop` on the same JPEG (mean |Δ| in 0–255), and both
+inputs go through the same TF.js model in the page, so the probability
+difference isolates the preprocessing. "shipped" is `aplantida.preprocess`
+from web/app.js; BUILD.md "Browser preprocessing" has the results.
+"""
+
+import base64
+import glob
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from aplantida_jax.data import demo_data
+from aplantida_jax.export import browser_bench
+from aplantida_jax.export import pwa_server
+from aplantida_jax.train import input_pipeline
+
+# (width, height) of the flowers12 photos once upscaled: 3, 6 and 12 MP, landscape and portrait.
+PHONE_SIZES = ((2000, 1500), (2828, 2121), (4000, 3000), (3000, 4000))
+DRAWN_SIDES = (1800, 1800, 3464)  # demo plants drawn at 3.2 and 12 MP, with per-pixel sensor noise
+
+CANDIDATES_JS = """
+window.resizeCandidates = {
+  shipped: (img, size, fr) => aplantida.preprocess(img, size, fr),
+  read_whole_resize_bilinear: (img, size, fr) => tf.tidy(() => {
+    const px = tf.browser.fromPixels(img);
+    const [h, w] = px.shape, side = Math.max(1, Math.round(Math.min(w, h) * fr));
+    const crop = px.slice([Math.floor((h - side) / 2), Math.floor((w - side) / 2), 0], [side, side, 3]);
+    return tf.image.resizeBilinear(crop, [size, size]).toFloat().expandDims(0);
+  }),
+  one_draw_high: (img, size, fr) => {
+    const w = img.naturalWidth, h = img.naturalHeight, side = Math.max(1, Math.round(Math.min(w, h) * fr));
+    const ctx = new OffscreenCanvas(size, size).getContext('2d');
+    ctx.imageSmoothingQuality = 'high';
+    ctx.drawImage(img, Math.floor((w - side) / 2), Math.floor((h - side) / 2), side, side, 0, 0, size, size);
+    return tf.tidy(() => tf.browser.fromPixels(ctx.getImageData(0, 0, size, size)).toFloat().expandDims(0));
+  },
+};
+window.compareResize = async (b64, size, fr, reference) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const img = new Image();
+  img.src = URL.createObjectURL(new Blob([bytes], {type: 'image/jpeg'}));
+  await img.decode();
+  const model = await (window.benchModel ||= tf.loadGraphModel('model/model.json'));
+  const probs = (x) => tf.tidy(() => model.predict(x)).data().then(Array.from);
+  const refInput = tf.tensor(reference, [1, size, size, 3]);
+  const out = {reference_probs: await probs(refInput)};
+  refInput.dispose();
+  for (const [name, fn] of Object.entries(resizeCandidates)) {
+    fn(img, size, fr).dispose();  // warm-up
+    const t0 = performance.now();
+    let input;
+    const before = tf.memory().numBytes;  // peakBytes counts what was held before (the model)
+    const profile = await tf.profile(() => (input = fn(img, size, fr)));
+    const ms = performance.now() - t0;
+    out[name] = {pixels: Array.from(await input.data()), probs: await probs(input), ms,
+                 peak_bytes: profile.peakBytes - before};
+    input.dispose();
+  }
+  return out;
+};
+"""
+
+
+def phone_photos(folder: str, flowers_dir: str) -> list:
+  """Writes JPEGs of 3–12 MP (flowers12 upscaled, demo plants drawn) to `folder`; their paths."""
+  flowers = sorted(glob.glob(os.path.join(flowers_dir, "*", "*.jpg")))[::60][:8]
+  images = []
+  for i, path in enumerate(flowers):
+    width, height = PHONE_SIZES[i % len(PHONE_SIZES)]
+    image = Image.open(path).convert("RGB")
+    short = min(image.size)
+    crop = (short, short * height // width) if width > height else (short * width // height, short)
+    images.append((f"flowers{i}", image.crop((0, 0, *crop)).resize((width, height), Image.LANCZOS)))
+  rng = np.random.default_rng(0)
+  for i, side in enumerate(DRAWN_SIDES):
+    images.append((f"drawn{i}", demo_data.draw_plant(demo_data.SPECIES[5 * i], rng, side)))
+  paths = []
+  for name, image in images:
+    paths.append(os.path.join(folder, f"{name}_{image.size[0]}x{image.size[1]}.jpg"))
+    image.save(paths[-1], quality=90)
+  return paths
+
+
+def compare(tfjs_dir: str, photos: list) -> dict:
+  """Per method: mean |Δ| pixels (median and worst photo), max |Δp|, top-1 agreement, ms, peak."""
+  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(tfjs_dir, "metadata.json")) as f:
+    metadata = json.load(f)
+  size, fraction = metadata["input"]["shape"][1], metadata["input"]["eval_crop_fraction"]
+  server = pwa_server.make_server(tfjs_dir, port=0, isolate=False)
+  pwa_server.serve_in_thread(server)
+  rows = {}
+  try:
+    with sync_playwright() as p:
+      browser = p.chromium.launch(
+        executable_path=browser_bench.CHROMIUM, headless=True, args=browser_bench.CHROMIUM_ARGS
+      )
+      page = browser.new_page()
+      page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+      page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+      page.add_script_tag(content=CANDIDATES_JS)
+      for path in photos:
+        with open(path, "rb") as f:
+          jpeg = f.read()
+        reference = input_pipeline.centre_crop(jpeg, size, fraction).astype(np.float32)
+        out = page.evaluate(
+          "([b64, size, fr, ref]) => compareResize(b64, size, fr, ref)",
+          [base64.b64encode(jpeg).decode(), size, fraction, reference.ravel().tolist()],
+        )
+        ref_probs = np.asarray(out.pop("reference_probs"))
+        for name, r in out.items():
+          row = rows.setdefault(name, {"pixel": [], "dp": [], "top1": [], "ms": [], "peak": []})
+          row["pixel"].append(float(np.abs(np.asarray(r["pixels"]) - reference.ravel()).mean()))
+          row["dp"].append(float(np.abs(np.asarray(r["probs"]) - ref_probs).max()))
+          row["top1"].append(int(np.argmax(r["probs"]) == np.argmax(ref_probs)))
+          row["ms"].append(r["ms"])
+          row["peak"].append(r["peak_bytes"])
+      browser.close()
+  finally:
+    server.shutdown()
+    server.server_close()
+  return {
+    "model": tfjs_dir,
+    "input_size": size,
+    "photos": [os.path.basename(p) for p in photos],
+    "methods": {
+      name: {
+        "pixel_mean_abs_diff_median": float(np.median(r["pixel"])),
+        "pixel_mean_abs_diff_worst": float(np.max(r["pixel"])),
+        "max_abs_prob_diff": float(np.max(r["dp"])),
+        "top1_agreement": float(np.mean(r["top1"])),
+        "median_ms": float(np.median(r["ms"])),
+        "peak_tensor_mb": float(np.max(r["peak"]) / 1e6),
+        "per_photo_max_abs_prob_diff": [round(d, 4) for d in r["dp"]],
+        "per_photo_pixel_mean_abs_diff": [round(d, 2) for d in r["pixel"]],
+      }
+      for name, r in rows.items()
+    },
+  }
