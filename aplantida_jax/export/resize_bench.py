@@ -10,12 +10,12 @@ from web/app.js; BUILD.md "Browser preprocessing" has the results.
 
 import base64
 import glob
-import json
 import os
 
 import numpy as np
 from PIL import Image
 
+from aplantida_jax import fileio
 from aplantida_jax.data import demo_data
 from aplantida_jax.export import browser_bench
 from aplantida_jax.export import pwa_server
@@ -92,8 +92,7 @@ def compare(tfjs_dir: str, photos: list) -> dict:
   """Per method: mean |Δ| pixels (median and worst photo), max |Δp|, top-1 agreement, ms, peak."""
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
 
-  with open(os.path.join(tfjs_dir, "metadata.json")) as f:
-    metadata = json.load(f)
+  metadata = fileio.read_json(os.path.join(tfjs_dir, "metadata.json"))
   size, fraction = metadata["input"]["shape"][1], metadata["input"]["eval_crop_fraction"]
   server = pwa_server.make_server(tfjs_dir, port=0, isolate=False)
   pwa_server.serve_in_thread(server)
