@@ -34,10 +34,22 @@ def get_config(arg=None):
   e.n_bins = 15  # equal-width confidence bins for ECE/MCE and the reliability plot
   e.target_precision = 0.95  # precision of shown answers the "unsure" threshold must reach on val
   e.min_accepted = 10  # ... and must answer at least this many val images (else "unreachable")
+  # Below the species threshold: the genus, else the family, each when its summed probability
+  # reaches a threshold fitted at target_precision on the val images still unanswered
+  # (evaluation/rollup.py), answering at least rollup_min_accepted of them; else the top
+  # rollup_set_size species as "one of these".
+  e.rollup_min_accepted = 3
+  e.rollup_set_size = 3
   e.top_confusions = 10  # most confused pairs listed and plotted
   e.batch_size = 64
   e.kept_logits = 32  # K: top logits kept per image (+ the tail's log-mean-exp); exact if C <= K
   e.t_min, e.t_max = 0.05, 20.0  # temperature search range
+  # Region prior (evaluation/region_prior.py): logits + s·log(p(y|r)/p(y)) per config.regions,
+  # s picked from `strengths` on val at the plain T, with its own threshold; the export ships it.
+  p = e.region_prior = ml_collections.ConfigDict()
+  p.enabled = True
+  p.smoothing = 1.0  # additive count per class in p(y | region) and p(y) (train split)
+  p.strengths = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]
 
   config.regions = common.regions_config()
 

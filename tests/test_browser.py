@@ -12,12 +12,18 @@ which decides whether the wasm backend may use threads.
 import glob
 import io
 import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from aplantida_jax import fileio
 from aplantida_jax.data import shards
+from aplantida_jax.evaluation import metrics
+from aplantida_jax.evaluation import region_prior
+from aplantida_jax.evaluation import rollup
+from aplantida_jax.export import pwa_screens
 from aplantida_jax.export import pwa_server
 from aplantida_jax.export import resize_bench
 from aplantida_jax.train import input_pipeline
@@ -147,6 +153,172 @@ def test_pwa_classifies_online_then_offline(workdir, photo, browser, isolate, ca
   finally:
     context.close()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def prior_export(workdir, photo, tmp_path_factory):
+  """(export dir, prior): the fixture's export with a planted region prior for Spain/Europe.
+
+  Spain's log-ratio lifts the photo's JAX runner-up by 6 nats, more than the margin of the
+  widest-margin photo, so the region in use decides the answer.
+  """
+  out = str(tmp_path_factory.mktemp("prior") / "tfjs")
+  shutil.copytree(os.path.join(workdir, "tfjs"), out)
+  png, _ = photo
+  rng = np.random.default_rng(0)
+  spain = rng.normal(0, 0.3, tfjs_fixture.NUM_CLASSES)
+  spain[_runner_up(workdir, png)] += 6.0
+  prior = {
+    "scale": 0.9,
+    "strength": 1.3,
+    "threshold": 0.0,
+    "regions": {
+      "spain": {"countries": ["ES"], "log_ratio": spain.round(4).tolist()},
+      "europe": {"countries": ["DE", "ES", "FR"], "log_ratio": [0.0] * tfjs_fixture.NUM_CLASSES},
+    },
+  }
+  fileio.write_json(os.path.join(out, "region_prior.json"), prior)
+  metadata = fileio.read_json(os.path.join(out, "metadata.json"))
+  fileio.write_json(
+    os.path.join(out, "metadata.json"), {**metadata, "region_prior": "region_prior.json"}
+  )
+  return out, prior
+
+
+def _runner_up(workdir, png):
+  crop = np.asarray(Image.open(png).convert("RGB"), np.float32)
+  offset = (tfjs_fixture.PHOTO_SIZE - tfjs_fixture.IMAGE_SIZE) // 2
+  crop = crop[offset : offset + tfjs_fixture.IMAGE_SIZE, offset : offset + tfjs_fixture.IMAGE_SIZE]
+  return int(np.argsort(tfjs_fixture.jax_probabilities(workdir, crop[None])[0])[-2])
+
+
+def _probabilities(top):
+  dense = np.zeros(tfjs_fixture.NUM_CLASSES)
+  for index, probability in top:
+    dense[index] = probability
+  return dense
+
+
+def test_the_region_in_use_reweights_the_answer_as_the_prior_says_and_offline(
+  prior_export, photo, browser
+):
+  out, prior = prior_export
+  png, jax_top1 = photo
+  server = pwa_server.make_server(out, port=0, isolate=False)
+  pwa_server.serve_in_thread(server)
+  context = browser.new_context(locale="es-ES")  # navigator.language es-ES → Spain
+  page = context.new_page()
+  try:
+    page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+    page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    assert page.is_visible("#region") and page.input_value("#region") == "spain"
+    in_spain = _classify(page, png)
+    page.select_option("#region", "")  # ignore location: the plain model
+    page.wait_for_selector("body[data-region='']")
+    plain = [
+      (int(li.get_attribute("data-index")), float(li.get_attribute("data-probability")))
+      for li in page.query_selector_all("#results li")
+    ]
+    assert plain[0][0] == jax_top1 and len(plain) == tfjs_fixture.NUM_CLASSES
+    expected = np.exp(
+      region_prior.apply(
+        np.log(_probabilities(plain))[None],
+        prior["regions"]["spain"]["log_ratio"],
+        prior["scale"],
+        prior["strength"],
+      )[0]
+    )
+    np.testing.assert_allclose(_probabilities(in_spain), expected, atol=1e-5)
+    assert in_spain[0][0] == int(np.argmax(expected)) != jax_top1
+
+    page.select_option("#region", "spain")
+    page.wait_for_function("navigator.serviceWorker.controller !== null", timeout=30_000)
+    server.shutdown()  # offline: the prior comes from the cache, the choice from localStorage
+    server.server_close()
+    context.set_offline(True)
+    page.reload()
+    offline = _classify(page, png)
+    assert page.input_value("#region") == "spain"
+    np.testing.assert_allclose(_probabilities(offline), expected, atol=1e-5)
+  finally:
+    context.close()
+    server.server_close()
+
+
+ROLLUP_LABELS = [
+  {"species": "Rosa canina", "family": "Rosaceae"},
+  {"species": "Rosa gallica", "family": "Rosaceae"},
+  {"species": "Prunus avium", "family": "Rosaceae"},
+  {"species": "Cistus albidus", "family": "Cistaceae"},
+  {"species": "bluebell", "family": ""},
+]
+ROLLUP_CASES = [  # (probabilities, rollup thresholds, expected level)
+  ([0.90, 0.04, 0.03, 0.02, 0.01], {"genus": 0.8, "family": 0.9}, "species"),
+  ([0.45, 0.44, 0.05, 0.03, 0.03], {"genus": 0.8, "family": 0.9}, "genus"),
+  ([0.45, 0.44, 0.05, 0.03, 0.03], {"genus": None, "family": 0.9}, "family"),
+  ([0.30, 0.20, 0.45, 0.03, 0.02], {"genus": 0.8, "family": 0.9}, "family"),
+  ([0.10, 0.10, 0.10, 0.35, 0.35], {"genus": 0.8, "family": 0.9}, "set"),
+]
+
+
+def test_unsure_answers_roll_up_to_genus_family_or_one_of_these_as_the_evaluation_does(page_of):
+  page_of.wait_for_selector("body[data-state=ready]", timeout=60_000)
+  groups = rollup.groups(ROLLUP_LABELS)
+  for probabilities, thresholds, level in ROLLUP_CASES:
+    got = page_of.evaluate(
+      "([p, labels, rollup]) => aplantida.answer(Float32Array.from(p), labels, 0.8, rollup)",
+      [probabilities, ROLLUP_LABELS, {**thresholds, "set_size": 3}],
+    )
+    assert got["level"] == level, (probabilities, thresholds, got)
+    scores = metrics.Scores.of(np.log([probabilities]), np.zeros(1, np.int64))
+    if level in rollup.LEVELS:  # the page's group and mass are the evaluation's
+      mass, group, _ = rollup.level_answers(scores, groups[level][0])
+      assert got["name"] == groups[level][1][group[0]]
+      assert got["probability"] == pytest.approx(mass[0], abs=1e-6)
+    elif level == "set":
+      order = np.argsort(-np.asarray(probabilities), kind="stable")[:3]  # ties: lower index
+      assert got["names"] == [ROLLUP_LABELS[i]["species"] for i in order]
+
+
+def test_screenshots_show_the_answer_the_region_and_not_sure_online_and_offline(
+  workdir, photo, browser, tmp_path
+):
+  png, jax_top1 = photo
+  labels = fileio.read_json(os.path.join(workdir, "tfjs", "labels.json"))
+  shots = pwa_screens.capture(
+    os.path.join(workdir, "tfjs"), {"online": png}, str(tmp_path / "shots"), browser=browser
+  )
+  # The same export, except that no answer reaches the threshold and nothing rolls up.
+  unsure_dir = str(tmp_path / "unsure_tfjs")
+  shutil.copytree(os.path.join(workdir, "tfjs"), unsure_dir)
+  metadata = fileio.read_json(os.path.join(unsure_dir, "metadata.json"))
+  metadata.update(threshold=1.01, rollup={"genus": None, "family": None, "set_size": 3})
+  fileio.write_json(os.path.join(unsure_dir, "metadata.json"), metadata)
+  prior_path = os.path.join(unsure_dir, metadata["region_prior"])  # Spain's own threshold too
+  fileio.write_json(prior_path, {**fileio.read_json(prior_path), "threshold": 1.01})
+  shots.update(
+    pwa_screens.capture(
+      unsure_dir, {"unsure": png}, str(tmp_path / "shots"), offline=False, browser=browser
+    )
+  )
+  for name in ("online", "offline", "unsure"):
+    shot = shots[name]
+    with Image.open(tmp_path / "shots" / f"{name}.png") as image:
+      assert image.width == pwa_screens.VIEWPORT["width"] and image.height >= 400
+    assert shot["photo"] and shot["verdict"] and shot["region"] == "Spain"  # es-ES locale
+    assert len(shot["results"]) == tfjs_fixture.NUM_CLASSES
+    assert [r["species"] for r in shot["results"]] == [
+      labels[r["index"]]["species"] for r in shot["results"]
+    ]
+    assert all(r["percent"].endswith("%") for r in shot["results"])
+    assert shot["results"][0]["index"] == jax_top1
+    assert f"{tfjs_fixture.NUM_CLASSES} species" in shot["status"]
+  assert shots["offline"]["verdict"] == shots["online"]["verdict"]
+  assert shots["offline"]["results"] == shots["online"]["results"]
+  unsure = shots["unsure"]
+  assert unsure["unsure"] and unsure["level"] == "set"
+  top3 = ", ".join(r["species"] for r in unsure["results"][:3])
+  assert unsure["verdict"] == f"Not sure — one of these: {top3}"
 
 
 @pytest.mark.parametrize("isolate", [True, False], ids=["coop_coep", "no_isolation"])

@@ -544,6 +544,35 @@ def test_stage_writes_report_calibration_and_plots(trained_workdir):
     "reliability.png",
   ]
   assert not [name for name in os.listdir(eval_dir) if name.endswith(".tmp")]
+  # The region prior: fitted on val, reported per region with and without, shipped as JSON.
+  prior = result["region_prior"]
+  assert prior["fitted"] and calibration_file["region_prior"] == "region_prior.json"
+  assert prior["fit"]["strength"] in evaluate.get_config().eval.region_prior.strengths
+  assert [g["strength"] for g in prior["fit"]["grid"]] == list(
+    evaluate.get_config().eval.region_prior.strengths
+  )
+  for name in ("spain", "europe"):
+    region = prior["report_regions"][name]
+    assert region["n"] == before["regions"][name]["n"]
+    assert region["without"]["top1"] == pytest.approx(before["regions"][name]["top1"])
+    assert region["with"]["threshold"] == prior["threshold"]["threshold"]
+  shipped = json.loads((eval_dir / "region_prior.json").read_text())
+  temperature = result["calibration"]["temperature"]
+  assert shipped["strength"] == pytest.approx(prior["fit"]["strength"] / temperature)
+  assert set(shipped["regions"]) == {"spain", "europe"}
+  assert len(shipped["regions"]["spain"]["log_ratio"]) == 3
+  assert "## Region prior" in markdown
+  # Below the species threshold: genus, family, "one of these"; every test image gets one level.
+  levels = result["rollup"]["levels"]
+  assert list(levels) == ["species", "genus", "family", "set"]
+  assert sum(m["n"] for m in levels.values()) == 24
+  assert levels["species"]["n"] == result["calibration"]["report_split"]["n_accepted"]
+  for level in ("genus", "family"):
+    fitted = result["rollup"]["thresholds"][level]
+    assert calibration_file["rollup"][level] == (
+      fitted["threshold"] if fitted["reachable"] else None
+    )
+  assert "## When unsure" in markdown
 
 
 def test_stage_without_test_split_reports_on_val_and_says_so(trained_workdir, tmp_path):

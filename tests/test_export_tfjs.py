@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from jax.experimental import jax2tf
 
+from aplantida_jax import fileio
 from aplantida_jax.export import convert
 from aplantida_jax.export import opcheck
 from aplantida_jax.export import parity
@@ -82,9 +83,22 @@ def test_exports_the_calibrated_checkpoint(workdir):
   assert stage._calibration(workdir, student, 0.5)["temperature"] == tfjs_fixture.TEMPERATURE
   # A temperature fitted for another checkpoint is not applied to this one.
   other = stage._calibration(workdir, os.path.join(workdir, "teacher_global"), 0.5)
-  assert other == {"temperature": 1.0, "threshold": 0.5, "source": None}
+  assert other == {
+    "temperature": 1.0,
+    "threshold": 0.5,
+    "source": None,
+    "region_prior": None,
+    "rollup": None,
+  }
   with pytest.raises(FileNotFoundError, match="no trained stage"):
     stage._checkpoint_dir(e, workdir, checkpoint=os.path.join(workdir, "eval"))
+  # The region prior fitted with that calibration ships beside the model, named in metadata.json.
+  tfjs_dir = os.path.join(workdir, "tfjs")
+  assert fileio.read_json(os.path.join(tfjs_dir, "metadata.json"))["region_prior"] == (
+    "region_prior.json"
+  )
+  assert fileio.read_json(os.path.join(tfjs_dir, "region_prior.json")) == tfjs_fixture.REGION_PRIOR
+  assert fileio.read_json(os.path.join(tfjs_dir, "metadata.json"))["rollup"] == tfjs_fixture.ROLLUP
 
 
 def test_export_passes_its_own_op_check(workdir):

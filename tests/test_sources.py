@@ -528,3 +528,25 @@ def test_only_http_urls_become_records_and_the_rest_are_counted(url, kept):
   records = list(sources.document_records(doc, dict(common.catalog_config().fields), stats))
   assert [r.url for r in records] == ([url] if kept else [])
   assert sum(stats.values()) == (0 if kept else 1), stats
+
+
+def test_synthetic_regions_give_every_photo_a_country_of_its_species_range(tmp_path):
+  from aplantida_jax.data import synthetic_regions  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path / "photos"
+  for i in range(6):
+    (root / f"species{i}").mkdir(parents=True)
+    for j in range(4):
+      Image.new("RGB", (8, 8), "green").save(root / f"species{i}" / f"{j}.jpg")
+  ranges = synthetic_regions.write_sidecar(str(root), str(tmp_path / "a.csv"), seed=3)
+  synthetic_regions.write_sidecar(str(root), str(tmp_path / "b.csv"), seed=3)
+  assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()  # same seed
+  assert sorted(ranges.values()) == sorted(list(synthetic_regions.RANGES) * 2)
+  records, _ = _records(
+    _catalog(kind="folder", path=str(root), sidecar_csv=str(tmp_path / "a.csv"))
+  )
+  assert len(records) == 24
+  for r in records:
+    assert r.country in synthetic_regions.RANGES[ranges[r.species]], (r.species, r.country)
+  with pytest.raises(FileNotFoundError, match="no species subfolders"):
+    synthetic_regions.write_sidecar(str(tmp_path / "a.csv.d"), str(tmp_path / "c.csv"), 0)

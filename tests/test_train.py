@@ -318,6 +318,27 @@ def test_best_checkpoint_reproduces_its_recorded_top1(straight):
   assert config.model.name == "efficientnet_lite0" and set(variables) == {"params", "batch_stats"}
 
 
+def test_offset_views_are_the_shifted_logits_at_the_given_temperature(straight):
+  """predict_split's offsets give, per view, softmax(β·(logits + offset)) of every image."""
+  workdir, _ = straight
+  stage, dataset = os.path.join(workdir, "teacher_global"), os.path.join(workdir, "dataset")
+  offsets = np.random.default_rng(0).normal(0, 2, (2, NUM_CLASSES)).astype(np.float32)
+  out = inference.predict_split(stage, dataset, "val", batch_size=8, offsets=offsets, beta=0.5)
+  plain = out["scores"]  # K = C: every logit, so the dense logits can be rebuilt
+  logits = np.zeros((len(plain), NUM_CLASSES))
+  np.put_along_axis(logits, plain.top_classes, plain.top_logits, axis=1)
+  views = out["views"]
+  assert views["log_z"].shape == (2, len(plain))
+  for v, offset in enumerate(offsets):
+    z = 0.5 * (logits + offset)
+    label = z[np.arange(len(z)), out["labels"]]
+    np.testing.assert_allclose(views["log_z"][v], np.log(np.exp(z).sum(1)), rtol=1e-5)
+    np.testing.assert_allclose(views["top"][v], z.max(1), rtol=1e-5)
+    np.testing.assert_allclose(views["label"][v], label, rtol=1e-5)
+    np.testing.assert_array_equal(views["rank"][v], (z > label[:, None]).sum(1))
+  assert "views" not in inference.predict_split(stage, dataset, "val", batch_size=8)
+
+
 def _kill_mid_run(workdir, cache_env, after_step=4):
   """Starts the global teacher, SIGKILLs it once checkpoint `after_step` is committed."""
   proc = helpers.start_main("configs/teacher_global.py:demo", workdir, *TINY, **cache_env)

@@ -35,6 +35,14 @@ IMAGE_SIZE = (
 )
 PHOTO_SIZE = 64
 NUM_CLASSES = 4
+ROLLUP = {"genus": 0.6, "family": None, "set_size": 3}
+# A neutral prior (every log-ratio 0) as the evaluate stage writes it: the export must ship it.
+REGION_PRIOR = {
+  "scale": 1.0,
+  "strength": 1.0,
+  "threshold": 0.3,
+  "regions": {"spain": {"countries": ["ES"], "log_ratio": [0.0] * NUM_CLASSES}},
+}
 TEMPERATURE = 1.3
 THRESHOLD = 0.4
 MODEL_KWARGS = {"width": 0.35}
@@ -100,9 +108,12 @@ def _write_workdir(workdir):
         "temperature": TEMPERATURE,
         "threshold": THRESHOLD,
         "checkpoint": {"stage_dir": STUDENT, "which": "best"},
+        "region_prior": "region_prior.json",
+        "rollup": ROLLUP,
       },
       f,
     )
+  fileio.write_json(os.path.join(workdir, "eval", "region_prior.json"), REGION_PRIOR)
 
 
 def tiny_export(base_dir):

@@ -973,6 +973,20 @@ def bench_browser_resize(args) -> dict:
   return result
 
 
+@register(
+  "browser_prior",
+  "Chromium: the region prior in app.js vs as TF.js ops on the output (latency, bytes shipped)",
+  [
+    ("--model", dict(default="runs/demo/tfjs", help="a TF.js export folder (./run.sh makes one)")),
+    ("--classes", dict(type=int, default=9000, help="classes of the synthetic output and prior")),
+  ],
+)
+def bench_browser_prior(args) -> dict:
+  from aplantida_jax.export import prior_bench  # pylint: disable=g-import-not-at-top
+
+  return prior_bench.compare(args.model, args.classes)
+
+
 # ---------------------------------------------------------------- scale
 
 # Runs one stage as `python -m aplantida_jax.main` and writes its own and its children's

@@ -2,7 +2,8 @@
 //
 // The exported model expects float32 [1, H, W, 3] RGB in 0-255 and returns
 // calibrated probabilities (normalisation and temperature are in the graph),
-// so this file only crops, resizes and reads metadata.json / labels.json. Photos are drawn
+// so this file only crops, resizes, reweights by the user's region and reads
+// metadata.json / labels.json / region_prior.json. Photos are drawn
 // through <img>, which applies their EXIF orientation as the download stage does.
 // `?backend=cpu|wasm|webgl` picks the TF.js backend (default wasm);
 // `?model=path/` points at another export folder (default model/).
@@ -14,7 +15,9 @@ const BACKEND = params.get('backend') || 'wasm';
 const TOP_K = 5;
 
 const $ = (id) => document.getElementById(id);
-const state = {model: null, metadata: null, labels: null, input: null};
+const state = {model: null, metadata: null, labels: null, input: null, prior: null,
+               region: '', probabilities: null};
+const REGION_KEY = 'aplantida.region';
 
 function setStatus(text) { $('status').textContent = text; }
 
@@ -62,26 +65,116 @@ function preprocess(image, size, fraction) {
   }
 }
 
+// The region prior (metadata.json region_prior, fitted by the evaluate stage):
+// p(y | x, r) = softmax(scale · log p(y | x) + strength · log_ratio[r]); '' = ignore location.
+// On the model's output rather than in the graph, so changing region re-runs no model.
+function applyPrior(probabilities, prior, region) {
+  if (!prior || !region) return Float32Array.from(probabilities);
+  const logRatio = prior.regions[region].log_ratio;
+  const z = Array.from(probabilities, (p, c) => prior.scale * Math.log(Math.max(p, 1e-30)) +
+                                               prior.strength * logRatio[c]);
+  const high = Math.max(...z);
+  const e = z.map((v) => Math.exp(v - high));
+  const sum = e.reduce((a, b) => a + b, 0);
+  return Float32Array.from(e, (v) => v / sum);
+}
+
+// The user's country from the language tag (es-ES → ES), else Spain's time zones; the region
+// with the fewest countries that lists it, or '' (ignore location) when none does.
+function defaultRegion(prior) {
+  const tag = (navigator.language || '').split('-');
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || '';
+  const country = tag.length > 1 ? tag[tag.length - 1].toUpperCase()
+      : ['Europe/Madrid', 'Atlantic/Canary', 'Africa/Ceuta'].includes(zone) ? 'ES' : '';
+  const matching = Object.entries(prior.regions).filter(([, r]) => r.countries.includes(country));
+  matching.sort((a, b) => a[1].countries.length - b[1].countries.length);
+  return matching.length ? matching[0][0] : '';
+}
+
+function setupRegion() {
+  const select = $('region');
+  if (!state.prior) return;
+  const names = Object.keys(state.prior.regions);
+  const label = (name) => name.charAt(0).toUpperCase() + name.slice(1).replace(/_/g, ' ');
+  select.replaceChildren(new Option('Ignore location (travel, gardens)', ''),
+                         ...names.map((name) => new Option(label(name), name)));
+  const saved = localStorage.getItem(REGION_KEY);
+  state.region = saved !== null && (saved === '' || names.includes(saved)) ? saved
+                                                                           : defaultRegion(state.prior);
+  select.value = state.region;
+  $('region-picker').hidden = false;
+  select.addEventListener('change', () => {
+    state.region = select.value;
+    localStorage.setItem(REGION_KEY, state.region);
+    if (state.probabilities) show(applyPrior(state.probabilities, state.prior, state.region));
+  });
+}
+
+// Genus = the binomial's first word; a name that is not one ('bluebell') has none.
+function groupOf(label, level) {
+  if (level === 'family') return label.family || '';
+  const words = label.species.split(/\s+/);
+  return words.length > 1 ? words[0] : '';
+}
+
+// The deepest useful answer (evaluation/rollup.py): the species when its probability reaches
+// `threshold`; else the genus, then the family, whose summed probability reaches its own
+// threshold (rollup.genus / rollup.family, null = never); else the top rollup.set_size species.
+function answer(probabilities, labels, threshold, rollup) {
+  const order = Array.from(probabilities.keys()).sort((a, b) => probabilities[b] - probabilities[a]);
+  const best = order[0];
+  if (probabilities[best] >= threshold) {
+    return {level: 'species', name: labels[best].species, probability: probabilities[best]};
+  }
+  for (const level of ['genus', 'family']) {
+    const levelThreshold = rollup ? rollup[level] : null;
+    if (levelThreshold === null || levelThreshold === undefined) continue;
+    const mass = new Map();  // insertion follows `order`: ties go to the more probable species
+    for (const c of order) {
+      const group = groupOf(labels[c], level);
+      if (group) mass.set(group, (mass.get(group) || 0) + probabilities[c]);
+    }
+    let top = null;
+    for (const [group, m] of mass) if (!top || m > top.probability) top = {name: group, probability: m};
+    if (top && top.probability >= levelThreshold) return {level, ...top};
+  }
+  const members = order.slice(0, (rollup && rollup.set_size) || 3);
+  return {level: 'set', names: members.map((c) => labels[c].species),
+          probability: members.reduce((sum, c) => sum + probabilities[c], 0)};
+}
+
 function topK(probabilities, k) {
   return Array.from(probabilities.keys())
       .sort((a, b) => probabilities[b] - probabilities[a]).slice(0, k)
       .map((index) => ({index, probability: probabilities[index], ...state.labels[index]}));
 }
 
+// The catalog's common names in the page's language (else the first language listed).
 function commonName(names) {
   if (!names) return '';
   const lang = (navigator.language || 'en').slice(0, 2);
   if (Array.isArray(names)) return names.map((n) => (Array.isArray(n) ? n[1] : n)).join(', ');
-  return names[lang] || Object.values(names)[0] || '';
+  const chosen = names[lang] || Object.values(names)[0] || '';
+  return Array.isArray(chosen) ? chosen.join(', ') : chosen;
 }
 
-function show(top) {
-  const threshold = state.metadata.threshold;
-  const unsure = top[0].probability < threshold;
-  $('verdict').textContent = unsure ? 'Not sure — the photo does not match any species well enough.'
-                                    : `${top[0].species}`;
+function show(probabilities) {
+  const threshold = state.prior && state.region ? state.prior.threshold : state.metadata.threshold;
+  const result = answer(probabilities, state.labels, threshold, state.metadata.rollup);
+  const percent = (p) => `${(100 * p).toFixed(0)}%`;
+  const text = {
+    species: () => result.name,
+    genus: () => `Not sure of the species: genus ${result.name} (${percent(result.probability)})`,
+    family: () => `Not sure of the species: family ${result.name} (${percent(result.probability)})`,
+    set: () => `Not sure — one of these: ${result.names.join(', ')}`,
+  }[result.level]();
+  const unsure = result.level !== 'species';
+  document.body.dataset.region = state.region;
+  $('verdict').textContent = text;
   $('verdict').className = unsure ? 'unsure' : '';
   $('verdict').dataset.unsure = String(unsure);
+  $('verdict').dataset.level = result.level;
+  const top = topK(probabilities, TOP_K);
   $('results').replaceChildren(...top.map((entry) => {
     const li = document.createElement('li');
     li.dataset.index = entry.index;
@@ -92,6 +185,7 @@ function show(top) {
     li.querySelector('.p').textContent = `${(100 * entry.probability).toFixed(1)}%`;
     return li;
   }));
+  return top;
 }
 
 async function classifyImage(image) {
@@ -100,10 +194,9 @@ async function classifyImage(image) {
   state.input = preprocess(image, size, state.metadata.input.eval_crop_fraction || 1);
   const t0 = performance.now();
   const output = state.model.predict(state.input);
-  const probabilities = await output.data();
+  state.probabilities = await output.data();
   output.dispose();
-  const top = topK(probabilities, TOP_K);
-  show(top);
+  const top = show(applyPrior(state.probabilities, state.prior, state.region));
   document.body.dataset.state = 'classified';
   setStatus(`${state.status} · ${(performance.now() - t0).toFixed(1)} ms`);
   return top;
@@ -141,6 +234,8 @@ function onPhoto(event) {
 async function init() {
   await initBackend();
   [state.metadata, state.labels] = await Promise.all([fetchJson('metadata.json'), fetchJson('labels.json')]);
+  if (state.metadata.region_prior) state.prior = await fetchJson(state.metadata.region_prior);
+  setupRegion();
   state.model = await tf.loadGraphModel(MODEL_DIR + 'model.json');
   tf.tidy(() => state.model.predict(tf.zeros(state.metadata.input.shape)));  // warm-up (compiles kernels)
   const i = info();
@@ -159,4 +254,4 @@ window.aplantida = {ready: init().catch((error) => {
   document.body.dataset.state = 'error';
   setStatus(`Could not load the model: ${error.message}`);
   throw error;
-}), classifyImage, preprocess, benchmark, info};
+}), classifyImage, preprocess, applyPrior, answer, benchmark, info};

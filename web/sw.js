@@ -19,7 +19,8 @@ async function precache() {
   await cache.addAll(SHELL);
   const model = await (await cache.match('model/model.json')).json();
   const shards = model.weightsManifest.flatMap((group) => group.paths.map((p) => 'model/' + p));
-  await cache.addAll(shards);
+  const metadata = await (await cache.match('model/metadata.json')).json();
+  await cache.addAll([...shards, ...(metadata.region_prior ? ['model/' + metadata.region_prior] : [])]);
 }
 
 self.addEventListener('install', (event) => {

@@ -64,36 +64,44 @@ def fit_temperature(logits, labels, t_min=0.05, t_max=20.0, tol=1e-10, max_iter=
 def abstain_threshold(logits, labels, target_precision=0.95, temperature=1.0, min_accepted=1):
   """Smallest max-probability threshold whose accepted predictions reach `target_precision`.
 
-  A prediction is accepted when max softmax(logits / T) >= threshold; precision
-  is the accuracy among accepted ones, coverage the accepted fraction. Precision
-  is not monotone in the threshold, so every distinct confidence is tried and the
-  smallest one that reaches the target (largest coverage) wins. A threshold must
-  accept at least `min_accepted` val images, so that "precision 1.0" on two lucky
-  images does not count. When none qualifies, the result says so: threshold 1.0,
-  coverage 0.0, reachable False.
+  A prediction is accepted when max softmax(logits / T) >= threshold (smallest_threshold
+  on the max probability and whether the argmax is right).
+  """
+  confidence, correct = metrics.confidence_and_correct(
+    metrics.as_scores(logits, labels) / temperature, None
+  )
+  return {
+    **smallest_threshold(confidence, correct, target_precision, min_accepted),
+    "temperature": float(temperature),
+  }
+
+
+def smallest_threshold(confidence, correct, target_precision=0.95, min_accepted=1):
+  """Smallest `confidence` threshold whose accepted answers are right >= `target_precision`.
+
+  An answer is accepted when its confidence >= threshold; precision is the share of accepted
+  answers that are right, coverage the accepted fraction. Precision is not monotone in the
+  threshold, so every distinct confidence is tried and the smallest one that reaches the
+  target (largest coverage) wins. A threshold must accept at least `min_accepted` answers, so
+  that "precision 1.0" on two lucky images does not count. When none qualifies (or there is
+  nothing to answer), the result says so: threshold 1.0, coverage 0.0, reachable False.
   """
   if not 0 < target_precision <= 1:
     raise ValueError(
       f"target_precision must be in (0, 1], got {target_precision}; "
       "set config.eval.target_precision."
     )
-  confidence, correct = metrics.confidence_and_correct(
-    metrics.as_scores(logits, labels) / temperature, None
-  )
+  confidence, correct = np.asarray(confidence), np.asarray(correct)
   order = np.argsort(-confidence, kind="stable")
   sorted_confidence = confidence[order]
   accepted = np.arange(1, len(order) + 1)
   precision = np.cumsum(correct[order]) / accepted
   # A threshold accepts a whole group of equal confidences: only group ends are candidates.
-  group_end = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)
+  group_end = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)[: len(order)]
   candidates = np.flatnonzero(
     group_end & (precision >= target_precision) & (accepted >= min_accepted)
   )
-  result = {
-    "target_precision": float(target_precision),
-    "temperature": float(temperature),
-    "min_accepted": int(min_accepted),
-  }
+  result = {"target_precision": float(target_precision), "min_accepted": int(min_accepted)}
   if candidates.size == 0:
     return {
       **result,

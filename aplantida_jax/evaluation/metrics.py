@@ -329,9 +329,17 @@ def reliability_bins(confidence, correct, n_bins=15):
   }
 
 
+def ece_of(confidence, correct, n_bins=15):
+  """ECE of (max probability, argmax right) pairs: what calibration_errors reports as "ece"."""
+  return _bin_errors(reliability_bins(confidence, correct, n_bins))["ece"]
+
+
 def calibration_errors(logits, labels, n_bins=15):
   """{"ece", "mce"} of the max-probability prediction over `n_bins` equal-width bins."""
-  bins = reliability_bins(*confidence_and_correct(logits, labels), n_bins)
+  return _bin_errors(reliability_bins(*confidence_and_correct(logits, labels), n_bins))
+
+
+def _bin_errors(bins):
   filled = bins["count"] > 0
   gap = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
   weight = bins["count"][filled] / bins["count"].sum()

@@ -120,6 +120,88 @@ def _table(header, rows):
   return "\n".join(lines)
 
 
+def _rollup_section(report):
+  """Genus / family / "one of these" below the species threshold: thresholds and what they do."""
+  roll = report.get("rollup")
+  if not roll:
+    return []
+  thresholds = roll["thresholds"]
+
+  def fitted(level):
+    t = thresholds[level]
+    if not t["reachable"]:
+      return "not reachable on val (never answered)"
+    return f"{t['threshold']:.4f} (val: {t['n_accepted']} answered, precision {t['precision']:.3f})"
+
+  return [
+    "## When unsure: genus, family, \"one of these\"",
+    "",
+    "Below the species threshold the app answers the genus, else the family, whose summed "
+    "probability reaches its own threshold (fitted on the val images left unanswered, at the "
+    "same target precision), else the top species as \"one of these\" (right = the label is "
+    f"among them). Groups: {roll['groups']['genus']} genera, {roll['groups']['family']} families.",
+    "",
+    f"- genus threshold: {fitted('genus')}",
+    f"- family threshold: {fitted('family')}",
+    "",
+    _table(
+      ["level", "images", "coverage", "precision"],
+      [(level, m["n"], m["coverage"], m["precision"]) for level, m in roll["levels"].items()],
+    ),
+    "",
+  ]
+
+
+def _prior_section(report):
+  """The region prior: its fit on val and each region's test numbers without and with it."""
+  prior = report.get("region_prior")
+  if not prior:
+    return []
+  if not prior["fitted"]:
+    return ["## Region prior", "", f"Not fitted: {prior['note']}.", ""]
+  fit, threshold = prior["fit"], prior["threshold"]
+  rows = []
+  for name, m in prior["report_regions"].items():
+    for which in ("without", "with"):
+      if which in m:
+        r = m[which]
+        rows.append(
+          (
+            name,
+            m["n"],
+            which,
+            r["top1"],
+            r["top5"],
+            r["ece"],
+            r["threshold"],
+            r["coverage"],
+            r["precision"],
+          )
+        )
+  return [
+    "## Region prior",
+    "",
+    "p(y | x, r) ∝ p(y | x)^a · (p(y | r) / p(y))^b, from the train split's class frequencies "
+    f"(+{prior['smoothing']:g} per class); a user who ignores location gets the plain model.",
+    f"Fitted on {fit['val_images']} val images of the regions: logits + s·log(p(y|r)/p(y)) at "
+    f"the plain T = {fit['temperature']:.3f}, s = {fit['strength']:g} (a = {fit['scale']:g}, "
+    f"b = {fit['browser_strength']:.3f}); the \"unsure\" threshold with the prior is "
+    f"{threshold['threshold']:.4f}"
+    + ("" if threshold["reachable"] else " (target not reachable on val)")
+    + ".",
+    "",
+    _table(["s", "val NLL"], [(g["strength"], g["nll"]) for g in fit["grid"]]),
+    "",
+    f"On {report['splits']['report']}, each region's images under that region's prior:",
+    "",
+    _table(
+      ["region", "images", "prior", "top-1", "top-5", "ECE", "threshold", "coverage", "precision"],
+      rows,
+    ),
+    "",
+  ]
+
+
 def to_markdown(report, max_class_rows=25):
   """report.md: the same numbers as report.json, laid out for people, with the PNGs inline."""
   before, after = report["test"]["uncalibrated"], report["test"]["calibrated"]
@@ -192,6 +274,8 @@ def to_markdown(report, max_class_rows=25):
     "![Accuracy per region](regions.png)",
     "",
   ]
+  out += _rollup_section(report)
+  out += _prior_section(report)
   if report.get("teacher_agreement"):
     agreement = report["teacher_agreement"]
     out += [

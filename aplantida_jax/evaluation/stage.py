@@ -3,7 +3,8 @@
 Reads <workdir>/<checkpoint_dir>/ and <workdir>/dataset/; writes only
 <workdir>/eval/: report.json, report.md, calibration.json (T and the "unsure"
 threshold, which the TF.js export bakes in) and the PNGs the report links.
-Val is used only to fit T and the threshold; test only to report them.
+Val is used only to fit T and the threshold (and the region prior's strength, its T and
+threshold: region_prior.json, which the export ships); test only to report them.
 """
 
 import json
@@ -14,11 +15,15 @@ from absl import logging
 from aplantida_jax import fileio
 from aplantida_jax import workdir as workdir_lib
 from aplantida_jax.data import shards
+from aplantida_jax.data.records import region_mask
 from aplantida_jax.evaluation import calibration
 from aplantida_jax.evaluation import metrics
 from aplantida_jax.evaluation import plots
+from aplantida_jax.evaluation import region_prior
 from aplantida_jax.evaluation import report
+from aplantida_jax.evaluation import rollup
 from aplantida_jax.train import inference
+from aplantida_jax.train import input_pipeline
 
 
 def _checkpoint_dir(config, workdir):
@@ -81,13 +86,102 @@ def _write_plots(eval_dir, config, split, test, temperature, threshold, before, 
   return [os.path.basename(path) for path in paths]
 
 
-def write_evaluation(config, workdir, names, val, test, provenance, teacher=None):
+def prior_inputs(config, dataset_dir, num_classes):
+  """The region prior's train-split log-ratios and its (region, strength) views, or None.
+
+  None when config.eval.region_prior.enabled is off or no train image is in any region.
+  """
+  p = config.eval.region_prior
+  if not p.enabled:
+    return None
+  train = input_pipeline.read_metadata(dataset_dir, "train")
+  ratios = region_prior.log_ratios(
+    train["labels"], train["regions"], config.regions.to_dict(), num_classes, p.smoothing
+  )
+  if not ratios:
+    logging.warning("evaluate: no train image is in any of config.regions; no region prior")
+    return None
+  keys, offsets = region_prior.offsets(ratios, list(p.strengths))
+  return {"ratios": ratios, "keys": keys, "offsets": offsets}
+
+
+def _evaluate_prior(config, prior, val, test, plain_threshold):
+  """Fits the prior's strength and threshold on val; test top-1/5, ECE, coverage per region.
+
+  `val` and `test` hold the views (ShiftedScores columns) at the plain T.
+  """
+  e, regions = config.eval, config.regions.to_dict()
+  strengths = [float(s) for s in e.region_prior.strengths]
+  val_masks = {r: region_mask(val["regions"], regions[r]) for r in prior["ratios"]}
+  val_masks = {r: mask for r, mask in val_masks.items() if mask.any()}
+  if not val_masks:
+    return {"fitted": False, "note": "no val image is in a region with train images"}
+
+  def views(data):
+    return {
+      key: region_prior.ShiftedScores.views(data["views"], i) for i, key in enumerate(prior["keys"])
+    }
+
+  val_views, test_views = views(val), views(test)
+  fit = region_prior.fit(val_views, val_masks, strengths, prior["temperature"])
+  best, plain = fit["strength_index"], strengths.index(0.0)
+  confidence, correct = region_prior.pooled(val_views, val_masks, best).confidence_and_correct()
+  threshold = calibration.smallest_threshold(
+    confidence, correct, e.target_precision, e.min_accepted
+  )
+  per_region = {}
+  for name in prior["ratios"]:
+    mask = region_mask(test["regions"], regions[name])
+    per_region[name] = {"n": int(mask.sum())}
+    if mask.any():
+      per_region[name]["without"] = region_prior.region_metrics(
+        test_views[(name, plain)].take(mask), e.n_bins, plain_threshold
+      )
+      per_region[name]["with"] = region_prior.region_metrics(
+        test_views[(name, best)].take(mask), e.n_bins, threshold["threshold"]
+      )
+  return {
+    "fitted": True,
+    "smoothing": e.region_prior.smoothing,
+    "train_images": {r: v["train_images"] for r, v in prior["ratios"].items()},
+    "fit": fit,
+    "threshold": threshold,
+    "report_regions": per_region,
+  }
+
+
+def _rollup(config, classes, val, test, temperature, species_threshold):
+  """Genus and family thresholds fitted on val; test coverage and precision at every level."""
+  e = config.eval
+  level_groups = rollup.groups(classes)
+  thresholds = rollup.fit(
+    val["scores"],
+    temperature,
+    species_threshold,
+    level_groups,
+    e.target_precision,
+    e.rollup_min_accepted,
+  )
+  usable = {level: t["threshold"] if t["reachable"] else None for level, t in thresholds.items()}
+  return {
+    "thresholds": thresholds,
+    "groups": {level: len(names) for level, (_, names) in level_groups.items()},
+    "levels": rollup.answer_levels(
+      test["scores"], temperature, species_threshold, level_groups, usable, e.rollup_set_size
+    ),
+  }
+
+
+def write_evaluation(config, workdir, classes, val, test, provenance, teacher=None, prior=None):
   """Calibrates on `val`, scores `test` (and `teacher` on it), writes <workdir>/eval/; returns the report.
 
+  `classes` are classes.json's rows in index order (species, family).
   `val`, `test`, `teacher` are predict_split dicts (scores, labels, regions,
-  sha256); `provenance` = {"checkpoint": {...}, "splits": {...}} for the report.
+  sha256; with `prior` (prior_inputs), val and test also hold its views);
+  `provenance` = {"checkpoint": {...}, "splits": {...}} for the report.
   """
   e = config.eval
+  names = [c["species"] for c in classes]
   eval_dir = workdir_lib.Workdir(workdir).eval
   os.makedirs(eval_dir, exist_ok=True)
   report_split = provenance["splits"]["report"]
@@ -124,7 +218,11 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
       test["scores"], test["labels"], e.top_confusions, names
     ),
     "teacher_agreement": None,
+    "region_prior": None,
+    "rollup": _rollup(config, classes, val, test, temperature, threshold["threshold"]),
   }
+  if prior is not None:
+    result["region_prior"] = _evaluate_prior(config, prior, val, test, threshold["threshold"])
   if teacher is not None:
     if list(teacher["sha256"]) != list(test["sha256"]):
       raise ValueError(
@@ -154,6 +252,14 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
   )
   result["config"] = config.to_dict()
   report.write(result, eval_dir)
+  prior_path = os.path.join(eval_dir, region_prior.FILE)
+  fitted = result["region_prior"] and result["region_prior"]["fitted"]
+  if fitted:
+    fileio.write_json(
+      prior_path, region_prior.browser_json(result["region_prior"], prior["ratios"], config.regions)
+    )
+  elif os.path.exists(prior_path):
+    os.remove(prior_path)  # a stale prior would ship with the next export
   fileio.write_text(
     os.path.join(eval_dir, "calibration.json"),
     json.dumps(
@@ -165,6 +271,14 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
         "coverage_val": threshold["coverage"],
         "checkpoint": result["checkpoint"],
         "num_classes": len(names),
+        "region_prior": region_prior.FILE if fitted else None,
+        "rollup": {
+          **{
+            level: (t["threshold"] if t["reachable"] else None)
+            for level, t in result["rollup"]["thresholds"].items()
+          },
+          "set_size": e.rollup_set_size,
+        },
       },
       indent=2,
     ),
@@ -175,12 +289,12 @@ def write_evaluation(config, workdir, names, val, test, provenance, teacher=None
 def run(config, workdir):
   e = config.eval
   dataset_dir = workdir_lib.Workdir(workdir).dataset
-  names = [
-    c["species"] for c in sorted(workdir_lib.read_classes(dataset_dir), key=lambda c: c["index"])
-  ]
+  classes = sorted(workdir_lib.read_classes(dataset_dir), key=lambda c: c["index"])
   checkpoint, checkpoint_note = _checkpoint_dir(config, workdir)
 
-  def predict(stage, split):
+  prior = prior_inputs(config, dataset_dir, len(classes))
+
+  def predict(stage, split, offsets=None, beta=1.0):
     logging.info("evaluate: predicting %s/ on split %s", stage, split)
     return inference.predict_split(
       os.path.join(workdir, stage),
@@ -189,11 +303,22 @@ def run(config, workdir):
       batch_size=e.batch_size,
       which=e.which,
       keep=e.kept_logits,
+      offsets=offsets,
+      beta=beta,
     )
 
   val = predict(checkpoint, "val")
+  if prior is not None:
+    # The prior's views are scored at the plain T, known once val is: a second pass over val.
+    prior["temperature"] = calibration.fit_temperature(
+      val["scores"], val["labels"], e.t_min, e.t_max
+    )["temperature"]
+    offsets, beta = prior["offsets"], 1.0 / prior["temperature"]
+    val["views"] = predict(checkpoint, "val", offsets, beta)["views"]
+  else:
+    offsets, beta = None, 1.0
   report_split, split_note = "test", ""
-  test = predict(checkpoint, "test") if _has_split(dataset_dir, "test") else None
+  test = predict(checkpoint, "test", offsets, beta) if _has_split(dataset_dir, "test") else None
   if test is None or len(test["labels"]) == 0:
     report_split, test = "val", val
     split_note = (
@@ -206,7 +331,7 @@ def run(config, workdir):
     "splits": {"fit": "val", "report": report_split, "note": split_note},
   }
   teacher = predict(e.teacher_dir, report_split) if e.teacher_dir else None
-  result = write_evaluation(config, workdir, names, val, test, provenance, teacher)
+  result = write_evaluation(config, workdir, classes, val, test, provenance, teacher, prior)
 
   before, after = result["test"]["uncalibrated"], result["test"]["calibrated"]
   cal = result["calibration"]

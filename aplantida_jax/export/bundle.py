@@ -75,6 +75,8 @@ def metadata(
   num_classes,
   temperature,
   threshold,
+  region_prior,
+  rollup,
   model_info,
   tfjs_dir,
   dataset_manifest_path,
@@ -109,6 +111,11 @@ def metadata(
     },
     "temperature": temperature,
     "threshold": threshold,
+    # Per-region class reweighting, its strength and "unsure" threshold (evaluate stage).
+    "region_prior": region_prior,
+    # Below `threshold`: genus, then family thresholds on summed probability (null: never),
+    # else the top set_size species as "one of these" (evaluation/rollup.py).
+    "rollup": rollup,
     "num_classes": num_classes,
     "weights_dtype": quantize or "float32",
     "model": {**model_info, "sha256": model_sha256(tfjs_dir)},

@@ -140,6 +140,7 @@ def compare(tfjs_dir: str, photos: list) -> dict:
         "peak_tensor_mb": float(np.max(r["peak"]) / 1e6),
         "per_photo_max_abs_prob_diff": [round(d, 4) for d in r["dp"]],
         "per_photo_pixel_mean_abs_diff": [round(d, 2) for d in r["pixel"]],
+        "per_photo_top1_agrees": r["top1"],
       }
       for name, r in rows.items()
     },

@@ -84,11 +84,24 @@ def _calibration(workdir: str, stage_dir: str, default_threshold: float) -> dict
       stage_dir,
       default_threshold,
     )
-    return {"temperature": 1.0, "threshold": default_threshold, "source": None}
+    return {
+      "temperature": 1.0,
+      "threshold": default_threshold,
+      "source": None,
+      "region_prior": None,
+      "rollup": None,
+    }
   threshold = cal["threshold"]
   if isinstance(threshold, dict):  # the full abstain_threshold() result
     threshold = threshold["threshold"]
-  return {"temperature": float(cal["temperature"]), "threshold": float(threshold), "source": path}
+  prior = cal.get("region_prior")
+  return {
+    "temperature": float(cal["temperature"]),
+    "threshold": float(threshold),
+    "source": path,
+    "region_prior": os.path.join(os.path.dirname(path), prior) if prior else None,
+    "rollup": cal.get("rollup"),
+  }
 
 
 def _classes(dataset_dir: str, num_classes: int) -> list:
@@ -186,12 +199,18 @@ def export_workdir(config, workdir: str, checkpoint: str = None, out_dir: str = 
         "export anyway."
       )
 
+  if cal["region_prior"]:
+    shutil.copyfile(
+      cal["region_prior"], os.path.join(tmp_dir, os.path.basename(cal["region_prior"]))
+    )
   manifest_path = os.path.join(dataset_dir, "manifest.json")
   meta = bundle.metadata(
     image_size=image_size,
     num_classes=num_classes,
     temperature=cal["temperature"],
     threshold=cal["threshold"],
+    region_prior=os.path.basename(cal["region_prior"]) if cal["region_prior"] else None,
+    rollup=cal["rollup"],
     tfjs_dir=tmp_dir,
     dataset_manifest_path=manifest_path,
     dataset_manifest=fileio.read_json(manifest_path),

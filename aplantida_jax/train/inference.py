@@ -62,19 +62,48 @@ def compress(logits, labels, k):
   }
 
 
-def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", keep=32):
+def shifted_summary(logits, labels, offsets, beta):
+  """Per row of `offsets` [V, C], what a fixed-temperature score needs of softmax(β·(logits + o)).
+
+  {log_z, top, label [V, B] (log Σ exp, max and label entry of β·(logits + o)), rank [V, B]
+  (the label's, ties to the lower class)}: O(V·B) to copy back, no sort and one exp pass per
+  view (region_prior.ShiftedScores holds them).
+  """
+  num_classes = logits.shape[-1]
+  lower = jnp.arange(num_classes)[None, :] < labels[:, None]
+
+  def one(offset):
+    z = beta * (logits + offset.astype(logits.dtype))
+    label = jnp.take_along_axis(z, labels[:, None], axis=-1)
+    return {
+      "log_z": jax.nn.logsumexp(z, axis=-1),
+      "top": jnp.max(z, axis=-1),
+      "label": label[:, 0],
+      "rank": jnp.sum((z > label) | ((z == label) & lower), axis=-1),
+    }
+
+  return jax.lax.map(one, offsets)
+
+
+def predict_split(
+  stage_dir, dataset_dir, split, batch_size=64, which="best", keep=32, offsets=None, beta=1.0
+):
   """metrics.Scores of every record of `split`, in record order, with its metadata.
 
   Returns {"scores": metrics.Scores (K = keep), "labels": int32 [N], "regions": [[str]],
-  "sha256": [str]}. Memory is O(N·keep), never O(N·C). Images get the eval transform of
-  the stage's config; a NaN/inf logit anywhere is a ValueError naming the stage.
+  "sha256": [str]}, and with `offsets` [V, C] also "views": {log_z, top, label, rank} arrays
+  [V, N] of softmax(beta · (logits + offsets[v])) (shifted_summary; the region prior's
+  candidates, evaluation/region_prior.py). Memory is O(N·keep + V·N), never O(N·C). Images
+  get the eval transform of the stage's config; a NaN/inf logit anywhere is a ValueError
+  naming the stage.
   """
   model, variables, config = load_model(stage_dir, which)
+  offsets = np.zeros((0, config.model.num_classes), np.float32) if offsets is None else offsets
 
   @jax.jit
-  def scores_of(v, images, labels):
+  def scores_of(v, images, labels, offsets):
     logits = steps.forward(model.apply, v, images, None, train=False)[0]
-    return compress(logits, labels, keep)
+    return compress(logits, labels, keep), shifted_summary(logits, labels, offsets, beta)
 
   metadata = input_pipeline.read_metadata(dataset_dir, split)
   n = len(metadata["labels"])
@@ -89,6 +118,10 @@ def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", ke
     "dlog_z": np.zeros((n, len(metrics.BETAS))),
     "finite": np.zeros(n, bool),
   }
+  view_columns = {
+    name: np.zeros((len(offsets), n), np.int64 if name == "rank" else np.float64)
+    for name in ("log_z", "top", "label", "rank")
+  }
   for batch in tqdm(
     input_pipeline.eval_batches(
       config.input, dataset_dir, split, batch_size, shard_by_process=False
@@ -98,9 +131,13 @@ def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", ke
     disable=None,
   ):
     real = batch["mask"] > 0
-    outputs = jax.device_get(scores_of(variables, batch["image"], batch["label"]))
+    outputs, view_outputs = jax.device_get(
+      scores_of(variables, batch["image"], batch["label"], offsets)
+    )
     for name, column in columns.items():
       column[batch["index"][real]] = outputs[name][real]
+    for name, column in view_columns.items():
+      column[:, batch["index"][real]] = view_outputs[name][:, real]
   bad = np.flatnonzero(~columns.pop("finite"))
   if bad.size:
     raise ValueError(
@@ -108,11 +145,11 @@ def predict_split(stage_dir, dataset_dir, split, batch_size=64, which="best", ke
       f"record {bad[0]}); the checkpoint diverged or its inputs are corrupt. Re-train (lower "
       "the learning rate) or pick an earlier checkpoint."
     )
-  scores = metrics.Scores(
-    **columns, labels=metadata["labels"].astype(np.int64), num_classes=config.model.num_classes
-  )
+  labels = metadata["labels"].astype(np.int64)
+  scores = metrics.Scores(**columns, labels=labels, num_classes=config.model.num_classes)
   return {
     "scores": scores,
+    **({"views": view_columns} if len(offsets) else {}),
     "labels": metadata["labels"],
     "regions": metadata["regions"],
     "sha256": metadata["sha256"],
