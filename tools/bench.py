@@ -962,13 +962,21 @@ def bench_browser(args) -> dict:
   [
     ("--model", dict(default="runs/demo/tfjs", help="a TF.js export folder (./run.sh makes one)")),
     ("--flowers", dict(default="../shared/data/flowers12/train", help="photos to upscale")),
+    (
+      "--imagenet",
+      dict(default="", help="instead of --model: this ImageNet import (runs/pretrained/<arch>)"),
+    ),
+    ("--size", dict(type=int, default=160, help="input size of the --imagenet export")),
   ],
 )
 def bench_browser_resize(args) -> dict:
   from aplantida_jax.export import resize_bench  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory(prefix="browser_resize_") as folder:
-    result = resize_bench.compare(args.model, resize_bench.phone_photos(folder, args.flowers))
+    model = args.model
+    if args.imagenet:
+      model = resize_bench.imagenet_export(args.imagenet, os.path.join(folder, "tfjs"), args.size)
+    result = resize_bench.compare(model, resize_bench.phone_photos(folder, args.flowers))
   result["target"] = "max_abs_prob_diff <= 0.02 and top1_agreement >= 0.99 (shipped)"
   return result
 

@@ -68,6 +68,45 @@ window.compareResize = async (b64, size, fr, reference) => {
 """
 
 
+def imagenet_export(pretrained_dir: str, out_dir: str, image_size: int) -> str:
+  """The ImageNet Lite0 (tools/import_pretrained.py) as a TF.js folder the page loads.
+
+  1,000 classes that mostly do not name flowers12's species: a model that is often unsure
+  on these photos, which the task-trained exports are not.
+  """
+  from aplantida_jax import models  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.export import convert  # pylint: disable=g-import-not-at-top
+  from aplantida_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+
+  variables, provenance = pretrained.load_pretrained(pretrained_dir)
+  classes = provenance["num_classes"]
+  convert.export(
+    models.get_model(provenance["arch"], num_classes=classes),
+    variables,
+    image_size=image_size,
+    out_dir=out_dir,
+  )
+  shape = [1, image_size, image_size, 3]
+  fileio.write_json(
+    os.path.join(out_dir, "metadata.json"),
+    {
+      "input": {"shape": shape, "eval_crop_fraction": 0.875},
+      "num_classes": classes,
+      "threshold": 0.5,
+      "region_prior": None,
+      "rollup": None,
+    },
+  )
+  fileio.write_json(
+    os.path.join(out_dir, "labels.json"),
+    [
+      {"index": i, "species": f"ImageNet class {i}", "common_names": {}, "family": ""}
+      for i in range(classes)
+    ],
+  )
+  return out_dir
+
+
 def phone_photos(folder: str, flowers_dir: str) -> list:
   """Writes JPEGs of 3–12 MP (flowers12 upscaled, demo plants drawn) to `folder`; their paths."""
   flowers = sorted(glob.glob(os.path.join(flowers_dir, "*", "*.jpg")))[::60][:8]
