@@ -2,9 +2,10 @@
 
 Reads <workdir>/<checkpoint_dir>/ and <workdir>/dataset/; writes only
 <workdir>/eval/: report.json, report.md, calibration.json (T and the "unsure"
-threshold, which the TF.js export bakes in) and the PNGs the report links.
-Val is used only to fit T and the threshold (and the region prior's strength, its T and
-threshold: region_prior.json, which the export ships); test only to report them.
+threshold, which the TF.js export bakes in, and the genus / family thresholds),
+region_prior.json (which the export ships) and the PNGs the report links.
+Val is used only to fit T, the thresholds and the region prior's strength; test only to
+report them.
 """
 
 import json
@@ -286,6 +287,18 @@ def write_evaluation(config, workdir, classes, val, test, provenance, teacher=No
   return result
 
 
+def _prior_metric(prior):
+  """ "; region prior: spain top1 0.846->1.000, ..." for the stage's one-line summary."""
+  if not prior or not prior["fitted"]:
+    return ""
+  regions = [
+    f"{name} top1 {m['without']['top1']:.3f}->{m['with']['top1']:.3f}"
+    for name, m in prior["report_regions"].items()
+    if m["n"]
+  ]
+  return "; region prior: " + ", ".join(regions) if regions else ""
+
+
 def run(config, workdir):
   e = config.eval
   dataset_dir = workdir_lib.Workdir(workdir).dataset
@@ -346,6 +359,7 @@ def run(config, workdir):
         if result["teacher_agreement"]
         else ""
       )
+      + _prior_metric(result["region_prior"])
     ),
     "report": workdir_lib.Workdir(workdir).eval_report,
     "criteria_passed": result["criteria_passed"],
