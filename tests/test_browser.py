@@ -28,6 +28,7 @@ from aplantida_jax.export import pwa_server
 from aplantida_jax.export import resize_bench
 from aplantida_jax.train import input_pipeline
 from tests import helpers
+from tests import test_rollup
 from tests import tfjs_fixture
 
 CHROMIUM = "/usr/bin/chromium"
@@ -55,6 +56,13 @@ def workdir(tmp_path_factory):
   return tfjs_fixture.tiny_export(tmp_path_factory.getbasetemp())
 
 
+def _centre(photo):
+  """The fixture photo's model input: its centre IMAGE_SIZE square (the page's 0.875 crop)."""
+  offset = (tfjs_fixture.PHOTO_SIZE - tfjs_fixture.IMAGE_SIZE) // 2
+  size = tfjs_fixture.IMAGE_SIZE
+  return photo[offset : offset + size, offset : offset + size].astype(np.float32)
+
+
 @pytest.fixture(scope="module")
 def photo(workdir, tmp_path_factory):
   """(png path, JAX top-1): the val photo whose top-1 wins by the widest margin.
@@ -68,14 +76,7 @@ def photo(workdir, tmp_path_factory):
     np.asarray(Image.open(io.BytesIO(shards.decode(source[i]["data"])["jpeg"])).convert("RGB"))
     for i in range(len(source))
   ]
-  offset = (tfjs_fixture.PHOTO_SIZE - tfjs_fixture.IMAGE_SIZE) // 2
-  crops = np.stack(
-    [
-      p[offset : offset + tfjs_fixture.IMAGE_SIZE, offset : offset + tfjs_fixture.IMAGE_SIZE]
-      for p in photos
-    ]
-  ).astype(np.float32)
-  probs = tfjs_fixture.jax_probabilities(workdir, crops)
+  probs = tfjs_fixture.jax_probabilities(workdir, np.stack([_centre(p) for p in photos]))
   top2 = np.sort(probs, -1)[:, -2:]
   best = int(np.argmax(top2[:, 1] - top2[:, 0]))
   path = tmp_path_factory.mktemp("photo") / "plant.png"
@@ -101,11 +102,7 @@ def browser():
 
 
 def _classify(page, png):
-  page.wait_for_selector("body[data-state=ready], body[data-state=classified]", timeout=60_000)
-  # Reset, so that a second photo waits for its own answer.
-  page.evaluate("document.body.dataset.state = 'ready'")
-  page.set_input_files("#photo", png)
-  page.wait_for_selector("body[data-state=classified]", timeout=60_000)
+  pwa_screens.classify(page, png)
   items = page.query_selector_all("#results li")
   return [
     (int(li.get_attribute("data-index")), float(li.get_attribute("data-probability")))
@@ -186,9 +183,7 @@ def prior_export(workdir, photo, tmp_path_factory):
 
 
 def _runner_up(workdir, png):
-  crop = np.asarray(Image.open(png).convert("RGB"), np.float32)
-  offset = (tfjs_fixture.PHOTO_SIZE - tfjs_fixture.IMAGE_SIZE) // 2
-  crop = crop[offset : offset + tfjs_fixture.IMAGE_SIZE, offset : offset + tfjs_fixture.IMAGE_SIZE]
+  crop = _centre(np.asarray(Image.open(png).convert("RGB")))
   return int(np.argsort(tfjs_fixture.jax_probabilities(workdir, crop[None])[0])[-2])
 
 
@@ -245,13 +240,7 @@ def test_the_region_in_use_reweights_the_answer_as_the_prior_says_and_offline(
     server.server_close()
 
 
-ROLLUP_LABELS = [
-  {"species": "Rosa canina", "family": "Rosaceae"},
-  {"species": "Rosa gallica", "family": "Rosaceae"},
-  {"species": "Prunus avium", "family": "Rosaceae"},
-  {"species": "Cistus albidus", "family": "Cistaceae"},
-  {"species": "bluebell", "family": ""},
-]
+ROLLUP_LABELS = test_rollup.CLASSES  # Rosa ×2, Prunus (Rosaceae), Cistus, a non-binomial
 ROLLUP_CASES = [  # (probabilities, rollup thresholds, expected level)
   ([0.90, 0.04, 0.03, 0.02, 0.01], {"genus": 0.8, "family": 0.9}, "species"),
   ([0.45, 0.44, 0.05, 0.03, 0.03], {"genus": 0.8, "family": 0.9}, "genus"),

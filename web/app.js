@@ -106,7 +106,7 @@ function setupRegion() {
   select.addEventListener('change', () => {
     state.region = select.value;
     localStorage.setItem(REGION_KEY, state.region);
-    if (state.probabilities) show(applyPrior(state.probabilities, state.prior, state.region));
+    if (state.probabilities) show();
   });
 }
 
@@ -158,7 +158,9 @@ function commonName(names) {
   return Array.isArray(chosen) ? chosen.join(', ') : chosen;
 }
 
-function show(probabilities) {
+// The answer and top 5 for the last photo's output, under the region in use.
+function show() {
+  const probabilities = applyPrior(state.probabilities, state.prior, state.region);
   const threshold = state.prior && state.region ? state.prior.threshold : state.metadata.threshold;
   const result = answer(probabilities, state.labels, threshold, state.metadata.rollup);
   const percent = (p) => `${(100 * p).toFixed(0)}%`;
@@ -196,7 +198,7 @@ async function classifyImage(image) {
   const output = state.model.predict(state.input);
   state.probabilities = await output.data();
   output.dispose();
-  const top = show(applyPrior(state.probabilities, state.prior, state.region));
+  const top = show();
   document.body.dataset.state = 'classified';
   setStatus(`${state.status} · ${(performance.now() - t0).toFixed(1)} ms`);
   return top;

@@ -100,7 +100,7 @@ class ShiftedScores:
     return cls(**{name: column[index] for name, column in columns.items()})
 
   def take(self, mask):
-    return ShiftedScores(self.log_z[mask], self.top[mask], self.label[mask], self.rank[mask])
+    return ShiftedScores(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
 
   @classmethod
   def concatenate(cls, parts):

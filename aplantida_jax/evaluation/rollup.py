@@ -78,7 +78,7 @@ def answer_levels(scores, temperature, species_threshold, level_groups, threshol
   calibrated = scores / temperature
   confidence, correct = metrics.confidence_and_correct(calibrated, None)
   answered = confidence >= species_threshold
-  levels = {"species": (answered.copy(), correct)}
+  levels = {"species": (answered, correct)}
   for level in LEVELS:
     mass, group, level_correct = level_answers(calibrated, level_groups[level][0])
     threshold = thresholds[level]

@@ -106,7 +106,7 @@ def prior_inputs(config, dataset_dir, num_classes):
   return {"ratios": ratios, "keys": keys, "offsets": offsets}
 
 
-def _evaluate_prior(config, prior, val, test, plain_threshold):
+def _evaluate_prior(config, prior, val, test, temperature, plain_threshold):
   """Fits the prior's strength and threshold on val; test top-1/5, ECE, coverage per region.
 
   `val` and `test` hold the views (ShiftedScores columns) at the plain T.
@@ -124,7 +124,7 @@ def _evaluate_prior(config, prior, val, test, plain_threshold):
     }
 
   val_views, test_views = views(val), views(test)
-  fit = region_prior.fit(val_views, val_masks, strengths, prior["temperature"])
+  fit = region_prior.fit(val_views, val_masks, strengths, temperature)
   best, plain = fit["strength_index"], strengths.index(0.0)
   confidence, correct = region_prior.pooled(val_views, val_masks, best).confidence_and_correct()
   threshold = calibration.smallest_threshold(
@@ -166,6 +166,7 @@ def _rollup(config, classes, val, test, temperature, species_threshold):
   usable = {level: t["threshold"] if t["reachable"] else None for level, t in thresholds.items()}
   return {
     "thresholds": thresholds,
+    "shipped": {**usable, "set_size": e.rollup_set_size},  # what the page uses
     "groups": {level: len(names) for level, (_, names) in level_groups.items()},
     "levels": rollup.answer_levels(
       test["scores"], temperature, species_threshold, level_groups, usable, e.rollup_set_size
@@ -173,10 +174,13 @@ def _rollup(config, classes, val, test, temperature, species_threshold):
   }
 
 
-def write_evaluation(config, workdir, classes, val, test, provenance, teacher=None, prior=None):
+def write_evaluation(
+  config, workdir, classes, fit, val, test, provenance, teacher=None, prior=None
+):
   """Calibrates on `val`, scores `test` (and `teacher` on it), writes <workdir>/eval/; returns the report.
 
-  `classes` are classes.json's rows in index order (species, family).
+  `classes` are classes.json's rows in index order (species, family); `fit` is
+  calibration.fit_temperature on val.
   `val`, `test`, `teacher` are predict_split dicts (scores, labels, regions,
   sha256; with `prior` (prior_inputs), val and test also hold its views);
   `provenance` = {"checkpoint": {...}, "splits": {...}} for the report.
@@ -186,7 +190,6 @@ def write_evaluation(config, workdir, classes, val, test, provenance, teacher=No
   eval_dir = workdir_lib.Workdir(workdir).eval
   os.makedirs(eval_dir, exist_ok=True)
   report_split = provenance["splits"]["report"]
-  fit = calibration.fit_temperature(val["scores"], val["labels"], e.t_min, e.t_max)
   temperature = fit["temperature"]
   threshold = calibration.abstain_threshold(
     val["scores"], val["labels"], e.target_precision, temperature, e.min_accepted
@@ -223,7 +226,9 @@ def write_evaluation(config, workdir, classes, val, test, provenance, teacher=No
     "rollup": _rollup(config, classes, val, test, temperature, threshold["threshold"]),
   }
   if prior is not None:
-    result["region_prior"] = _evaluate_prior(config, prior, val, test, threshold["threshold"])
+    result["region_prior"] = _evaluate_prior(
+      config, prior, val, test, temperature, threshold["threshold"]
+    )
   if teacher is not None:
     if list(teacher["sha256"]) != list(test["sha256"]):
       raise ValueError(
@@ -273,13 +278,7 @@ def write_evaluation(config, workdir, classes, val, test, provenance, teacher=No
         "checkpoint": result["checkpoint"],
         "num_classes": len(names),
         "region_prior": region_prior.FILE if fitted else None,
-        "rollup": {
-          **{
-            level: (t["threshold"] if t["reachable"] else None)
-            for level, t in result["rollup"]["thresholds"].items()
-          },
-          "set_size": e.rollup_set_size,
-        },
+        "rollup": result["rollup"]["shipped"],
       },
       indent=2,
     ),
@@ -321,12 +320,10 @@ def run(config, workdir):
     )
 
   val = predict(checkpoint, "val")
+  fit = calibration.fit_temperature(val["scores"], val["labels"], e.t_min, e.t_max)
   if prior is not None:
     # The prior's views are scored at the plain T, known once val is: a second pass over val.
-    prior["temperature"] = calibration.fit_temperature(
-      val["scores"], val["labels"], e.t_min, e.t_max
-    )["temperature"]
-    offsets, beta = prior["offsets"], 1.0 / prior["temperature"]
+    offsets, beta = prior["offsets"], 1.0 / fit["temperature"]
     val["views"] = predict(checkpoint, "val", offsets, beta)["views"]
   else:
     offsets, beta = None, 1.0
@@ -344,7 +341,7 @@ def run(config, workdir):
     "splits": {"fit": "val", "report": report_split, "note": split_note},
   }
   teacher = predict(e.teacher_dir, report_split) if e.teacher_dir else None
-  result = write_evaluation(config, workdir, classes, val, test, provenance, teacher, prior)
+  result = write_evaluation(config, workdir, classes, fit, val, test, provenance, teacher, prior)
 
   before, after = result["test"]["uncalibrated"], result["test"]["calibrated"]
   cal = result["calibration"]

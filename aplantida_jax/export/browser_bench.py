@@ -6,6 +6,7 @@ on the machine slows both alike; the median of `runs` predictions each and
 their ratio are reported, with and without cross-origin isolation (threads).
 """
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -29,6 +30,29 @@ CHROMIUM_ARGS = [
   "--disable-sync",
   "--no-first-run",
 ]
+
+
+@contextlib.contextmanager
+def pwa_page(tfjs_dir, script=""):
+  """The PWA (web/ + `tfjs_dir`, no isolation) in headless Chromium, ready, with `script` added."""
+  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+
+  server = pwa_server.make_server(tfjs_dir, port=0, isolate=False)
+  pwa_server.serve_in_thread(server)
+  try:
+    with sync_playwright() as p:
+      browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+      page = browser.new_page()
+      page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+      page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+      if script:
+        page.add_script_tag(content=script)
+      yield page
+      browser.close()
+  finally:
+    server.shutdown()
+    server.server_close()
+
 
 BENCH_PAGE = """<!doctype html><meta charset="utf-8">
 <script src="/vendor/tfjs/dist/tf.min.js"></script>

@@ -13,7 +13,6 @@ import statistics
 import numpy as np
 
 from aplantida_jax.export import browser_bench
-from aplantida_jax.export import pwa_server
 
 BENCH_JS = """
 window.priorBench = async (prior, probabilities, runs) => {
@@ -59,29 +58,13 @@ def synthetic_prior(num_classes, regions=("spain", "europe"), seed=0):
 
 def compare(tfjs_dir, num_classes=9000, runs=50):
   """Medians (ms) of both ways on one page, their largest output difference, and their sizes."""
-  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-
   prior = synthetic_prior(num_classes)
   probabilities = np.random.default_rng(1).dirichlet(np.ones(num_classes) * 0.05)
-  server = pwa_server.make_server(tfjs_dir, port=0, isolate=False)
-  pwa_server.serve_in_thread(server)
-  try:
-    with sync_playwright() as p:
-      browser = p.chromium.launch(
-        executable_path=browser_bench.CHROMIUM, headless=True, args=browser_bench.CHROMIUM_ARGS
-      )
-      page = browser.new_page()
-      page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
-      page.wait_for_selector("body[data-state=ready]", timeout=60_000)
-      page.add_script_tag(content=BENCH_JS)
-      times = page.evaluate(
-        "([prior, p, runs]) => priorBench(prior, p, runs)",
-        [prior, probabilities.astype(np.float32).tolist(), runs],
-      )
-      browser.close()
-  finally:
-    server.shutdown()
-    server.server_close()
+  with browser_bench.pwa_page(tfjs_dir, BENCH_JS) as page:
+    times = page.evaluate(
+      "([prior, p, runs]) => priorBench(prior, p, runs)",
+      [prior, probabilities.astype(np.float32).tolist(), runs],
+    )
   text = json.dumps(prior).encode()
   return {
     "num_classes": num_classes,

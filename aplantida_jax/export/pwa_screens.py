@@ -44,9 +44,10 @@ def _visible(page) -> dict:
   }
 
 
-def _classify(page, photo):
+def classify(page, photo):
+  """Picks `photo` through the page's file input and waits for its answer."""
   page.wait_for_selector("body[data-state=ready], body[data-state=classified]", timeout=60_000)
-  page.evaluate("document.body.dataset.state = 'ready'")
+  page.evaluate("document.body.dataset.state = 'ready'")  # a second photo waits for its own answer
   page.set_input_files("#photo", photo)
   page.wait_for_selector("body[data-state=classified]", timeout=60_000)
 
@@ -74,7 +75,7 @@ def capture(tfjs_dir, photos, out_dir, offline=True, locale="es-ES", browser=Non
     page = context.new_page()
     page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
     for name, photo in photos.items():
-      _classify(page, photo)
+      classify(page, photo)
       page.screenshot(path=os.path.join(out_dir, f"{name}.png"), full_page=True)
       shots[name] = _visible(page)
     if offline:
@@ -83,7 +84,7 @@ def capture(tfjs_dir, photos, out_dir, offline=True, locale="es-ES", browser=Non
       server.server_close()
       context.set_offline(True)
       page.reload()
-      _classify(page, next(iter(photos.values())))
+      classify(page, next(iter(photos.values())))
       page.screenshot(path=os.path.join(out_dir, "offline.png"), full_page=True)
       shots["offline"] = _visible(page)
     context.close()

@@ -18,7 +18,6 @@ from PIL import Image
 from aplantida_jax import fileio
 from aplantida_jax.data import demo_data
 from aplantida_jax.export import browser_bench
-from aplantida_jax.export import pwa_server
 from aplantida_jax.train import input_pipeline
 
 # (width, height) of the flowers12 photos once upscaled: 3, 6 and 12 MP, landscape and portrait.
@@ -129,42 +128,26 @@ def phone_photos(folder: str, flowers_dir: str) -> list:
 
 def compare(tfjs_dir: str, photos: list) -> dict:
   """Per method: mean |Δ| pixels (median and worst photo), max |Δp|, top-1 agreement, ms, peak."""
-  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-
   metadata = fileio.read_json(os.path.join(tfjs_dir, "metadata.json"))
   size, fraction = metadata["input"]["shape"][1], metadata["input"]["eval_crop_fraction"]
-  server = pwa_server.make_server(tfjs_dir, port=0, isolate=False)
-  pwa_server.serve_in_thread(server)
   rows = {}
-  try:
-    with sync_playwright() as p:
-      browser = p.chromium.launch(
-        executable_path=browser_bench.CHROMIUM, headless=True, args=browser_bench.CHROMIUM_ARGS
+  with browser_bench.pwa_page(tfjs_dir, CANDIDATES_JS) as page:
+    for path in photos:
+      with open(path, "rb") as f:
+        jpeg = f.read()
+      reference = input_pipeline.centre_crop(jpeg, size, fraction).astype(np.float32)
+      out = page.evaluate(
+        "([b64, size, fr, ref]) => compareResize(b64, size, fr, ref)",
+        [base64.b64encode(jpeg).decode(), size, fraction, reference.ravel().tolist()],
       )
-      page = browser.new_page()
-      page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
-      page.wait_for_selector("body[data-state=ready]", timeout=60_000)
-      page.add_script_tag(content=CANDIDATES_JS)
-      for path in photos:
-        with open(path, "rb") as f:
-          jpeg = f.read()
-        reference = input_pipeline.centre_crop(jpeg, size, fraction).astype(np.float32)
-        out = page.evaluate(
-          "([b64, size, fr, ref]) => compareResize(b64, size, fr, ref)",
-          [base64.b64encode(jpeg).decode(), size, fraction, reference.ravel().tolist()],
-        )
-        ref_probs = np.asarray(out.pop("reference_probs"))
-        for name, r in out.items():
-          row = rows.setdefault(name, {"pixel": [], "dp": [], "top1": [], "ms": [], "peak": []})
-          row["pixel"].append(float(np.abs(np.asarray(r["pixels"]) - reference.ravel()).mean()))
-          row["dp"].append(float(np.abs(np.asarray(r["probs"]) - ref_probs).max()))
-          row["top1"].append(int(np.argmax(r["probs"]) == np.argmax(ref_probs)))
-          row["ms"].append(r["ms"])
-          row["peak"].append(r["peak_bytes"])
-      browser.close()
-  finally:
-    server.shutdown()
-    server.server_close()
+      ref_probs = np.asarray(out.pop("reference_probs"))
+      for name, r in out.items():
+        row = rows.setdefault(name, {"pixel": [], "dp": [], "top1": [], "ms": [], "peak": []})
+        row["pixel"].append(float(np.abs(np.asarray(r["pixels"]) - reference.ravel()).mean()))
+        row["dp"].append(float(np.abs(np.asarray(r["probs"]) - ref_probs).max()))
+        row["top1"].append(int(np.argmax(r["probs"]) == np.argmax(ref_probs)))
+        row["ms"].append(r["ms"])
+        row["peak"].append(r["peak_bytes"])
   return {
     "model": tfjs_dir,
     "input_size": size,
