@@ -2,9 +2,10 @@
 //
 // The exported model expects float32 [1, H, W, 3] RGB in 0-255 and returns
 // calibrated probabilities (normalisation and temperature are in the graph),
-// so this file only crops, resizes, reweights by the user's region and reads
-// metadata.json / labels.json / region_prior.json. Photos are drawn
-// through <img>, which applies their EXIF orientation as the download stage does.
+// so this file only hands a photo to preprocess.js (crop and resize, as the eval
+// transform does), reweights by the user's region and reads metadata.json /
+// labels.json / region_prior.json. Photos are drawn through <img>, which applies
+// their EXIF orientation as the download stage does.
 // `?backend=cpu|wasm|webgl` picks the TF.js backend (default wasm);
 // `?model=path/` points at another export folder (default model/).
 'use strict';
@@ -34,35 +35,6 @@ async function initBackend() {
     await tf.setBackend('cpu');
   }
   await tf.ready();
-}
-
-// Python's round(): halves go to the even neighbour, so the crop is the eval transform's box.
-function roundHalfEven(x) {
-  const r = Math.round(x);
-  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
-}
-
-// The eval transform in the browser's own antialiased resampler: the centre square of `fraction`
-// of the short side, halved by drawImage while it is at least twice the input, then drawn at the
-// input size. Only size×size pixels ever become a tensor (a 12 MP photo read whole by fromPixels
-// is a ~146 MB int32 tensor, and resizeBilinear does not antialias). BUILD.md has the measurements.
-function preprocess(image, size, fraction) {
-  const width = image.naturalWidth || image.width;
-  const height = image.naturalHeight || image.height;
-  const side = Math.max(1, roundHalfEven(Math.min(width, height) * fraction));
-  let [source, left, top, span] = [image, Math.floor((width - side) / 2), Math.floor((height - side) / 2), side];
-  for (;;) {
-    const target = span >= 2 * size ? Math.round(span / 2) : size;
-    const canvas = new OffscreenCanvas(target, target);
-    const context = canvas.getContext('2d', {willReadFrequently: target === size});
-    context.imageSmoothingQuality = target > span ? 'low' : 'high';  // 'low' upsamples bilinearly, as Pillow does
-    context.drawImage(source, left, top, span, span, 0, 0, target, target);
-    if (target === size) {
-      const pixels = context.getImageData(0, 0, size, size);
-      return tf.tidy(() => tf.browser.fromPixels(pixels).toFloat().expandDims(0));
-    }
-    [source, left, top, span] = [canvas, 0, 0, target];
-  }
 }
 
 // The region prior (metadata.json region_prior, fitted by the evaluate stage):

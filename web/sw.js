@@ -5,7 +5,7 @@
 
 const CACHE = 'aplantida-v1';
 const SHELL = [
-  './', 'index.html', 'app.js', 'manifest.webmanifest', 'icon.svg',
+  './', 'index.html', 'preprocess.js', 'app.js', 'manifest.webmanifest', 'icon.svg',
   'vendor/tfjs/dist/tf.min.js',
   'vendor/tfjs-backend-wasm/dist/tf-backend-wasm.min.js',
   'vendor/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm',

@@ -154,30 +154,33 @@ class EpochIndexSampler(grain.samplers.IndexSampler):
 DRAFT_OVERSAMPLE = 3
 
 
-def resized_crop(image: Image.Image, box, size: int) -> Image.Image:
+def resized_crop(image: Image.Image, box, size: int, *, draft: bool = True) -> Image.Image:
   """`box` (source pixels) resized to size×size with antialiasing, decoding only what it needs.
 
-  JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still leaves
-  DRAFT_OVERSAMPLE× the output's pixels across the box; the box is scaled into
-  the drafted image, so it covers the same part of the photo whatever the
-  output size.
+  With `draft`, JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still
+  leaves DRAFT_OVERSAMPLE× the output's pixels across the box; the box is scaled
+  into the drafted image, so it covers the same part of the photo whatever the
+  output size. A 320 px shard is never drafted at sizes of 47 px and more.
+  `draft=False` decodes every pixel: what the browser computes (web/app.js), bit
+  for bit, since a page cannot decode a JPEG at a DCT scale.
   """
   width, height = image.size
   left, top, crop_w, crop_h = box
-  scale = DRAFT_OVERSAMPLE * size
-  image.draft("RGB", (math.ceil(width * scale / crop_w), math.ceil(height * scale / crop_h)))
+  if draft:
+    scale = DRAFT_OVERSAMPLE * size
+    image.draft("RGB", (math.ceil(width * scale / crop_w), math.ceil(height * scale / crop_h)))
   scale_x, scale_y = image.size[0] / width, image.size[1] / height
   scaled = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
   return image.convert("RGB").resize((size, size), Image.BILINEAR, box=scaled)
 
 
-def centre_crop(jpeg: bytes, size: int, crop_fraction: float) -> np.ndarray:
+def centre_crop(jpeg: bytes, size: int, crop_fraction: float, *, draft: bool = True) -> np.ndarray:
   """Centre square of `crop_fraction` of the short side, resized: uint8 [size, size, 3]."""
   image = Image.open(io.BytesIO(jpeg))
   width, height = image.size
   side = max(1, round(min(width, height) * crop_fraction))
   box = ((width - side) // 2, (height - side) // 2, side, side)
-  return np.asarray(resized_crop(image, box, size), np.uint8)
+  return np.asarray(resized_crop(image, box, size, draft=draft), np.uint8)
 
 
 def _fields(element, record, image, join_fn, epoch):
