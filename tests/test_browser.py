@@ -241,6 +241,42 @@ def test_the_region_in_use_reweights_the_answer_as_the_prior_says_and_offline(
     server.server_close()
 
 
+def test_with_a_region_the_page_rolls_up_at_the_priors_own_thresholds(
+  prior_export, photo, browser, tmp_path
+):
+  out, prior = prior_export
+  png, _ = photo
+  unsure = str(tmp_path / "tfjs")
+  shutil.copytree(out, unsure)
+  metadata = fileio.read_json(os.path.join(unsure, "metadata.json"))
+  fileio.write_json(
+    os.path.join(unsure, "metadata.json"),
+    {**metadata, "threshold": 1.01, "rollup": {"genus": None, "family": None, "set_size": 3}},
+  )
+  # Every fixture species is a Testaceae: at family threshold 0 the prior always names it.
+  fileio.write_json(
+    os.path.join(unsure, "region_prior.json"),
+    {**prior, "threshold": 1.01, "rollup": {"genus": None, "family": 0.0, "set_size": 3}},
+  )
+  server = pwa_server.make_server(unsure, port=0, isolate=False)
+  pwa_server.serve_in_thread(server)
+  context = browser.new_context(locale="es-ES")
+  page = context.new_page()
+  try:
+    page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+    _classify(page, png)
+    assert page.input_value("#region") == "spain"
+    assert page.get_attribute("#verdict", "data-level") == "family"
+    assert "Testaceae" in page.text_content("#verdict")
+    page.select_option("#region", "")  # the plain model's thresholds: nothing rolls up
+    page.wait_for_selector("body[data-region='']")
+    assert page.get_attribute("#verdict", "data-level") == "set"
+  finally:
+    context.close()
+    server.shutdown()
+    server.server_close()
+
+
 ROLLUP_LABELS = test_rollup.CLASSES  # Rosa ×2, Prunus (Rosaceae), Cistus, a non-binomial
 ROLLUP_CASES = [  # (probabilities, rollup thresholds, expected level)
   ([0.90, 0.04, 0.03, 0.02, 0.01], {"genus": 0.8, "family": 0.9}, "species"),
@@ -262,7 +298,7 @@ def test_unsure_answers_roll_up_to_genus_family_or_one_of_these_as_the_evaluatio
     assert got["level"] == level, (probabilities, thresholds, got)
     scores = metrics.Scores.of(np.log([probabilities]), np.zeros(1, np.int64))
     if level in rollup.LEVELS:  # the page's group and mass are the evaluation's
-      mass, group, _ = rollup.level_answers(scores, groups[level][0])
+      mass, group, _ = rollup.level_answers(rollup.Ranked.of(scores, 1.0), groups[level][0])
       assert got["name"] == groups[level][1][group[0]]
       assert got["probability"] == pytest.approx(mass[0], abs=1e-6)
     elif level == "set":
@@ -282,10 +318,13 @@ def test_screenshots_show_the_answer_the_region_and_not_sure_online_and_offline(
   unsure_dir = str(tmp_path / "unsure_tfjs")
   shutil.copytree(os.path.join(workdir, "tfjs"), unsure_dir)
   metadata = fileio.read_json(os.path.join(unsure_dir, "metadata.json"))
-  metadata.update(threshold=1.01, rollup={"genus": None, "family": None, "set_size": 3})
+  never = {"genus": None, "family": None, "set_size": 3}
+  metadata.update(threshold=1.01, rollup=never)
   fileio.write_json(os.path.join(unsure_dir, "metadata.json"), metadata)
-  prior_path = os.path.join(unsure_dir, metadata["region_prior"])  # Spain's own threshold too
-  fileio.write_json(prior_path, {**fileio.read_json(prior_path), "threshold": 1.01})
+  prior_path = os.path.join(unsure_dir, metadata["region_prior"])  # Spain's own thresholds too
+  fileio.write_json(
+    prior_path, {**fileio.read_json(prior_path), "threshold": 1.01, "rollup": never}
+  )
   shots.update(
     pwa_screens.capture(
       unsure_dir, {"unsure": png}, str(tmp_path / "shots"), offline=False, browser=browser

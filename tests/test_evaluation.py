@@ -556,12 +556,21 @@ def test_stage_writes_report_calibration_and_plots(trained_workdir):
     assert region["n"] == before["regions"][name]["n"]
     assert region["without"]["top1"] == pytest.approx(before["regions"][name]["top1"])
     assert region["with"]["threshold"] == prior["threshold"]["threshold"]
+    for which in ("without", "with"):  # every region image gets one level, with either prior
+      levels = region[f"levels_{which}"]
+      assert sum(m["n"] for m in levels.values()) == region["n"]
+      assert levels["species"]["n"] == region[which]["n_accepted"]
   shipped = json.loads((eval_dir / "region_prior.json").read_text())
   temperature = result["calibration"]["temperature"]
   assert shipped["strength"] == pytest.approx(prior["fit"]["strength"] / temperature)
   assert set(shipped["regions"]) == {"spain", "europe"}
   assert len(shipped["regions"]["spain"]["log_ratio"]) == 3
-  assert "## Region prior" in markdown
+  assert shipped["rollup"] == prior["rollup"]["shipped"] and set(shipped["rollup"]) == {
+    "genus",
+    "family",
+    "set_size",
+  }
+  assert "## Region prior" in markdown and "When unsure, with the prior" in markdown
   # Below the species threshold: genus, family, "one of these"; every test image gets one level.
   levels = result["rollup"]["levels"]
   assert list(levels) == ["species", "genus", "family", "set"]

@@ -92,3 +92,20 @@ def test_the_grid_must_hold_the_plain_model():
   assert keys == [("spain", 0), ("spain", 1)] and offsets.shape == (2, 3)
   with pytest.raises(ValueError, match="must include 0.0"):
     region_prior.offsets(ratios, [1.0, 2.0])
+
+
+@pytest.mark.parametrize("keep", [None, 3], ids=["all_classes", "top_3_of_8"])
+def test_ranked_under_the_prior_is_the_dense_shifted_distribution(keep):
+  """What the roll-up sums with the prior: softmax((logits + s·g) / T) over the kept classes."""
+  rng = np.random.default_rng(3)
+  logits, labels = rng.normal(0, 2, (50, 8)), rng.integers(0, 8, 50)
+  g, s, t = rng.normal(0, 1, 8), 1.5, 0.7
+  scores = metrics.Scores.of(logits, labels, keep)
+  got = region_prior.ranked(scores, shifted(logits + s * g, labels, 1 / t), g, s, t)
+  dense = metrics.softmax((logits + s * g) / t)
+  kept = scores.top_classes  # the plain model's top K, now ordered by the shifted probability
+  np.testing.assert_allclose(got.probs, np.take_along_axis(dense, got.classes, 1), rtol=1e-9)
+  assert np.all(np.diff(got.probs, axis=1) <= 0)
+  assert (np.sort(got.classes, 1) == np.sort(kept, 1)).all()
+  np.testing.assert_allclose(got.confidence, dense.max(1), rtol=1e-9)
+  np.testing.assert_array_equal(got.label_rank == 0, dense.argmax(1) == labels)

@@ -16,8 +16,9 @@ CLASSES = [
 ]
 
 
-def _scores(probabilities, labels):
-  return metrics.Scores.of(np.log(np.asarray(probabilities, float)), np.asarray(labels))
+def _ranked(probabilities, labels):
+  scores = metrics.Scores.of(np.log(np.asarray(probabilities, float)), np.asarray(labels))
+  return rollup.Ranked.of(scores, 1.0)
 
 
 def test_groups_come_from_the_binomial_and_the_family():
@@ -30,7 +31,7 @@ def test_groups_come_from_the_binomial_and_the_family():
 
 
 def test_level_answers_sum_the_species_of_each_group():
-  scores = _scores(
+  ranked = _ranked(
     [
       [0.40, 0.35, 0.05, 0.15, 0.05],  # Rosa 0.75 beats any species; Rosaceae 0.80
       [0.10, 0.05, 0.30, 0.25, 0.30],  # Prunus 0.30 (bluebell's 0.30 belongs to no genus)
@@ -38,11 +39,11 @@ def test_level_answers_sum_the_species_of_each_group():
     [1, 3],
   )
   genus = rollup.groups(CLASSES)["genus"][0]
-  mass, group, correct = rollup.level_answers(scores, genus)
+  mass, group, correct = rollup.level_answers(ranked, genus)
   np.testing.assert_allclose(mass, [0.75, 0.30])
   assert group.tolist() == [2, 1] and correct.tolist() == [True, False]
   family = rollup.groups(CLASSES)["family"][0]
-  mass, group, correct = rollup.level_answers(scores, family)
+  mass, group, correct = rollup.level_answers(ranked, family)
   np.testing.assert_allclose(mass, [0.80, 0.45])
   assert group.tolist() == [1, 1] and correct.tolist() == [True, False]
 
@@ -68,11 +69,12 @@ def test_thresholds_are_fitted_on_what_the_level_above_left_and_every_image_gets
     rows.append(np.array([0.1, 0.1, 0.1, 0.35, 0.35]) + rng.normal(0, 0.001, 5) ** 2)
     labels.append(int(rng.integers(5)))
   rows = np.asarray(rows) / np.sum(rows, 1, keepdims=True)
-  scores = _scores(rows, labels)
+  scores = metrics.Scores.of(np.log(rows), np.asarray(labels))
+  ranked = rollup.Ranked.of(scores, 1.0)
   species = calibration.abstain_threshold(scores, None, 0.95, 1.0, 10)
   assert species["threshold"] == pytest.approx(0.96, abs=1e-3)
   groups = rollup.groups(CLASSES)
-  fitted = rollup.fit(scores, 1.0, species["threshold"], groups, 0.95, 3)
+  fitted = rollup.fit(ranked, species["threshold"], groups, 0.95, 3)
   assert fitted["genus"]["reachable"] and fitted["genus"]["threshold"] == pytest.approx(
     0.9, abs=1e-3
   )
@@ -82,8 +84,13 @@ def test_thresholds_are_fitted_on_what_the_level_above_left_and_every_image_gets
   family = fitted["family"]
   assert family["reachable"] and family["threshold"] <= 0.85 and family["precision"] >= 0.95
   assert 50 <= family["n_accepted"] < 60
-  usable = {level: t["threshold"] for level, t in fitted.items()}
-  levels = rollup.answer_levels(scores, 1.0, species["threshold"], groups, usable, set_size=3)
+  usable = rollup.shipped(fitted, set_size=3)
+  assert usable == {
+    "genus": fitted["genus"]["threshold"],
+    "family": family["threshold"],
+    "set_size": 3,
+  }
+  levels = rollup.answer_levels(ranked, species["threshold"], groups, usable)
   assert [levels[k]["n"] for k in ("species", "genus")] == [200, 100]
   assert (
     levels["family"]["n"] == family["n_accepted"]
@@ -94,9 +101,7 @@ def test_thresholds_are_fitted_on_what_the_level_above_left_and_every_image_gets
   )
   assert sum(m["coverage"] for m in levels.values()) == pytest.approx(1.0)
   # A level that is never answered passes its images on.
-  never = rollup.answer_levels(
-    scores, 1.0, species["threshold"], groups, {"genus": None, "family": usable["family"]}
-  )
+  never = rollup.answer_levels(ranked, species["threshold"], groups, {**usable, "genus": None})
   assert never["genus"]["n"] == 0 and never["family"]["n"] >= 150
 
 

@@ -41,6 +41,7 @@ REGION_PRIOR = {
   "scale": 1.0,
   "strength": 1.0,
   "threshold": 0.3,
+  "rollup": ROLLUP,
   "regions": {"spain": {"countries": ["ES"], "log_ratio": [0.0] * NUM_CLASSES}},
 }
 TEMPERATURE = 1.3

@@ -133,8 +133,8 @@ function commonName(names) {
 // The answer and top 5 for the last photo's output, under the region in use.
 function show() {
   const probabilities = applyPrior(state.probabilities, state.prior, state.region);
-  const threshold = state.prior && state.region ? state.prior.threshold : state.metadata.threshold;
-  const result = answer(probabilities, state.labels, threshold, state.metadata.rollup);
+  const fitted = state.prior && state.region ? state.prior : state.metadata;  // each has its own
+  const result = answer(probabilities, state.labels, fitted.threshold, fitted.rollup);
   const percent = (p) => `${(100 * p).toFixed(0)}%`;
   const text = {
     species: () => result.name,

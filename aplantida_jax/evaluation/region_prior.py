@@ -23,6 +23,7 @@ import numpy as np
 
 from aplantida_jax.data.records import region_mask
 from aplantida_jax.evaluation import metrics
+from aplantida_jax.evaluation import rollup
 
 
 def log_ratios(labels, regions, regions_config, num_classes, smoothing=1.0):
@@ -120,6 +121,23 @@ def pooled(views, masks, strength_index):
   )
 
 
+def ranked(scores, view, log_ratio, strength, temperature):
+  """rollup.Ranked under the prior: the plain top K of `scores` reweighted by the region's
+  `log_ratio` at `strength`, normalised by `view`'s exact log Z (its ShiftedScores at
+  `temperature`), re-sorted. A species the prior lifts into the top K from outside the
+  plain one is not counted, as rollup counts no mass outside the top K.
+  """
+  logits = (scores.top_logits + strength * np.asarray(log_ratio)[scores.top_classes]) / temperature
+  order = np.argsort(-logits, axis=1, kind="stable")
+  return rollup.Ranked(
+    np.exp(np.take_along_axis(logits, order, axis=1) - view.log_z[:, None]),
+    np.take_along_axis(scores.top_classes, order, axis=1),
+    scores.labels,
+    np.exp(view.top - view.log_z),
+    view.rank,
+  )
+
+
 def fit(views, masks, strengths, temperature):
   """The strength of the lowest pooled val NLL at the plain `temperature`; b for the browser.
 
@@ -157,13 +175,15 @@ def region_metrics(scores, n_bins, threshold):
 
 
 def browser_json(evaluation, ratios, regions_config, digits=4):
-  """What app.js reads: per region its countries and g_r; a, b and the threshold with the prior."""
+  """What app.js reads: per region its countries and g_r; a, b, the threshold and the roll-up
+  thresholds (rollup.shipped) with the prior."""
   fit = evaluation["fit"]
   return {
     "formula": "p(y|x,r) = softmax(scale * log p(y|x) + strength * log_ratio[r])",
     "scale": fit["scale"],
     "strength": fit["browser_strength"],
     "threshold": evaluation["threshold"]["threshold"],
+    "rollup": evaluation["rollup"]["shipped"],
     "smoothing": evaluation["smoothing"],
     "regions": {
       name: {

@@ -152,6 +152,13 @@ def _rollup_section(report):
   ]
 
 
+LEVEL_NAMES = ("species", "genus", "family", "set")
+
+
+def _level_cell(level):
+  return f"{level['coverage']:.3f} ({_fmt(level['precision'])})"
+
+
 def _prior_section(report):
   """The region prior: its fit on val and each region's test numbers without and with it."""
   prior = report.get("region_prior")
@@ -178,6 +185,12 @@ def _prior_section(report):
             r["precision"],
           )
         )
+  level_rows = [
+    (name, which, *(_level_cell(m[f"levels_{which}"][level]) for level in LEVEL_NAMES))
+    for name, m in prior["report_regions"].items()
+    if m["n"]
+    for which in ("without", "with")
+  ]
   return [
     "## Region prior",
     "",
@@ -198,6 +211,13 @@ def _prior_section(report):
       ["region", "images", "prior", "top-1", "top-5", "ECE", "threshold", "coverage", "precision"],
       rows,
     ),
+    "",
+    "When unsure, with the prior: its own genus/family thresholds, fitted as the plain model's "
+    f"on the val region images (genus {_fmt(prior['rollup']['shipped']['genus'], 4)}, family "
+    f"{_fmt(prior['rollup']['shipped']['family'], 4)}; – = never answered). Coverage (precision) "
+    "per level:",
+    "",
+    _table(["region", "prior", *LEVEL_NAMES], level_rows),
     "",
   ]
 

@@ -7,14 +7,16 @@ answers right at least the target precision of the time on the val images that t
 above leave unanswered (calibration.smallest_threshold), as iNaturalist rolls up to the
 deepest taxon with enough probability. What no level answers becomes the top `set_size`
 species ("one of these", as Pl@ntNet's set-valued answers). Sums run over each image's
-top K species (metrics.Scores; exact when K = C): mass outside them is not counted, which
-only makes a level answer less often.
+top K species (`Ranked`; exact when K = C): mass outside them is not counted, which only
+makes a level answer less often. The same fit serves the plain model and the region prior
+(region_prior.ranked): each gets its own thresholds.
 """
+
+import dataclasses
 
 import numpy as np
 
 from aplantida_jax.evaluation import calibration
-from aplantida_jax.evaluation import metrics
 
 LEVELS = ("genus", "family")
 NO_GROUP = -1  # a species without a binomial or a family is never answered at that level
@@ -37,29 +39,56 @@ def groups(classes: list) -> dict:
   return out
 
 
-def level_answers(scores, group_of):
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+  """Each image's K most probable species under one calibrated distribution.
+
+  probs [N, K] descending and their classes [N, K]; labels [N];
+  confidence [N] the top-1 probability and label_rank [N] the label's rank (0 = right), both
+  over all C classes.
+  """
+
+  probs: np.ndarray
+  classes: np.ndarray
+  labels: np.ndarray
+  confidence: np.ndarray
+  label_rank: np.ndarray
+
+  @classmethod
+  def of(cls, scores, temperature):
+    """The plain model's: metrics.Scores at `temperature`."""
+    calibrated = scores / temperature
+    probs = np.exp(calibrated.scaled(calibrated.top_logits) - calibrated.log_partition()[:, None])
+    return cls(probs, calibrated.top_classes, calibrated.labels, probs[:, 0], calibrated.label_rank)
+
+  def take(self, mask):
+    return Ranked(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
+
+  @classmethod
+  def concatenate(cls, parts):
+    return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+
+
+def level_answers(ranked, group_of):
   """(mass [N], group [N], correct [N]) of each image's most probable group at this level.
 
-  `scores` at the temperature to use; ties go to the group of the more probable species.
+  Ties go to the group of the more probable species.
   """
-  probs = np.exp(scores.scaled(scores.top_logits) - scores.log_partition()[:, None])
-  group = group_of[scores.top_classes]
+  group = group_of[ranked.classes]
   same = (group[:, :, None] == group[:, None, :]) & (group[:, None, :] != NO_GROUP)
-  mass = np.einsum("nk,njk->nj", probs, same)
+  mass = np.einsum("nk,njk->nj", ranked.probs, same)
   best = np.argmax(mass, axis=1)
   rows = np.arange(len(best))
   chosen = group[rows, best]
-  return mass[rows, best], chosen, (chosen != NO_GROUP) & (chosen == group_of[scores.labels])
+  return mass[rows, best], chosen, (chosen != NO_GROUP) & (chosen == group_of[ranked.labels])
 
 
-def fit(scores, temperature, species_threshold, level_groups, target_precision, min_accepted):
+def fit(ranked, species_threshold, level_groups, target_precision, min_accepted):
   """{level: smallest_threshold result}, each fitted on the val images left unanswered above."""
-  calibrated = scores / temperature
-  confidence, _ = metrics.confidence_and_correct(calibrated, None)
-  open_images = confidence < species_threshold
+  open_images = ranked.confidence < species_threshold
   out = {}
   for level in LEVELS:
-    mass, group, correct = level_answers(calibrated, level_groups[level][0])
+    mass, group, correct = level_answers(ranked, level_groups[level][0])
     candidates = open_images & (group != NO_GROUP)
     out[level] = calibration.smallest_threshold(
       mass[candidates], correct[candidates], target_precision, min_accepted
@@ -69,28 +98,32 @@ def fit(scores, temperature, species_threshold, level_groups, target_precision, 
   return out
 
 
-def answer_levels(scores, temperature, species_threshold, level_groups, thresholds, set_size=3):
+def shipped(thresholds, set_size):
+  """What the page reads ({genus, family: threshold or None (never), set_size}) of a fit."""
+  usable = {level: t["threshold"] if t["reachable"] else None for level, t in thresholds.items()}
+  return {**usable, "set_size": set_size}
+
+
+def answer_levels(ranked, species_threshold, level_groups, thresholds):
   """Per level (species, genus, family, set): coverage and precision of the answers given there.
 
-  `thresholds` {level: float or None (never answered)}; "set" precision: the label is among the
-  top `set_size` species.
+  `thresholds`: `shipped`'s {level: float or None (never answered), "set_size"}; "set"
+  precision: the label is among the top set_size species. No images: coverage None.
   """
-  calibrated = scores / temperature
-  confidence, correct = metrics.confidence_and_correct(calibrated, None)
-  answered = confidence >= species_threshold
-  levels = {"species": (answered, correct)}
+  answered = ranked.confidence >= species_threshold
+  levels = {"species": (answered, ranked.label_rank == 0)}
   for level in LEVELS:
-    mass, group, level_correct = level_answers(calibrated, level_groups[level][0])
+    mass, group, level_correct = level_answers(ranked, level_groups[level][0])
     threshold = thresholds[level]
     here = ~answered & (group != NO_GROUP) & (mass >= threshold if threshold is not None else False)
     levels[level] = (here, level_correct)
     answered = answered | here
-  levels["set"] = (~answered, calibrated.label_rank < set_size)
-  n = len(confidence)
+  levels["set"] = (~answered, ranked.label_rank < thresholds["set_size"])
+  n = len(answered)
   return {
     level: {
       "n": int(here.sum()),
-      "coverage": float(here.sum() / n),
+      "coverage": float(here.sum() / n) if n else None,
       "precision": float(right[here].mean()) if here.any() else None,
     }
     for level, (here, right) in levels.items()

@@ -106,10 +106,12 @@ def prior_inputs(config, dataset_dir, num_classes):
   return {"ratios": ratios, "keys": keys, "offsets": offsets}
 
 
-def _evaluate_prior(config, prior, val, test, temperature, plain_threshold):
-  """Fits the prior's strength and threshold on val; test top-1/5, ECE, coverage per region.
+def _evaluate_prior(config, prior, val, test, temperature, level_groups, plain):
+  """Fits the prior's strength, threshold and roll-up on val; per region on test: top-1/5, ECE,
+  coverage, and the answers at each level, without and with the prior.
 
-  `val` and `test` hold the views (ShiftedScores columns) at the plain T.
+  `val` and `test` hold the views (ShiftedScores columns) at the plain T; `plain` is the
+  plain model's {"threshold", "rollup" (rollup.shipped), "test" (test rollup.Ranked)}.
   """
   e, regions = config.eval, config.regions.to_dict()
   strengths = [float(s) for s in e.region_prior.strengths]
@@ -125,21 +127,50 @@ def _evaluate_prior(config, prior, val, test, temperature, plain_threshold):
 
   val_views, test_views = views(val), views(test)
   fit = region_prior.fit(val_views, val_masks, strengths, temperature)
-  best, plain = fit["strength_index"], strengths.index(0.0)
+  best, no_prior = fit["strength_index"], strengths.index(0.0)
   confidence, correct = region_prior.pooled(val_views, val_masks, best).confidence_and_correct()
   threshold = calibration.smallest_threshold(
     confidence, correct, e.target_precision, e.min_accepted
   )
+
+  def ranked(data, data_views, name, strength_index):
+    """rollup.Ranked of every image of `data` under region `name`'s prior."""
+    return region_prior.ranked(
+      data["scores"],
+      data_views[(name, strength_index)],
+      prior["ratios"][name]["log_ratio"],
+      strengths[strength_index],
+      temperature,
+    )
+
+  test_masks = {r: region_mask(test["regions"], regions[r]) for r in prior["ratios"]}
+  test_ranked = {
+    name: ranked(test, test_views, name, best).take(m) for name, m in test_masks.items()
+  }
+  with_rollup = _rollup(
+    config,
+    level_groups,
+    rollup.Ranked.concatenate(
+      [ranked(val, val_views, name, best).take(mask) for name, mask in val_masks.items()]
+    ),
+    rollup.Ranked.concatenate(list(test_ranked.values())),
+    threshold["threshold"],
+  )
   per_region = {}
-  for name in prior["ratios"]:
-    mask = region_mask(test["regions"], regions[name])
+  for name, mask in test_masks.items():
     per_region[name] = {"n": int(mask.sum())}
     if mask.any():
       per_region[name]["without"] = region_prior.region_metrics(
-        test_views[(name, plain)].take(mask), e.n_bins, plain_threshold
+        test_views[(name, no_prior)].take(mask), e.n_bins, plain["threshold"]
       )
       per_region[name]["with"] = region_prior.region_metrics(
         test_views[(name, best)].take(mask), e.n_bins, threshold["threshold"]
+      )
+      per_region[name]["levels_without"] = rollup.answer_levels(
+        plain["test"].take(mask), plain["threshold"], level_groups, plain["rollup"]
+      )
+      per_region[name]["levels_with"] = rollup.answer_levels(
+        test_ranked[name], threshold["threshold"], level_groups, with_rollup["shipped"]
       )
   return {
     "fitted": True,
@@ -147,30 +178,27 @@ def _evaluate_prior(config, prior, val, test, temperature, plain_threshold):
     "train_images": {r: v["train_images"] for r, v in prior["ratios"].items()},
     "fit": fit,
     "threshold": threshold,
+    "rollup": with_rollup,
     "report_regions": per_region,
   }
 
 
-def _rollup(config, classes, val, test, temperature, species_threshold):
-  """Genus and family thresholds fitted on val; test coverage and precision at every level."""
+def _rollup(config, level_groups, val, test, species_threshold):
+  """Genus and family thresholds fitted on `val`; `test` coverage and precision at every level.
+
+  `val`, `test`: rollup.Ranked of one distribution (the plain model's, or the region prior's
+  on the region images) whose species threshold is `species_threshold`.
+  """
   e = config.eval
-  level_groups = rollup.groups(classes)
   thresholds = rollup.fit(
-    val["scores"],
-    temperature,
-    species_threshold,
-    level_groups,
-    e.target_precision,
-    e.rollup_min_accepted,
+    val, species_threshold, level_groups, e.target_precision, e.rollup_min_accepted
   )
-  usable = {level: t["threshold"] if t["reachable"] else None for level, t in thresholds.items()}
+  shipped = rollup.shipped(thresholds, e.rollup_set_size)
   return {
     "thresholds": thresholds,
-    "shipped": {**usable, "set_size": e.rollup_set_size},  # what the page uses
+    "shipped": shipped,  # what the page uses
     "groups": {level: len(names) for level, (_, names) in level_groups.items()},
-    "levels": rollup.answer_levels(
-      test["scores"], temperature, species_threshold, level_groups, usable, e.rollup_set_size
-    ),
+    "levels": rollup.answer_levels(test, species_threshold, level_groups, shipped),
   }
 
 
@@ -191,6 +219,9 @@ def write_evaluation(
   os.makedirs(eval_dir, exist_ok=True)
   report_split = provenance["splits"]["report"]
   temperature = fit["temperature"]
+  level_groups = rollup.groups(classes)
+  val_ranked = rollup.Ranked.of(val["scores"], temperature)
+  test_ranked = rollup.Ranked.of(test["scores"], temperature)
   threshold = calibration.abstain_threshold(
     val["scores"], val["labels"], e.target_precision, temperature, e.min_accepted
   )
@@ -223,11 +254,16 @@ def write_evaluation(
     ),
     "teacher_agreement": None,
     "region_prior": None,
-    "rollup": _rollup(config, classes, val, test, temperature, threshold["threshold"]),
+    "rollup": _rollup(config, level_groups, val_ranked, test_ranked, threshold["threshold"]),
   }
   if prior is not None:
+    plain = {
+      "threshold": threshold["threshold"],
+      "rollup": result["rollup"]["shipped"],
+      "test": test_ranked,
+    }
     result["region_prior"] = _evaluate_prior(
-      config, prior, val, test, temperature, threshold["threshold"]
+      config, prior, val, test, temperature, level_groups, plain
     )
   if teacher is not None:
     if list(teacher["sha256"]) != list(test["sha256"]):
