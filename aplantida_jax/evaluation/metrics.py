@@ -43,6 +43,21 @@ from aplantida_jax.data.records import region_mask
 BETAS = np.geomspace(0.05, 40.0, 32)
 
 
+class Columns:
+  """Mixin for a dataclass whose every field is a per-example array [N, ...]."""
+
+  def take(self, mask):
+    """The examples where `mask` [N] holds (or at `mask`'s indices)."""
+    return type(self)(*(getattr(self, f.name)[mask] for f in dataclasses.fields(self)))
+
+  @classmethod
+  def concatenate(cls, parts):
+    """The examples of `parts` in order."""
+    return cls(
+      *(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls))
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Scores:
   """O(K + |BETAS|) numbers per example instead of C logits; `scores / T` acts like logits / T.

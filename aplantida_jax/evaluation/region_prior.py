@@ -81,7 +81,7 @@ FILE = "region_prior.json"  # eval/ writes it, the export ships it beside model.
 
 
 @dataclasses.dataclass(frozen=True)
-class ShiftedScores:
+class ShiftedScores(metrics.Columns):
   """softmax(logits / T + b · g) of each example, at the one temperature it was made for.
 
   log_z, top, label [N]: log Σ exp, max and label entry of the scaled, shifted logits; rank [N]
@@ -99,13 +99,6 @@ class ShiftedScores:
   def views(cls, columns, index):
     """The view `index` of predict_split's "views" columns."""
     return cls(**{name: column[index] for name, column in columns.items()})
-
-  def take(self, mask):
-    return ShiftedScores(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
-
-  @classmethod
-  def concatenate(cls, parts):
-    return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
   def nll(self):
     return float(np.mean(self.log_z - self.label))

@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from aplantida_jax.evaluation import calibration
+from aplantida_jax.evaluation import metrics
 
 LEVELS = ("genus", "family")
 NO_GROUP = -1  # a species without a binomial or a family is never answered at that level
@@ -40,7 +41,7 @@ def groups(classes: list) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Ranked:
+class Ranked(metrics.Columns):
   """Each image's K most probable species under one calibrated distribution.
 
   probs [N, K] descending and their classes [N, K]; labels [N];
@@ -60,13 +61,6 @@ class Ranked:
     calibrated = scores / temperature
     probs = np.exp(calibrated.scaled(calibrated.top_logits) - calibrated.log_partition()[:, None])
     return cls(probs, calibrated.top_classes, calibrated.labels, probs[:, 0], calibrated.label_rank)
-
-  def take(self, mask):
-    return Ranked(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
-
-  @classmethod
-  def concatenate(cls, parts):
-    return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
 
 def level_answers(ranked, group_of):

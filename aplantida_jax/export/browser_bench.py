@@ -33,25 +33,32 @@ CHROMIUM_ARGS = [
 
 
 @contextlib.contextmanager
-def pwa_page(tfjs_dir, script=""):
-  """The PWA (web/ + `tfjs_dir`, no isolation) in headless Chromium, ready, with `script` added."""
+def served_page(model_dir, *, isolate=False, web_dir=pwa_server.WEB_DIR, path="/"):
+  """A headless Chromium page at `path` of `web_dir` + `model_dir` served on 127.0.0.1."""
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
 
-  server = pwa_server.make_server(tfjs_dir, port=0, isolate=False)
+  server = pwa_server.make_server(model_dir, port=0, isolate=isolate, web_dir=web_dir)
   pwa_server.serve_in_thread(server)
   try:
     with sync_playwright() as p:
       browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
       page = browser.new_page()
-      page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
-      page.wait_for_selector("body[data-state=ready]", timeout=60_000)
-      if script:
-        page.add_script_tag(content=script)
+      page.goto(f"http://127.0.0.1:{server.server_address[1]}{path}")
       yield page
       browser.close()
   finally:
     server.shutdown()
     server.server_close()
+
+
+@contextlib.contextmanager
+def pwa_page(tfjs_dir, script=""):
+  """The PWA (web/ + `tfjs_dir`, no isolation) in headless Chromium, ready, with `script` added."""
+  with served_page(tfjs_dir) as page:
+    page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    if script:
+      page.add_script_tag(content=script)
+    yield page
 
 
 BENCH_PAGE = """<!doctype html><meta charset="utf-8">
@@ -130,8 +137,6 @@ def export_keras(out_dir, *, width, num_classes, image_size):
 
 def measure(folders: dict, *, image_size: int, runs: int = 20, isolate: bool = True) -> dict:
   """{name: median ms} of each TF.js model in `folders`, interleaved in one Chromium page."""
-  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-
   with tempfile.TemporaryDirectory(prefix="browser_bench_") as site:
     with open(os.path.join(site, "index.html"), "w") as f:
       f.write(BENCH_PAGE)
@@ -139,22 +144,11 @@ def measure(folders: dict, *, image_size: int, runs: int = 20, isolate: bool = T
       shutil.copytree(
         folder, os.path.join(site, name), ignore=shutil.ignore_patterns("saved_model")
       )
-    server = pwa_server.make_server(
-      next(iter(folders.values())), port=0, isolate=isolate, web_dir=site
-    )
-    pwa_server.serve_in_thread(server)
-    try:
-      with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
-        result = page.evaluate(
-          "([names, runs, size]) => bench(names, runs, size)", [list(folders), runs, image_size]
-        )
-        browser.close()
-    finally:
-      server.shutdown()
-      server.server_close()
+    model_dir = next(iter(folders.values()))
+    with served_page(model_dir, isolate=isolate, web_dir=site, path="/index.html") as page:
+      result = page.evaluate(
+        "([names, runs, size]) => bench(names, runs, size)", [list(folders), runs, image_size]
+      )
   medians = {name: statistics.median(t) for name, t in result["times"].items()}
   return {
     "median_ms": medians,
